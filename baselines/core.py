@@ -1,0 +1,233 @@
+"""The shared functional core of gradient-based methods.
+
+- `conv4_init` / `conv4_forward`: the standard Conv-4 backbone as a pure function of a
+  parameter dict (conv 3x3 -> batch norm -> ReLU -> 2x2 max-pool, four times, then a linear
+  head). Batch norm is written as explicit mean/variance operations over the batch being
+  predicted (transductive, no running statistics), which keeps second-order meta-gradients
+  exact, also under `torch.func` transforms.
+- `inner_loop`: gradient steps on a subset of the parameters with `torch.func.grad`;
+  second order by default, first order by detaching the inner gradients.
+- `GradientLearner`: the MetaLearner plumbing every gradient method shares (setup, the outer
+  loop over meta-batches, Adam on the meta-parameters, state_dict with optimizer and RNG state,
+  adapt). A method overrides only the hooks that make it different.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad
+
+from bench.api import Episode, MetaLearner, Predictor, Tags, TaskInfo, new_generator, rng_state
+
+Params = dict[str, torch.Tensor]
+BN_EPS = 1e-5
+
+
+def conv4_init(gen: torch.Generator, in_channels: int, hidden: int, n_out: int, image_size: int) -> Params:
+    """Parameters of Conv-4 with `hidden` filters and a linear head of `n_out` outputs.
+
+    Conv weights: Kaiming-uniform like torch's default; BN: weight 1, bias 0; head: Xavier-uniform
+    weight, zero bias. Shapes: conv{i}.weight [hidden, c_in, 3, 3], head.weight [n_out, feat].
+    """
+    p: Params = {}
+    c_in, size = in_channels, image_size
+    for i in range(4):
+        fan_in = c_in * 9
+        bound = 1.0 / math.sqrt(fan_in)
+        p[f"conv{i}.weight"] = (torch.rand(hidden, c_in, 3, 3, generator=gen) * 2 - 1) * bound * math.sqrt(3)
+        p[f"conv{i}.bias"] = torch.zeros(hidden)
+        p[f"bn{i}.weight"] = torch.ones(hidden)
+        p[f"bn{i}.bias"] = torch.zeros(hidden)
+        c_in, size = hidden, size // 2
+    feat = hidden * size * size
+    bound = math.sqrt(6.0 / (feat + n_out))
+    p["head.weight"] = (torch.rand(n_out, feat, generator=gen) * 2 - 1) * bound
+    p["head.bias"] = torch.zeros(n_out)
+    return p
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Batch norm with the statistics of `x` [N, C, H, W] itself, as explicit mean/variance ops."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + BN_EPS) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Conv-4 body: x [N, C, H, W] -> features [N, feat]."""
+    for i in range(4):
+        x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
+        x = batch_norm(x, p[f"bn{i}.weight"], p[f"bn{i}.bias"])
+        x = F.max_pool2d(F.relu(x), 2)
+    return x.flatten(1)
+
+
+def conv4_forward(p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
+    """Conv-4 logits: x [N, C, H, W] -> [N, way] (the first `way` head outputs; all when None)."""
+    w, b = p["head.weight"], p["head.bias"]
+    if way is not None:
+        w, b = w[:way], b[:way]
+    return F.linear(conv4_features(p, x), w, b)
+
+
+LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def inner_loop(loss_fn: LossFn, params: Params, keys: list[str], data: tuple[torch.Tensor, torch.Tensor],
+               steps: int, lr: float | Mapping[str, torch.Tensor], first_order: bool = False) -> Params:
+    """`steps` gradient steps on params[keys] of loss_fn(params, x, y); returns the adapted dict.
+
+    lr: one float, or a tensor per key (per-parameter learning rates, e.g. Meta-SGD). With
+    first_order=False the result stays differentiable w.r.t. `params` through the inner
+    gradients (second order); with True the inner gradients are detached.
+    """
+    x, y = data
+    fast = dict(params)
+
+    def sub_loss(sub: Params, rest: Params) -> torch.Tensor:
+        return loss_fn({**rest, **sub}, x, y)
+
+    for _ in range(steps):
+        sub = {k: fast[k] for k in keys}
+        g = grad(sub_loss)(sub, fast)
+        for k in keys:
+            gk = g[k].detach() if first_order else g[k]
+            step = lr[k] * gk if isinstance(lr, Mapping) else lr * gk
+            fast[k] = fast[k] - step
+    return fast
+
+
+def episode_loss(forward: Callable[..., torch.Tensor]) -> LossFn:
+    """Cross-entropy of `forward(params, x, way)` with way = number of labels present."""
+
+    def loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(forward(p, x, int(y.max()) + 1), y)
+
+    return loss
+
+
+def next_batch(episodes: Iterator[Episode], n: int) -> list[Episode]:
+    """The next `n` episodes of a stream."""
+    return [next(episodes) for _ in range(n)]
+
+
+@dataclass
+class GradientLearner(MetaLearner):
+    """Shared plumbing for methods whose meta-parameters are a Conv-4 parameter dict.
+
+    Subclasses implement `task_loss(ep)` (outer loss of one task, differentiable w.r.t.
+    self.meta) and `adapt_params(support_x, support_y)` (adapted parameters for prediction), or
+    override `outer_step(batch)` for a non-gradient outer update (Reptile).
+    """
+
+    meta_batch: int = 32
+    outer_lr: float = 1e-3
+    hidden: int = 64
+
+    TAGS = Tags(bn_mode="transductive", order="second", transductive=True, variable_way=True)
+
+    @property
+    def backbone(self) -> str:
+        return f"conv4-{self.hidden}"
+
+    # --- construction -------------------------------------------------------------------
+    def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
+        """Initial meta-parameters (default: Conv-4 with a max_way head)."""
+        c, h, _ = info.image_shape
+        return conv4_init(gen, c, self.hidden, info.max_way, h)
+
+    def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
+        """Logits [N, way] of parameters `p` on x [N, C, H, W]."""
+        return conv4_forward(p, x, way)
+
+    def setup(self, info: TaskInfo) -> "GradientLearner":
+        self.info = info
+        self.gen = new_generator(self.seed, 1)
+        self.meta = {k: v.requires_grad_(True) for k, v in self.init_meta(info, self.gen).items()}
+        self.optimizer = self.make_optimizer()
+        self.fit_episodes = 0
+        self.fit_steps = 0
+        return self
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam on all meta-parameters (override for other outer optimizers)."""
+        return torch.optim.Adam(list(self.meta.values()), lr=self.outer_lr)
+
+    def ensure_setup(self, ep: Episode) -> None:
+        """Set up from the first episode seen when the harness did not call setup."""
+        if self.info is None:
+            c, h, w = ep.support_x.shape[1:]
+            self.setup(TaskInfo((int(c), int(h), int(w)), ep.way, max(ep.classes) + 1))
+
+    # --- training -----------------------------------------------------------------------
+    def task_loss(self, ep: Episode) -> torch.Tensor:
+        """Outer loss of one task, differentiable w.r.t. self.meta."""
+        raise NotImplementedError
+
+    def outer_step(self, batch: list[Episode]) -> None:
+        """One outer update on a meta-batch: mean task loss, one optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for ep in batch:
+            (self.task_loss(ep) / len(batch)).backward()
+        self.optimizer.step()
+
+    def fit(self, episodes: Iterator[Episode], steps: int) -> "GradientLearner":
+        for _ in range(steps):
+            batch = next_batch(episodes, self.meta_batch)
+            self.ensure_setup(batch[0])
+            self.outer_step(batch)
+            self.fit_episodes += len(batch)
+            self.fit_steps += 1
+        return self
+
+    # --- adaptation ---------------------------------------------------------------------
+    def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        """Parameters adapted to a support set (detached)."""
+        raise NotImplementedError
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        if self.info is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup(info) or fit before adapt")
+        way = int(support_y.max()) + 1
+        with torch.enable_grad():
+            fast = self.adapt_params(support_x, support_y)
+        fast = {k: v.detach() for k, v in fast.items()}
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.forward(fast, query_x, way)
+
+        return predict
+
+    # --- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.info is None:
+            raise RuntimeError(f"{type(self).__name__}: nothing to save before setup")
+        return {
+            "method": type(self).__name__,
+            "hyperparameters": self.params(),
+            "info": {"image_shape": list(self.info.image_shape), "max_way": self.info.max_way,
+                     "n_classes": self.info.n_classes, "variable_way": self.info.variable_way},
+            "meta": {k: v.detach().clone() for k, v in self.meta.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.gen),
+            "fit_episodes": self.fit_episodes,
+            "fit_steps": self.fit_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> "GradientLearner":
+        info = state["info"]
+        self.setup(TaskInfo(tuple(info["image_shape"]), info["max_way"], info["n_classes"], info["variable_way"]))
+        with torch.no_grad():
+            for k, v in state["meta"].items():
+                self.meta[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"])
+        self.fit_episodes = int(state["fit_episodes"])
+        self.fit_steps = int(state["fit_steps"])
+        return self

@@ -1,0 +1,177 @@
+"""The contract between the harness and a method: `Episode`, `TaskInfo`, `Tags`, `MetaLearner`.
+
+A method implements `fit`, `adapt`, `state_dict` and `load_state_dict` (plus `setup`, which
+builds its parameters); the harness calls `evaluate`, which is defined once here: adapt on
+the support set, predict the query set, score. Query labels never reach the method.
+Hyperparameters are dataclass fields; the constructor only stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import torch
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+"""query_x [n_query, C, H, W] -> logits [n_query, way]."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot task.
+
+    support_x: [n_support, C, H, W] float32 in [0, 1]; support_y: [n_support] int64 in 0..way-1.
+    query_x: [n_query, C, H, W]; query_y: [n_query] int64 (never shown to a method).
+    classes: absolute class ids of the source, position = relative label.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    classes: tuple[int, ...]
+    split: str
+    index: int
+    spec_hash: str
+
+    @property
+    def way(self) -> int:
+        """Number of classes in this episode."""
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a method may know about a benchmark before training: shapes, not data.
+
+    image_shape: (C, H, W); max_way: largest way of any episode; n_classes: classes of the
+    source (absolute ids in `Episode.classes` are below it); variable_way: way changes per episode.
+    """
+
+    image_shape: tuple[int, int, int]
+    max_way: int
+    n_classes: int
+    variable_way: bool = False
+
+
+@dataclass(frozen=True)
+class Tags:
+    """What the harness must know about a method.
+
+    bn_mode: "transductive" (batch statistics of the batch being predicted), "inductive"
+        (statistics fixed after adaptation), or "none" (no batch norm).
+    order: "second", "first" or "none" (meta-gradient order; "none" for non-gradient methods).
+    transductive: predictions of one query depend on the other queries.
+    variable_way: handles a different way in every episode (up to TaskInfo.max_way).
+    deterministic: same seed, same stream -> identical state on CPU.
+    """
+
+    bn_mode: str = "none"
+    order: str = "none"
+    transductive: bool = False
+    variable_way: bool = True
+    deterministic: bool = True
+
+
+@dataclass
+class MetaLearner:
+    """Base class of every method. Subclasses are dataclasses of hyperparameters.
+
+    Subclasses implement:
+      setup(info) -> self: build parameters from `self.seed` (no data seen).
+      fit(episodes, steps) -> self: `steps` outer updates consuming the iterator; fit(a) then
+          fit(b) on the continuation of the stream equals fit(a + b).
+      adapt(support_x, support_y) -> Predictor: never changes meta-parameters, never sees
+          query labels.
+      state_dict() / load_state_dict(state): tensors and primitives only (loadable with
+          torch.load(weights_only=True)), optimizer and RNG state included.
+    """
+
+    TAGS: ClassVar[Tags] = Tags()
+    seed: int = 0
+
+    # --- state set by setup / fit (class attributes, not hyperparameter fields) -----------
+    info = None  # TaskInfo | None
+    fit_episodes = 0  # episodes consumed by fit so far (the stream position)
+    fit_steps = 0  # outer updates done so far
+
+    @property
+    def tags(self) -> Tags:
+        """The method's tags (a subclass may derive them from its hyperparameters)."""
+        return self.TAGS
+
+    @property
+    def backbone(self) -> str:
+        """A short backbone name for protocol cards (e.g. "conv4-64")."""
+        return "none"
+
+    def params(self) -> dict[str, Any]:
+        """The hyperparameters (dataclass fields) as a plain dict."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def setup(self, info: TaskInfo) -> "MetaLearner":
+        """Build the meta-parameters for `info` from `self.seed`. Returns self."""
+        raise NotImplementedError
+
+    def fit(self, episodes: Iterator[Episode], steps: int) -> "MetaLearner":
+        """Continue meta-training for `steps` outer updates on `episodes`. Returns self."""
+        raise NotImplementedError
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Adapt to a support set [n_support, C, H, W], [n_support]; return query_x -> logits [n_query, way]."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: tensors and primitives only."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> "MetaLearner":
+        """Restore a state from `state_dict`. Returns self."""
+        raise NotImplementedError
+
+    # --- defined once -------------------------------------------------------------------
+    def evaluate(self, episodes: Iterable[Episode]) -> list[dict[str, float]]:
+        """Adapt on each support set, predict its query set, and score it.
+
+        Returns one dict per episode: accuracy, loss (cross-entropy of the logits), way,
+        n_support, n_query, adapt_seconds (adaptation plus prediction).
+        """
+        out = []
+        for ep in episodes:
+            start = time.perf_counter()
+            predictor = self.adapt(ep.support_x, ep.support_y)
+            with torch.no_grad():
+                logits = predictor(ep.query_x)
+            seconds = time.perf_counter() - start
+            out.append(score(logits, ep) | {"adapt_seconds": seconds})
+        return out
+
+
+def score(logits: torch.Tensor, ep: Episode) -> dict[str, float]:
+    """Accuracy and cross-entropy of logits [n_query, way] on an episode's query labels."""
+    if logits.shape != (len(ep.query_y), ep.way):
+        raise ValueError(f"predictor returned logits of shape {tuple(logits.shape)}, "
+                         f"expected [n_query, way] = {[len(ep.query_y), ep.way]}")
+    logits = logits.detach().to(torch.float64)
+    if not torch.isfinite(logits).all():
+        raise ValueError("predictor returned non-finite logits")
+    acc = (logits.argmax(dim=1) == ep.query_y).double().mean().item()
+    loss = torch.nn.functional.cross_entropy(logits, ep.query_y).item()
+    return {"accuracy": acc, "loss": loss, "way": ep.way, "n_support": len(ep.support_y),
+            "n_query": len(ep.query_y)}
+
+
+def rng_state(gen: torch.Generator) -> torch.Tensor:
+    """A generator's state as a uint8 tensor (for state_dict)."""
+    return gen.get_state().clone()
+
+
+def new_generator(seed: int, *salt: int) -> torch.Generator:
+    """A torch CPU generator seeded from (seed, *salt) through numpy's SeedSequence."""
+    import numpy as np
+
+    words = np.random.SeedSequence([seed, *salt]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))

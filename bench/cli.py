@@ -1,0 +1,163 @@
+"""The `metabench` command line: ls, run, leaderboard, demo, data, check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench.errors import MetabenchError
+from bench.paths import resolve_root
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List methods, benchmarks and sources."""
+    from bench.benchmarks import BENCHMARKS
+    from bench.sources import SOURCES
+    from baselines.registry import METHODS
+
+    print("methods:")
+    for name, entry in METHODS.items():
+        print(f"  {name:12s} {entry.target:32s} {entry.citation.split('.')[0]}")
+    print("benchmarks:")
+    for name, b in BENCHMARKS.items():
+        print(f"  {name:22s} v{b.version} {b.source:14s} {b.way}-way {b.shot}-shot {b.query} query, "
+              f"{b.test_episodes} test episodes, {b.image_size}px")
+    print("sources:")
+    for name, (_, desc) in SOURCES.items():
+        print(f"  {name:14s} {desc}")
+    return 0
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` pairs; values parsed as Python literals when possible (numbers, booleans)."""
+    import ast
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise MetabenchError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one method on one benchmark."""
+    from bench.runner import RunConfig, RunDirs, run
+
+    root = resolve_root(args.root)
+    cfg = RunConfig(args.method, args.benchmark, args.seed, args.steps, args.chunk, args.val_episodes,
+                    args.test_episodes, parse_overrides(args.set))
+    dirs = RunDirs(root, Path(args.results), Path(args.runs) if args.runs else root / "runs")
+    path = run(cfg, dirs, resume=args.resume)
+    print(f"results: {path}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Build the static leaderboard site from results folders."""
+    from leaderboard.build import build_site
+
+    out = Path(args.output)
+    index = build_site([Path(p) for p in args.results], out.parent if out.suffix == ".html" else out)
+    print(f"leaderboard: {index}")
+    return 0
+
+
+DEMO_BENCHMARK = "glyphs-5w1s"
+# Short budgets so the demo finishes in minutes on 2 CPU cores; paper settings otherwise,
+# except MAML's meta-batch (32 -> 8 tasks) so that a short budget still makes many updates.
+DEMO_PLAN = {
+    "maml": dict(steps=240, chunk=60, overrides=dict(meta_batch=8)),
+    "fomaml": dict(steps=240, chunk=60, overrides=dict(meta_batch=8)),
+    "finetune": dict(steps=300, chunk=100, overrides=dict()),
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train maml, fomaml and finetune briefly on glyphs-5w1s, test on 600 episodes, build the page."""
+    from bench.runner import RunConfig, RunDirs, run
+    from leaderboard.build import build_site
+
+    root = resolve_root(args.root)
+    out = Path(args.out)
+    dirs = RunDirs(root, out / "results", out / "runs")
+    start = time.perf_counter()
+    for method, plan in DEMO_PLAN.items():
+        cfg = RunConfig(method, DEMO_BENCHMARK, args.seed, plan["steps"], plan["chunk"], val_episodes=100,
+                        overrides=plan["overrides"])
+        print(f"[demo] {method} on {DEMO_BENCHMARK}: {plan['steps']} outer steps", flush=True)
+        run(cfg, dirs, resume=True)
+    index = build_site([dirs.results], out / "site")
+    from bench.results import read_results
+    from bench.stats import summarize
+
+    table = summarize(read_results(dirs.results))
+    print(f"\n[demo] finished in {time.perf_counter() - start:.0f} s")
+    for _, row in table.iterrows():
+        print(f"  {row['method']:10s} {100 * row['mean']:.1f}% ± {100 * row['ci95']:.1f}% "
+              f"({int(row['n_episodes'])} test episodes)")
+    print(f"[demo] results:     {dirs.results}")
+    print(f"[demo] leaderboard: {index}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `metabench`."""
+    p = argparse.ArgumentParser(prog="metabench", description="Benchmark and leaderboard for meta-initialization methods.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ls", help="list methods, benchmarks and sources")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("run", help="run METHOD on BENCHMARK and write per-episode results")
+    s.add_argument("method", help="a registered method or pkg.module:Class")
+    s.add_argument("benchmark")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None, help="outer updates (default: the paper's number)")
+    s.add_argument("--chunk", type=int, default=100, help="outer updates between checkpoints")
+    s.add_argument("--val-episodes", type=int, default=None)
+    s.add_argument("--test-episodes", type=int, default=None)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    s.add_argument("--results", default="results")
+    s.add_argument("--runs", default=None, help="checkpoint folder (default: ROOT/runs)")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("leaderboard", help="build the static leaderboard page")
+    s.add_argument("results", nargs="+", help="results folders")
+    s.add_argument("-o", "--output", default="site/index.html")
+    s.set_defaults(func=cmd_leaderboard)
+
+    s = sub.add_parser("demo", help="train 3 methods briefly on the embedded glyphs data and build the page")
+    s.add_argument("--out", default="metabench-demo")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
+    s.set_defaults(func=cmd_demo)
+
+    for module in ("bench.data", "bench.checks"):
+        try:
+            mod = __import__(module, fromlist=["add_cli"])
+        except ImportError:
+            continue
+        mod.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `metabench` console command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MetabenchError as e:
+        print(f"metabench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metabench: interrupted (a resumable run continues with --resume)", file=sys.stderr)
+        return 130

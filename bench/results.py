@@ -1,0 +1,169 @@
+"""Result files: one CSV row per (run, test episode), plus a JSON run card beside each CSV.
+
+Layout of a results folder: `<dir>/<benchmark>/<method>/seed<N>.csv` and `seed<N>.json`.
+`read_results` validates everything it reads and names the file and row of any problem.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from bench.errors import ResultsError
+from bench.paths import atomic_write_text
+
+COLUMNS = [
+    "benchmark", "benchmark_version", "split", "episode", "episode_hash", "method", "params_hash",
+    "seed", "code_rev", "device", "way", "n_support", "n_query", "accuracy", "loss",
+    "adapt_seconds", "fit_episodes", "fit_seconds",
+]
+INT_COLUMNS = ["benchmark_version", "episode", "seed", "way", "n_support", "n_query", "fit_episodes"]
+FLOAT_COLUMNS = ["accuracy", "loss", "adapt_seconds", "fit_seconds"]
+STR_COLUMNS = ["benchmark", "split", "episode_hash", "method", "params_hash", "code_rev", "device"]
+
+
+def run_paths(results_dir: Path, benchmark: str, method: str, seed: int) -> tuple[Path, Path]:
+    """(csv path, run-card json path) of one run inside a results folder."""
+    base = Path(results_dir) / benchmark / method
+    return base / f"seed{seed}.csv", base / f"seed{seed}.json"
+
+
+def write_run(results_dir: Path, rows: list[Mapping[str, Any]], card: Mapping[str, Any]) -> Path:
+    """Write one run's rows and card atomically; returns the CSV path. Rows are validated first."""
+    frame = pd.DataFrame(list(rows), columns=COLUMNS)
+    first = rows[0]
+    csv_path, card_path = run_paths(results_dir, first["benchmark"], first["method"], int(first["seed"]))
+    validate_frame(frame, str(csv_path))
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False, float_format="%.6g")
+    atomic_write_text(card_path, json.dumps(card, indent=1, sort_keys=True))
+    atomic_write_text(csv_path, buf.getvalue())
+    return csv_path
+
+
+def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Check columns, types and ranges of a results table; raise ResultsError naming `where`.
+
+    Returns the table with typed columns.
+    """
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ResultsError(f"{where}: missing column(s) {missing}; a results file needs {COLUMNS}")
+    extra = [c for c in frame.columns if c not in COLUMNS]
+    if extra:
+        raise ResultsError(f"{where}: unexpected column(s) {extra}")
+    if frame.empty:
+        raise ResultsError(f"{where}: no rows")
+    frame = frame.copy()
+    for col in INT_COLUMNS + FLOAT_COLUMNS:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise ResultsError(f"{where}: row {row + 2}: column {col!r} is empty, NaN or not a number "
+                               f"({frame[col].iloc[row]!r})")
+        if not values.map(math.isfinite).all():
+            row = int((~values.map(math.isfinite)).to_numpy().nonzero()[0][0])
+            raise ResultsError(f"{where}: row {row + 2}: column {col!r} is not finite ({values.iloc[row]!r})")
+        if col in INT_COLUMNS:
+            if not (values == values.round()).all():
+                row = int((values != values.round()).to_numpy().nonzero()[0][0])
+                raise ResultsError(f"{where}: row {row + 2}: column {col!r} must be an integer ({values.iloc[row]!r})")
+            values = values.astype("int64")
+        frame[col] = values
+    for col in STR_COLUMNS:
+        if frame[col].isna().any():
+            row = int(frame[col].isna().to_numpy().nonzero()[0][0])
+            raise ResultsError(f"{where}: row {row + 2}: column {col!r} is empty")
+        frame[col] = frame[col].astype(str)
+    acc = frame["accuracy"]
+    if ((acc < 0) | (acc > 1)).any():
+        row = int(((acc < 0) | (acc > 1)).to_numpy().nonzero()[0][0])
+        raise ResultsError(f"{where}: row {row + 2}: accuracy {acc.iloc[row]} is outside [0, 1]")
+    for col in ("way", "n_support", "n_query"):
+        if (frame[col] < 1).any():
+            row = int((frame[col] < 1).to_numpy().nonzero()[0][0])
+            raise ResultsError(f"{where}: row {row + 2}: {col} must be at least 1")
+    for col in ("benchmark", "method", "seed", "split"):
+        if frame[col].nunique() != 1:
+            raise ResultsError(f"{where}: one file holds one run, but column {col!r} has values "
+                               f"{sorted(map(str, frame[col].unique()))}")
+    versions = frame.groupby("benchmark")["benchmark_version"].nunique()
+    if (versions > 1).any():
+        raise ResultsError(f"{where}: mixed benchmark versions {sorted(frame['benchmark_version'].unique())}")
+    dup = frame["episode"].duplicated()
+    if dup.any():
+        raise ResultsError(f"{where}: episode {int(frame['episode'][dup].iloc[0])} appears twice")
+    return frame
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """Read and validate one result CSV."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={c: str for c in STR_COLUMNS}, keep_default_na=True)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise ResultsError(f"{path}: not a readable CSV ({e})") from e
+    return validate_frame(frame, str(path))
+
+
+def read_card(csv_path: Path) -> dict:
+    """The run card beside a result CSV ({} when absent); raise ResultsError if malformed."""
+    card_path = Path(csv_path).with_suffix(".json")
+    if not card_path.exists():
+        return {}
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ResultsError(f"{card_path}: malformed run card ({e})") from e
+    if not isinstance(card, dict):
+        raise ResultsError(f"{card_path}: a run card must be a JSON object")
+    return card
+
+
+def find_csvs(results_dir: Path) -> list[Path]:
+    """All result CSVs under a results folder, sorted."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ResultsError(f"{results_dir}: results folder not found")
+    return sorted(results_dir.rglob("*.csv"))
+
+
+def read_results(results_dir: Path) -> pd.DataFrame:
+    """Read and validate every result CSV in a folder into one table.
+
+    Also checks across files: one benchmark has one version everywhere, and runs of the same
+    benchmark were scored on the same episodes (identical episode hashes).
+    """
+    paths = find_csvs(results_dir)
+    if not paths:
+        raise ResultsError(f"{results_dir}: no result CSVs found")
+    frames = [read_csv(p) for p in paths]
+    return check_consistent(frames, [str(p) for p in paths])
+
+
+def check_consistent(frames: Iterable[pd.DataFrame], names: Iterable[str]) -> pd.DataFrame:
+    """Concatenate runs, requiring one version and one episode set (by hash) per benchmark."""
+    seen: dict[str, tuple[str, int, dict[int, str]]] = {}
+    frames = list(frames)
+    for frame, name in zip(frames, names):
+        bench = frame["benchmark"].iloc[0]
+        version = int(frame["benchmark_version"].iloc[0])
+        hashes = dict(zip(frame["episode"].tolist(), frame["episode_hash"].tolist()))
+        if bench not in seen:
+            seen[bench] = (name, version, hashes)
+            continue
+        first, v0, h0 = seen[bench]
+        if version != v0:
+            raise ResultsError(f"{name}: benchmark {bench} version {version}, but {first} has version {v0} "
+                               "(mixed benchmark versions)")
+        for ep, h in hashes.items():
+            if ep in h0 and h0[ep] != h:
+                raise ResultsError(f"{name}: episode {ep} of {bench} has hash {h}, but {first} has {h0[ep]} "
+                                   "(not the same test episodes)")
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,37 @@
+"""Shared fixtures: the synthetic benchmark, the shared real-data folder, a data root per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("METABENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repository; the test is skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One data root for the whole test session (generated caches are reused across tests)."""
+    env = os.environ.get("METABENCH_TEST_ROOT")
+    return Path(env) if env else tmp_path_factory.mktemp("metabench-root")
+
+
+@pytest.fixture(scope="session")
+def synthetic_set():
+    """EpisodeSet of the synthetic-5w1s benchmark."""
+    from bench.benchmarks import load
+
+    return load("synthetic-5w1s", Path("/nonexistent-root-not-needed"))

@@ -1,0 +1,94 @@
+"""Runs: checkpoints, validation selection, resume-equals-uninterrupted, result rows."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import bench.runner as runner
+from bench.results import COLUMNS, read_card, read_csv
+from bench.runner import RunConfig, RunDirs, run
+
+CFG = RunConfig("fomaml", "synthetic-5w1s", seed=3, steps=6, chunk=2, val_episodes=6, test_episodes=12,
+                overrides=dict(meta_batch=2, inner_steps_test=2, hidden=8))
+TIMING = ["adapt_seconds", "fit_seconds", "code_rev"]
+
+
+def dirs_in(path):
+    return RunDirs(path / "root", path / "results", path / "runs")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_run_writes_one_row_per_test_episode_and_a_card(tmp_path):
+    path = run(CFG, dirs_in(tmp_path), progress=False)
+    frame = read_csv(path)
+    assert list(frame.columns) == COLUMNS
+    assert frame["episode"].tolist() == list(range(12))
+    assert set(frame["method"]) == {"fomaml"} and set(frame["seed"]) == {3}
+    card = read_card(path)
+    assert card["tags"]["order"] == "first" and card["tags"]["bn_mode"] == "transductive"
+    assert [p["step"] for p in card["curve"]] == [0, 2, 4, 6]
+    best = max(card["curve"], key=lambda p: p["val_accuracy"])
+    assert card["selected_step"] == best["step"]
+    assert card["params"]["meta_batch"] == 2 and card["backbone"] == "conv4-8"
+
+
+@pytest.mark.parametrize("kill_at", ["fit", "test"])
+def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, kill_at):
+    whole = read_csv(run(CFG, dirs_in(tmp_path / "whole"), progress=False))
+
+    calls = {"n": 0}
+    if kill_at == "fit":
+        original = runner.mean_accuracy
+
+        def dying(learner, episodes):
+            calls["n"] += 1
+            if calls["n"] == 3:  # during the second chunk's validation, after its fit
+                raise Killed()
+            return original(learner, episodes)
+
+        monkeypatch.setattr(runner, "mean_accuracy", dying)
+    else:
+        original = runner.write_run
+
+        def dying(*args, **kwargs):
+            raise Killed()
+
+        monkeypatch.setattr(runner, "write_run", dying)
+    with pytest.raises(Killed):
+        run(CFG, dirs_in(tmp_path / "killed"), progress=False)
+    monkeypatch.undo()
+    assert not list((tmp_path / "killed").rglob("*.csv"))
+    resumed = read_csv(run(CFG, dirs_in(tmp_path / "killed"), resume=True, progress=False))
+    pd.testing.assert_frame_equal(whole.drop(columns=TIMING), resumed.drop(columns=TIMING))
+    a = read_card(run(CFG, dirs_in(tmp_path / "whole"), resume=True, progress=False))
+    b = read_card(resumed_path := runner.run_paths(tmp_path / "killed" / "results", "synthetic-5w1s", "fomaml", 3)[0])
+    assert [p["val_accuracy"] for p in a["curve"]] == [p["val_accuracy"] for p in b["curve"]]
+    assert resumed_path.exists()
+
+
+def test_resume_false_starts_over(tmp_path):
+    d = dirs_in(tmp_path)
+    run(CFG, d, progress=False)
+    folder = runner.run_dir(CFG, d, runner.build(CFG, d.root)[0])
+    ckpt = torch.load(folder / "last.pt", weights_only=True)
+    assert ckpt["learner"]["fit_steps"] == 6
+    (folder / "marker").write_text("x")
+    run(CFG, d, resume=False, progress=False)
+    assert not (folder / "marker").exists()
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    d = dirs_in(tmp_path)
+    run(CFG, d, progress=False)
+    for pt in d.runs.rglob("*.pt"):
+        state = torch.load(pt, weights_only=True)
+        assert "learner" in state
+    done = next(d.runs.rglob("done.json"))
+    assert json.loads(done.read_text())["csv"].endswith("seed3.csv")
