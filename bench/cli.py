@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("leaderboard", help="build the static leaderboard page")
-    s.add_argument("results", nargs="+", help="results folders")
+    s.add_argument("results", nargs="+", help="results folders or submission bundles")
     s.add_argument("-o", "--output", default="site/index.html")
     s.set_defaults(func=cmd_leaderboard)
 
@@ -141,12 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_demo)
 
-    for module in ("bench.data", "bench.checks"):
-        try:
-            mod = __import__(module, fromlist=["add_cli"])
-        except ImportError:
-            continue
-        mod.add_cli(sub)
+    for module in ("bench.data", "bench.checks", "bench.submit"):
+        if importlib.util.find_spec(module) is not None:  # command groups of optional modules
+            importlib.import_module(module).add_cli(sub)
     return p
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from bench import benchmarks
+from bench.sampling import EpisodeSet
 from baselines.maml import MAML
 
 
@@ -63,15 +66,18 @@ def test_second_and_first_order_training_differ(synthetic_set):
     assert diff > 0
 
 
-@pytest.mark.slow
 def test_maml_learns_on_glyphs(data_root):
-    """Short training on the embedded glyphs data: far above the 20% chance of 5-way."""
-    torch.set_num_threads(2)
+    """Short training on the embedded glyphs data: far above the 20% chance of 5-way 1-shot.
+
+    A CI-sized budget (about 30 s on 2 cores): Conv-4 32, meta-batch 4, 100 outer steps, outer lr
+    3e-3 (the paper's 1e-3 needs far more steps), 5 query images per class in training.
+    """
     es = benchmarks.load("glyphs-5w1s", data_root)
-    m = MAML(meta_batch=4, inner_lr=0.4, inner_steps=1, inner_steps_test=5, hidden=32, seed=0)
+    train = EpisodeSet(dataclasses.replace(es.bench, query=5), es.source)
+    m = MAML(meta_batch=4, inner_lr=0.4, inner_steps=1, inner_steps_test=3, hidden=32, outer_lr=3e-3, seed=0)
     m.setup(es.bench.task_info(es))
-    test = es.episodes("test", 60)
+    test = es.episodes("test", 40)
     before = np.mean([r["accuracy"] for r in m.evaluate(test)])
-    m.fit(es.stream("train"), 120)
+    m.fit(train.stream("train"), 100)
     after = np.mean([r["accuracy"] for r in m.evaluate(test)])
-    assert after > 0.5 and after > before + 0.1, (before, after)
+    assert after > 0.55 and after > before + 0.15, (before, after)
