@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from bench import benchmarks
 from bench.api import MetaLearner
+from bench.errors import MetabenchError
 from bench.paths import atomic_path, atomic_write_text
 from bench.results import run_paths, write_run
 from bench.sampling import EpisodeSet
@@ -34,7 +35,9 @@ from baselines import registry
 @dataclass(frozen=True)
 class RunConfig:
     """What to run. steps: outer updates (None: the paper's number); chunk: updates per checkpoint;
-    val_episodes / test_episodes: None means the benchmark's numbers; overrides: hyperparameters."""
+    val_episodes / test_episodes: None means the benchmark's numbers; overrides: hyperparameters;
+    patience: stop fitting early once `patience` chunks in a row brought no new best validation
+    accuracy (None: never)."""
 
     method: str
     benchmark: str
@@ -44,6 +47,15 @@ class RunConfig:
     val_episodes: int | None = None
     test_episodes: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    patience: int | None = None
+
+
+def plateaued(curve: list[dict[str, Any]], patience: int | None) -> bool:
+    """True when the last `patience` validation points are all below the best before them."""
+    if patience is None or len(curve) <= patience:
+        return False
+    best_before = max(p["val_accuracy"] for p in curve[:-patience])
+    return all(p["val_accuracy"] <= best_before for p in curve[-patience:])
 
 
 @dataclass(frozen=True)
@@ -107,8 +119,9 @@ def build(cfg: RunConfig, root: Path) -> tuple[MetaLearner, EpisodeSet]:
 
 def run_dir(cfg: RunConfig, dirs: RunDirs, learner: MetaLearner) -> Path:
     """Checkpoint folder of a run: keyed by everything that changes its trajectory."""
-    key = params_hash({"params": learner.params(), "steps": cfg.steps, "chunk": cfg.chunk,
-                       "val": cfg.val_episodes, "version": benchmarks.get_benchmark(cfg.benchmark).version})
+    # `steps` is not part of the key: a run asked for more steps later continues the same trajectory.
+    key = params_hash({"params": learner.params(), "chunk": cfg.chunk, "val": cfg.val_episodes,
+                       "version": benchmarks.get_benchmark(cfg.benchmark).version})
     return Path(dirs.runs) / cfg.benchmark / cfg.method.replace(":", "_") / f"seed{cfg.seed}-{key}"
 
 
@@ -140,9 +153,12 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
         save_checkpoint(best, {"learner": learner.state_dict(), "step": 0})
         save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": 0.0})
 
+    if learner.fit_steps > steps:
+        raise MetabenchError(f"{folder}: the checkpoint is at step {learner.fit_steps}, beyond the {steps} steps "
+                             "asked for; ask for at least as many steps, or start over without --resume")
     bar = tqdm(total=steps, initial=learner.fit_steps, desc=f"fit {cfg.method} {cfg.benchmark}",
                unit="step", disable=not progress)
-    while learner.fit_steps < steps:
+    while learner.fit_steps < steps and not plateaued(curve, cfg.patience):
         n = min(cfg.chunk, steps - learner.fit_steps)
         start = time.perf_counter()
         learner.fit(es.stream("train", start=learner.fit_episodes), n)
@@ -178,7 +194,7 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
         "inner_steps_train": learner.params().get("inner_steps"),
         "inner_steps_test": learner.params().get("inner_steps_test"),
         "code_rev": rev, "device": dev, "torch_version": torch.__version__,
-        "fit_steps": steps, "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds,
+        "fit_steps": curve[-1]["step"], "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds,
         "selected_step": int(chosen["step"]), "val_episodes": n_val, "test_episodes": n_test,
         "curve": curve, "checkpoint": best.relative_to(dirs.runs).as_posix(),
     }

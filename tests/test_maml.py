@@ -81,3 +81,20 @@ def test_maml_learns_on_glyphs(data_root):
     m.fit(train.stream("train"), 100)
     after = np.mean([r["accuracy"] for r in m.evaluate(test)])
     assert after > 0.55 and after > before + 0.15, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
+def test_maml_learns_on_real_omniglot_subset(shared_data, data_root, first_order):
+    """Real Omniglot (../shared/data subsets): train on small1's alphabets, test on 3 unseen ones.
+
+    CI-sized budget: 120 outer steps of 4 tasks; must reach at least 60% on 5-way 1-shot (chance 20%).
+    """
+    es = benchmarks.load("omniglot-small-5w1s", data_root)
+    train = EpisodeSet(dataclasses.replace(es.bench, query=5), es.source)
+    m = MAML(meta_batch=4, inner_lr=0.4, inner_steps=1, inner_steps_test=3, hidden=32, outer_lr=3e-3,
+             first_order=first_order, seed=0)
+    m.setup(es.bench.task_info(es))
+    m.fit(train.stream("train"), 120)
+    acc = np.mean([r["accuracy"] for r in m.evaluate(es.episodes("test", 100))])
+    assert acc >= 0.6, acc

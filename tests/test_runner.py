@@ -92,3 +92,30 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         assert "learner" in state
     done = next(d.runs.rglob("done.json"))
     assert json.loads(done.read_text())["csv"].endswith("seed3.csv")
+
+
+def test_more_steps_later_continue_the_same_run(tmp_path):
+    """Asking for 6 steps after a 4-step run continues it: the same as asking for 6 at once."""
+    short = RunConfig(**{**CFG.__dict__, "steps": 4})
+    d = dirs_in(tmp_path / "a")
+    run(short, d, progress=False)
+    extended = read_csv(run(CFG, d, progress=False))
+    whole = read_csv(run(CFG, dirs_in(tmp_path / "b"), progress=False))
+    pd.testing.assert_frame_equal(whole.drop(columns=TIMING), extended.drop(columns=TIMING))
+    with pytest.raises(runner.MetabenchError, match="beyond the 4 steps"):
+        run(short, d, progress=False)
+
+
+def test_plateau_rule():
+    curve = [{"val_accuracy": a} for a in (0.2, 0.5, 0.4, 0.5)]
+    assert runner.plateaued(curve, 2) and not runner.plateaued(curve, 3) and not runner.plateaued(curve, None)
+    assert not runner.plateaued(curve + [{"val_accuracy": 0.6}], 2)
+
+
+def test_patience_stops_early(tmp_path, monkeypatch):
+    values = iter([0.5, 0.6, 0.55, 0.55, 0.9, 0.9])
+    monkeypatch.setattr(runner, "mean_accuracy", lambda learner, episodes: next(values))
+    cfg = RunConfig(**{**CFG.__dict__, "steps": 10, "chunk": 1, "patience": 2})
+    card = read_card(run(cfg, dirs_in(tmp_path), progress=False))
+    assert [p["step"] for p in card["curve"]] == [0, 1, 2, 3]
+    assert card["selected_step"] == 1 and card["fit_steps"] == 3
