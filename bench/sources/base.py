@@ -130,6 +130,14 @@ def save_cache(path: Path, source: ArraySource) -> None:
     with atomic_path(path / "images.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(source.images, dtype=np.uint8))
+    write_index(path, source)
+
+
+def write_index(path: Path, source: ArraySource) -> None:
+    """Write index.json of a cache folder whose images.npy already holds `source.images`.
+
+    `save_cache` calls it last; builders that fill images.npy as a memory map call it directly.
+    """
     index = {
         "format": CACHE_FORMAT,
         "name": source.name,

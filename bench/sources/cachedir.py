@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.errors import DataError
 from bench.paths import atomic_write_text
-from bench.sources.base import CACHE_FORMAT, ArraySource, load_cache, save_cache
+from bench.sources.base import CACHE_FORMAT, ArraySource, load_cache, save_cache, write_index  # noqa: F401 (re-export)
 
 
 @contextlib.contextmanager
@@ -54,27 +54,6 @@ def save_cache_dir(final: Path, source: ArraySource, replace: bool = True) -> No
     """Write an in-memory `source` as the cache folder `final`, atomically as a whole."""
     with building_dir(final, replace=replace) as tmp:
         save_cache(tmp, source)
-
-
-def write_index(path: Path, source: ArraySource) -> None:
-    """Write index.json for a cache folder whose images.npy already holds `source.images`.
-
-    Same content as `save_cache` writes (for builders that fill images.npy as a memory map
-    instead of holding all images in memory); `load_cache` reads it back.
-    """
-    index = {
-        "format": CACHE_FORMAT,
-        "name": source.name,
-        "class_start": source.class_start.tolist(),
-        "class_count": source.class_count.tolist(),
-        "class_names": list(source.class_names),
-        "splits": {k: v.tolist() for k, v in source.splits.items()},
-        "class_rot": None if source.class_rot is None else source.class_rot.tolist(),
-        "groups": source.groups,
-        "meta": source.meta,
-        "shape": list(source.images.shape),
-    }
-    atomic_write_text(path / "index.json", json.dumps(index))
 
 
 def open_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
