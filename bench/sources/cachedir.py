@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -19,8 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from bench.errors import DataError
-from bench.paths import atomic_write_text
-from bench.sources.base import CACHE_FORMAT, ArraySource, load_cache, save_cache, write_index  # noqa: F401 (re-export)
+from bench.sources.base import ArraySource, load_cache, save_cache, write_index  # noqa: F401 (write_index re-exported)
 
 
 @contextlib.contextmanager
