@@ -27,7 +27,9 @@ class EpisodeSpec:
     """An episode by indices only: cheap, hashable, serialisable.
 
     classes: absolute class ids (position = relative label); support[j] / query[j]: example
-    indices within class classes[j].
+    indices within class classes[j]. source: the source the episode is drawn from, for
+    benchmarks with several (Meta-Dataset); None (and then left out of the JSON and the hash,
+    so the hashes of single-source benchmarks are unchanged) otherwise.
     """
 
     benchmark: str
@@ -37,10 +39,14 @@ class EpisodeSpec:
     classes: tuple[int, ...]
     support: tuple[tuple[int, ...], ...]
     query: tuple[tuple[int, ...], ...]
+    source: str | None = None
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys, no spaces)."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (sorted keys, no spaces); `source` only when set."""
+        d = asdict(self)
+        if d["source"] is None:
+            del d["source"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
     def hash(self) -> str:

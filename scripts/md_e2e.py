@@ -1,7 +1,7 @@
 """End to end on genuine Meta-Dataset records: prepare, fit fomaml, test 600 variable-way episodes,
 write the CSV, build the leaderboard.
 
-    python scripts/md_e2e.py [--records DIR] [--work DIR] [--image-size 84] [--steps 20]
+    python scripts/md_e2e.py [--records DIR] [--work DIR (default .cache/md-e2e)] [--image-size 84] [--steps 20]
 
 --records defaults to the genuine small Omniglot records of the shared test data
 (../shared/data/meta_dataset/omniglot_small, or $METABENCH_SHARED_DATA/meta_dataset/omniglot_small).
@@ -49,7 +49,7 @@ def sampling_speed(es, seconds: float = 3.0) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--records", type=Path, default=None)
-    p.add_argument("--work", type=Path, default=Path("md-e2e"))
+    p.add_argument("--work", type=Path, default=Path(".cache") / "md-e2e")
     p.add_argument("--image-size", type=int, default=84)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--test-episodes", type=int, default=600)
