@@ -1,0 +1,104 @@
+"""CAVIA (Zintgraf, Shiarlis, Kurin, Hofmann, Whiteson 2019, "Fast Context Adaptation via
+Meta-Learning", ICML 2019).
+
+The subspace member of the family: the inner loop adapts only a small context vector phi
+(`n_context` numbers, reset to zero for every task), never the network weights; the network
+weights, including a FiLM layer that maps phi to a per-channel scale and shift, are
+meta-learned in the outer loop. Here, as in the paper's classification network
+(lmzintgraf/cavia classification/models.py with context_in = [F, F, T, F, F]), the FiLM layer is
+one linear map phi -> [gamma, beta] (2 x hidden numbers) applied to the third conv block after
+its batch norm and before its ReLU: h3 = gamma * BN(conv3(h2)) + beta (gamma is the linear
+output itself, not 1 + output, as in the reference code). One difference, stated: pooling stays
+after the ReLU as in the shared Conv-4 (the reference pools right after the batch norm).
+
+Defaults (lmzintgraf/cavia classification/arguments.py, main.py; published_hyperparameters.csv):
+miniImageNet: 100 context parameters, inner lr 1.0, 2 inner steps at train and test, 16 tasks
+per meta-update, Adam 1e-3 decayed x0.9 every 5000 steps, meta-gradient clamped to [-10, 10],
+32 filters, 60000 outer steps, second order. (The paper's text reportedly uses meta-batch 4 for
+1-shot and 2 for 5-shot; we keep the code's 16.) The paper has no Omniglot classification
+experiments; for the Omniglot keys we chose the same CAVIA settings with MAML's Omniglot
+meta-batch (32 / 16), width 64 and 40000 steps.
+Initialisation: the shared Conv-4 initialisation (core.conv4_init) for the network; the FiLM
+layer as PyTorch's nn.Linear after the reference's kaiming init: weight U(+-sqrt(3 / n_context)),
+bias U(+-1 / sqrt(n_context)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from bench.api import Episode, TaskInfo
+from baselines.core import Params, batch_norm, episode_loss, inner_loop
+from baselines.maml import MAML
+
+CONTEXT = "context"
+
+
+@dataclass
+class CAVIA(MAML):
+    """Context adaptation: inner loop on a zero-initialised context vector that FiLMs one conv block.
+
+    n_context: size of the context vector; film_block: which conv block (0-based) it modulates;
+    outer_lr_decay / outer_lr_decay_every: step decay of the outer learning rate;
+    grad_clip: element-wise clamp of the meta-gradient (0 disables).
+    """
+
+    meta_batch: int = 16
+    inner_lr: float = 1.0
+    inner_steps: int = 2
+    inner_steps_test: int = 2
+    n_context: int = 100
+    film_block: int = 2
+    outer_lr_decay: float = 0.9
+    outer_lr_decay_every: int = 5000
+    grad_clip: float = 10.0
+
+    CHECK_PARAMS = dict(inner_steps_test=2)  # conformance suite (bench/checks.py): the paper's 2 test steps
+
+    def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
+        p = super().init_meta(info, gen)
+        w_bound, b_bound = math.sqrt(3.0 / self.n_context), 1.0 / math.sqrt(self.n_context)
+        p["film.weight"] = (torch.rand(2 * self.hidden, self.n_context, generator=gen) * 2 - 1) * w_bound
+        p["film.bias"] = (torch.rand(2 * self.hidden, generator=gen) * 2 - 1) * b_bound
+        return p
+
+    def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
+        context = p[CONTEXT] if CONTEXT in p else p["film.bias"].new_zeros(self.n_context)
+        film = F.linear(context, p["film.weight"], p["film.bias"])
+        gamma, beta = film[: self.hidden].view(1, -1, 1, 1), film[self.hidden:].view(1, -1, 1, 1)
+        for i in range(4):
+            x = batch_norm(F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1),
+                           p[f"bn{i}.weight"], p[f"bn{i}.bias"])
+            if i == self.film_block:
+                x = gamma * x + beta
+            x = F.max_pool2d(F.relu(x), 2)
+        w, b = p["head.weight"], p["head.bias"]
+        if way is not None:
+            w, b = w[:way], b[:way]
+        return F.linear(x.flatten(1), w, b)
+
+    def adapted_keys(self) -> list[str]:
+        return [CONTEXT]
+
+    def inner(self, x: torch.Tensor, y: torch.Tensor, steps: int, first_order: bool) -> Params:
+        start = {**self.meta, CONTEXT: self.meta["film.bias"].detach().new_zeros(self.n_context)}  # reset per task
+        return inner_loop(episode_loss(self.forward), start, [CONTEXT], (x, y), steps, self.inner_lr, first_order)
+
+    def outer_step(self, batch: list[Episode]) -> None:
+        """Adam with step decay of the learning rate and the reference's meta-gradient clamp."""
+        lr = self.outer_lr * self.outer_lr_decay ** (self.fit_steps // max(1, self.outer_lr_decay_every))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        for ep in batch:
+            (self.task_loss(ep) / len(batch)).backward()
+        if self.grad_clip > 0:
+            for v in self.meta.values():
+                if v.grad is not None:
+                    v.grad.clamp_(-self.grad_clip, self.grad_clip)
+        self.optimizer.step()

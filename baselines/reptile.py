@@ -1,0 +1,202 @@
+"""Reptile (Nichol, Achiam, Schulman 2018, "On First-Order Meta-Learning Algorithms",
+arXiv:1803.02999; code: openai/supervised-reptile).
+
+For each task of a meta-batch: start from the meta-parameters phi, run `inner_steps` Adam steps
+on mini-batches of the task's data to get W_i; then move phi towards the average:
+phi <- phi + eps * (mean_i W_i - phi). The interpolation is done as one SGD step with
+learning rate eps on the "gradient" phi - mean_i W_i (so `outer_lr` is the meta step size
+eps), and eps is annealed linearly from `outer_lr` to `outer_lr_final` over `total_steps`
+outer steps (the reference's --meta-step / --meta-step-final / --meta-iters:
+eps_i = outer_lr + (outer_lr_final - outer_lr) * i / total_steps). First order by nature.
+
+As in the reference code (supervised_reptile/reptile.py, models.py):
+- The inner optimizer is Adam with beta1 = 0 (betas (0, 0.999), TF-style epsilon 1e-8). Its
+  second-moment state is *not* reset between tasks: the reference rolls back only the
+  trainable variables after each task, so the Adam slots carry over across tasks and
+  meta-steps, and evaluation starts from them too (and restores them afterwards). Here that
+  state (`inner_state`: one second-moment tensor per parameter plus the step count) is part of
+  the meta-state, saved by `state_dict`, and `adapt` starts from a copy of it.
+- Inner mini-batches of `inner_batch` examples are drawn without replacement, reshuffling the
+  task's examples whenever they run out (`_mini_batches`), `inner_steps` of them.
+- Evaluation fine-tunes on the support set only, `inner_steps_test` steps of batches of
+  `eval_batch`. Non-transductive by default: each query is predicted in one batch together with
+  the whole support set (batch-norm statistics of support + that query), so predictions of one
+  query never depend on the other queries (Tags.bn_mode "inductive"); `transductive=True`
+  predicts all queries in one batch (the reference's --transductive).
+The reference has no query split at training time (a task is `train_shots` examples per class);
+here training episodes come with support and query sets, so the inner loop uses all of an
+episode's images (support + query) at training, and only the support set at test.
+
+Defaults per family, from the README commands "used for the paper" (published_hyperparameters.csv):
+Omniglot 5-way 1-shot: Adam lr 0.00044, inner batch 5, 12 inner steps, meta-batch 3, meta step
+1.0 -> 0, 200000 steps, eval batch 5, 86 eval steps; Omniglot 20-way 1-shot: 0.00046, batch 15,
+12 steps, meta-batch 3, 1.0 -> 0, 200000, eval batch 10, 97 steps; miniImageNet 5-way 1-shot:
+0.0012, batch 3, 19 steps, meta-batch 2, 0.235 -> 0, 200000, eval batch 3, 55 steps, 32 filters.
+Conv-4 here is the shared max-pool variant (the reference's Omniglot net uses strided convs).
+A run shorter than the paper's should set `total_steps` to its length so eps still reaches 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from bench.api import Episode, Predictor, Tags, TaskInfo, new_generator
+from baselines.core import GradientLearner, Params
+
+
+def _mini_batches(n: int, batch: int, count: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """`count` index batches of size min(batch, n) over range(n): shuffle, cut, reshuffle when exhausted."""
+    batch = min(batch, n)
+    cur: list[torch.Tensor] = []
+    have, made = 0, 0
+    while True:
+        for i in torch.randperm(n, generator=gen):
+            cur.append(i)
+            have += 1
+            if have < batch:
+                continue
+            yield torch.stack(cur)
+            cur, have, made = [], 0, made + 1
+            if made == count:
+                return
+
+
+@dataclass
+class Reptile(GradientLearner):
+    """Reptile on Conv-4: Adam(beta1=0) inner loop, interpolation outer step with linear annealing.
+
+    inner_lr, inner_batch, inner_steps: the inner Adam loop at meta-training (on support + query);
+    eval_batch, inner_steps_test: the inner loop at test (on the support set);
+    outer_lr -> outer_lr_final over total_steps: the meta step size eps (linear annealing);
+    adam_beta2, adam_eps: the inner Adam's second-moment decay and epsilon (beta1 is 0);
+    transductive: predict all queries in one batch (batch norm over the query set).
+    """
+
+    meta_batch: int = 3
+    outer_lr: float = 1.0
+    outer_lr_final: float = 0.0
+    total_steps: int = 200000
+    inner_lr: float = 0.00044
+    inner_batch: int = 5
+    inner_steps: int = 12
+    eval_batch: int = 5
+    inner_steps_test: int = 86
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    transductive: bool = False
+
+    # conformance-suite settings (bench/checks.py): meta step 1 annealed over the learning check's 60
+    # steps, and a larger inner Adam step so that Reptile visibly learns within that budget
+    CHECK_PARAMS = dict(outer_lr=1.0, total_steps=60, inner_lr=0.003, inner_batch=10, inner_steps=5,
+                        eval_batch=5, inner_steps_test=10)
+
+    @property
+    def tags(self) -> Tags:
+        return Tags(bn_mode="transductive" if self.transductive else "inductive", order="first",
+                    transductive=self.transductive, variable_way=True, deterministic=True)
+
+    # --- construction and state ---------------------------------------------------------
+    def setup(self, info: TaskInfo) -> "Reptile":
+        super().setup(info)
+        self.inner_state = self.fresh_inner_state()
+        return self
+
+    def fresh_inner_state(self) -> dict[str, Any]:
+        """Adam(beta1=0) state: a zero second moment per meta-parameter and step count 0."""
+        return {"v": {k: torch.zeros_like(v) for k, v in self.meta.items()}, "t": 0}
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Plain SGD: one step with lr eps on phi - mean(W) is the interpolation phi + eps (mean(W) - phi)."""
+        return torch.optim.SGD(list(self.meta.values()), lr=self.outer_lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["inner_state"] = {"v": {k: v.clone() for k, v in self.inner_state["v"].items()},
+                                "t": int(self.inner_state["t"])}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> "Reptile":
+        super().load_state_dict(state)
+        inner = state["inner_state"]
+        self.inner_state = {"v": {k: v.clone() for k, v in inner["v"].items()}, "t": int(inner["t"])}
+        return self
+
+    # --- the inner loop -----------------------------------------------------------------
+    def meta_step_size(self) -> float:
+        """eps of the current outer step: linear from outer_lr to outer_lr_final over total_steps."""
+        frac = min(1.0, self.fit_steps / max(1, self.total_steps))
+        return self.outer_lr + (self.outer_lr_final - self.outer_lr) * frac
+
+    def inner_adam(self, x: torch.Tensor, y: torch.Tensor, way: int, batch: int, steps: int,
+                   state: Mapping[str, Any], gen: torch.Generator) -> tuple[Params, dict[str, Any]]:
+        """`steps` Adam(beta1=0) steps from the meta-parameters on mini-batches of (x, y).
+
+        Returns the adapted parameters and the new Adam state (the inputs are not modified).
+        TF's Adam update: w -= lr * sqrt(1 - beta2^t) * g / (sqrt(v) + eps).
+        """
+        def loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.forward(p, xb, way), yb)
+
+        fast = {k: v.detach() for k, v in self.meta.items()}
+        v, t = dict(state["v"]), int(state["t"])
+        b2 = self.adam_beta2
+        for idx in _mini_batches(len(y), batch, steps, gen):
+            g = grad(loss)(fast, x[idx], y[idx])
+            t += 1
+            scale = self.inner_lr * (1 - b2 ** t) ** 0.5
+            for k in fast:
+                v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
+                fast[k] = fast[k] - scale * g[k] / (v[k].sqrt() + self.adam_eps)
+        return fast, {"v": v, "t": t}
+
+    # --- training -----------------------------------------------------------------------
+    def outer_step(self, batch: list[Episode]) -> None:
+        eps = self.meta_step_size()
+        total = {k: torch.zeros_like(v) for k, v in self.meta.items()}
+        state = self.inner_state
+        for ep in batch:
+            x = torch.cat([ep.support_x, ep.query_x])
+            y = torch.cat([ep.support_y, ep.query_y])
+            fast, state = self.inner_adam(x, y, ep.way, self.inner_batch, self.inner_steps, state, self.gen)
+            for k in total:
+                total[k] += fast[k]
+        self.inner_state = state
+        for group in self.optimizer.param_groups:
+            group["lr"] = eps
+        with torch.no_grad():
+            for k, p in self.meta.items():
+                p.grad = p.detach() - total[k] / len(batch)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- adaptation ---------------------------------------------------------------------
+    def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        way = int(support_y.max()) + 1
+        gen = new_generator(self.seed, 2)  # fixed per call: adapt is repeatable and leaves self.gen alone
+        fast, _ = self.inner_adam(support_x, support_y, way, self.eval_batch, self.inner_steps_test,
+                                  self.inner_state, gen)
+        return fast
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        if self.transductive:
+            return super().adapt(support_x, support_y)
+        if self.info is None:
+            raise RuntimeError("Reptile: call setup(info) or fit before adapt")
+        way = int(support_y.max()) + 1
+        with torch.enable_grad():
+            fast = {k: v.detach() for k, v in self.adapt_params(support_x, support_y).items()}
+        sx = support_x.detach()
+
+        def one(q: torch.Tensor) -> torch.Tensor:
+            return self.forward(fast, torch.cat([sx, q.unsqueeze(0)]), way)[-1]
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return vmap(one)(query_x)
+
+        return predict
