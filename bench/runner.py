@@ -108,11 +108,26 @@ def mean_accuracy(learner: MetaLearner, episodes: list) -> float:
     return float(np.mean([r["accuracy"] for r in learner.evaluate(episodes)]))
 
 
+def run_steps(cfg: RunConfig, bench: benchmarks.Benchmark) -> int:
+    """Outer steps of a run: cfg.steps, else the paper's number for the method and benchmark."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return registry.paper_steps(cfg.method, bench.family, bench.way) or 0
+
+
 def build(cfg: RunConfig, root: Path) -> tuple[MetaLearner, EpisodeSet]:
-    """A set-up learner for cfg and the benchmark's episodes."""
+    """A set-up learner for cfg and the benchmark's episodes.
+
+    A method with a `total_steps` hyperparameter (the length of a schedule, e.g. Reptile's
+    annealed meta step) gets the run's number of steps unless cfg.overrides sets it.
+    """
     es = benchmarks.load(cfg.benchmark, root)
     bench = es.bench
-    learner = registry.make(cfg.method, bench.family, bench.way, cfg.seed, **cfg.overrides)
+    cls = registry.import_target(registry.get_entry(cfg.method).target)
+    overrides = dict(cfg.overrides)
+    if "total_steps" in {f.name for f in dataclasses.fields(cls)} and "total_steps" not in overrides:
+        overrides["total_steps"] = max(1, run_steps(cfg, bench))
+    learner = registry.make(cfg.method, bench.family, bench.way, cfg.seed, **overrides)
     learner.setup(bench.task_info(es))
     return learner, es
 
@@ -132,7 +147,7 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
     """
     learner, es = build(cfg, dirs.root)
     bench = es.bench
-    steps = cfg.steps if cfg.steps is not None else registry.paper_steps(cfg.method, bench.family, bench.way) or 0
+    steps = run_steps(cfg, bench)
     n_val = cfg.val_episodes if cfg.val_episodes is not None else bench.val_episodes
     n_test = cfg.test_episodes if cfg.test_episodes is not None else bench.test_episodes
     folder = run_dir(cfg, dirs, learner)

@@ -11,7 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("METABENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads by default (CI runs alone on 2 cores); METABENCH_TEST_THREADS=1 when the machine is shared,
+# since oversubscribed OpenMP threads slow training down by an order of magnitude.
+torch.set_num_threads(int(os.environ.get("METABENCH_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 @pytest.fixture(scope="session")

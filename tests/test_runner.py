@@ -119,3 +119,12 @@ def test_patience_stops_early(tmp_path, monkeypatch):
     card = read_card(run(cfg, dirs_in(tmp_path), progress=False))
     assert [p["step"] for p in card["curve"]] == [0, 1, 2, 3]
     assert card["selected_step"] == 1 and card["fit_steps"] == 3
+
+
+def test_schedule_length_follows_the_run(tmp_path):
+    """Reptile's annealing schedule (total_steps) is set to the run's length unless overridden."""
+    cfg = RunConfig("reptile", "synthetic-5w1s", steps=7)
+    learner, _ = runner.build(cfg, tmp_path)
+    assert learner.total_steps == 7
+    learner, _ = runner.build(RunConfig("reptile", "synthetic-5w1s", steps=7, overrides={"total_steps": 99}), tmp_path)
+    assert learner.total_steps == 99
