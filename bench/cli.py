@@ -77,10 +77,11 @@ DEMO_BENCHMARK = "glyphs-5w1s"
 # Short budgets so the demo finishes in minutes on 2 CPU cores: paper settings otherwise, except
 # MAML's meta-batch (32 -> 8 tasks) and outer lr (1e-3 -> 3e-3), so a short budget still learns.
 DEMO_PLAN = {
-    "maml": dict(steps=150, chunk=50, overrides=dict(meta_batch=8, outer_lr=3e-3)),
-    "fomaml": dict(steps=150, chunk=50, overrides=dict(meta_batch=8, outer_lr=3e-3)),
-    "finetune": dict(steps=300, chunk=100, overrides=dict()),
+    "maml": dict(steps=150, chunk=75, overrides=dict(meta_batch=8, outer_lr=3e-3)),
+    "fomaml": dict(steps=150, chunk=75, overrides=dict(meta_batch=8, outer_lr=3e-3)),
+    "finetune": dict(steps=200, chunk=100, overrides=dict()),
 }
+DEMO_VAL_EPISODES = 50
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -93,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dirs = RunDirs(root, out / "results", out / "runs")
     start = time.perf_counter()
     for method, plan in DEMO_PLAN.items():
-        cfg = RunConfig(method, DEMO_BENCHMARK, args.seed, plan["steps"], plan["chunk"], val_episodes=100,
+        cfg = RunConfig(method, DEMO_BENCHMARK, args.seed, plan["steps"], plan["chunk"], val_episodes=DEMO_VAL_EPISODES,
                         overrides=plan["overrides"])
         print(f"[demo] {method} on {DEMO_BENCHMARK}: {plan['steps']} outer steps", flush=True)
         run(cfg, dirs, resume=True)
