@@ -33,14 +33,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from bench.api import Episode, TaskInfo
 from bench.errors import DataError, MetabenchError
-from bench.sampling import EpisodeSpec, episode_rng
+from bench.sampling import EpisodeSet, EpisodeSpec, episode_rng
 from bench.sources.base import ArraySource
 from bench.sources.meta_dataset import MAX_SPANNING_LEAVES_ELIGIBLE, MDSpec, spec_of
 
@@ -198,7 +198,7 @@ def describe_md(bench: "Benchmark", sampler_for: Callable[[str, str], SplitSampl
                        tuple(support), tuple(queries), source=source)
 
 
-class MDEpisodeSet:
+class MDEpisodeSet(EpisodeSet):
     """The episodes of a Meta-Dataset benchmark: its prepared sources, per-source samplers, pixels.
 
     Episode.classes are global ids: the source's class id plus the source's offset in
@@ -270,21 +270,6 @@ class MDEpisodeSet:
         qy = torch.from_numpy(np.repeat(np.arange(way), [len(q) for q in spec.query])).long()
         off = self.offsets[spec.source or self.bench.source]
         return Episode(sx, sy, qx, qy, tuple(off + c for c in spec.classes), spec.split, spec.index, spec.hash)
-
-    def episode(self, split: str, index: int) -> Episode:
-        """Episode `index` of `split`, with pixels."""
-        return self.materialize(self.describe(split, index))
-
-    def stream(self, split: str, start: int = 0) -> Iterator[Episode]:
-        """Episodes start, start+1, ... of `split` (endless)."""
-        i = start
-        while True:
-            yield self.episode(split, i)
-            i += 1
-
-    def episodes(self, split: str, n: int) -> list[Episode]:
-        """The first `n` episodes of `split`."""
-        return [self.episode(split, i) for i in range(n)]
 
 
 def _rgb(x: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,10 @@ def materialize(spec: EpisodeSpec, source: ArraySource) -> Episode:
 
 
 class EpisodeSet:
-    """The episodes of one benchmark on one loaded source."""
+    """The episodes of one benchmark on one loaded source.
+
+    Other samplers (Meta-Dataset's) subclass it and override `describe` and `materialize`.
+    """
 
     def __init__(self, bench: "Benchmark", source: ArraySource) -> None:
         self.bench = bench
@@ -112,9 +115,13 @@ class EpisodeSet:
         """The spec of episode `index` of `split`."""
         return describe_fixed(self.bench, self.source, split, index)
 
+    def materialize(self, spec: EpisodeSpec) -> Episode:
+        """The pixels of a spec of this benchmark."""
+        return materialize(spec, self.source)
+
     def episode(self, split: str, index: int) -> Episode:
         """Episode `index` of `split`, with pixels."""
-        return materialize(self.describe(split, index), self.source)
+        return self.materialize(self.describe(split, index))
 
     def stream(self, split: str, start: int = 0) -> Iterator[Episode]:
         """Episodes start, start+1, ... of `split` (endless)."""
