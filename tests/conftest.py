@@ -37,3 +37,12 @@ def synthetic_set():
     from bench.benchmarks import load
 
     return load("synthetic-5w1s", Path("/nonexistent-root-not-needed"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (faster than two for them; restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

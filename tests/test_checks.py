@@ -18,13 +18,7 @@ from baselines.maml import MAML
 from baselines.registry import METHODS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Checks are sized for one core (the project's CI machines have two, shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- every registered method passes every check ----------------------------------------------

@@ -21,12 +21,7 @@ from baselines.metasgd import LR_PREFIX, MetaSGD
 from baselines.reptile import Reptile
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(cls, synthetic_set, **kw):
