@@ -32,8 +32,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, TaskInfo
-from baselines.core import Params, batch_norm, episode_loss, inner_loop
+from bench.api import TaskInfo
+from baselines.core import Params, batch_norm, episode_loss, inner_loop, step_decay
 from baselines.maml import MAML
 
 CONTEXT = "context"
@@ -89,16 +89,10 @@ class CAVIA(MAML):
         start = {**self.meta, CONTEXT: self.meta["film.bias"].detach().new_zeros(self.n_context)}  # reset per task
         return inner_loop(episode_loss(self.forward), start, [CONTEXT], (x, y), steps, self.inner_lr, first_order)
 
-    def outer_step(self, batch: list[Episode]) -> None:
-        """Adam with step decay of the learning rate and the reference's meta-gradient clamp."""
-        lr = self.outer_lr * self.outer_lr_decay ** (self.fit_steps // max(1, self.outer_lr_decay_every))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        for ep in batch:
-            (self.task_loss(ep) / len(batch)).backward()
-        if self.grad_clip > 0:
-            for v in self.meta.values():
-                if v.grad is not None:
-                    v.grad.clamp_(-self.grad_clip, self.grad_clip)
-        self.optimizer.step()
+    def current_outer_lr(self) -> float:
+        """Step decay of the outer learning rate (the reference's scheduler)."""
+        return step_decay(self.outer_lr, self.outer_lr_decay, self.outer_lr_decay_every, self.fit_steps)
+
+    def meta_grad_clamp(self) -> float:
+        """The reference's element-wise meta-gradient clamp."""
+        return self.grad_clip

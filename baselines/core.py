@@ -2,9 +2,12 @@
 
 - `conv4_init` / `conv4_forward`: the standard Conv-4 backbone as a pure function of a
   parameter dict (conv 3x3 -> batch norm -> ReLU -> 2x2 max-pool, four times, then a linear
-  head). Batch norm is written as explicit mean/variance operations over the batch being
-  predicted (transductive, no running statistics), which keeps second-order meta-gradients
-  exact, also under `torch.func` transforms.
+  head). Batch norm uses the statistics of the batch being predicted (transductive, no running
+  statistics), through torch's fused batch norm: 1.5x faster meta-training than explicit
+  mean/variance ops, and its double backward is exact under `torch.func.grad` (tests/test_core.py
+  compares it with the explicit formula in float64). Under `torch.func.vmap` it is not (a known
+  functorch issue): nothing here vmaps over batch norm; `batch_norm_explicit` is the formula for
+  code that must.
 - `inner_loop`: gradient steps on a subset of the parameters with `torch.func.grad`;
   second order by default, first order by detaching the inner gradients.
 - `GradientLearner`: the MetaLearner plumbing every gradient method shares (setup, the outer
@@ -52,7 +55,12 @@ def conv4_init(gen: torch.Generator, in_channels: int, hidden: int, n_out: int, 
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Batch norm with the statistics of `x` [N, C, H, W] itself, as explicit mean/variance ops."""
+    """Batch norm of x [N, C, H, W] with its own per-channel statistics (fused kernel)."""
+    return F.batch_norm(x, None, None, weight, bias, True, 0.0, BN_EPS)
+
+
+def batch_norm_explicit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`batch_norm` as explicit mean/variance operations (the reference formula; vmap-safe)."""
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + BN_EPS) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
@@ -116,6 +124,11 @@ def next_batch(episodes: Iterator[Episode], n: int) -> list[Episode]:
     return [next(episodes) for _ in range(n)]
 
 
+def step_decay(base_lr: float, rate: float, every: int, step: int) -> float:
+    """Step-decayed learning rate: base_lr * rate ** (step // every) (constant when every <= 0)."""
+    return base_lr * rate ** (step // every) if every > 0 else base_lr
+
+
 @dataclass
 class GradientLearner(MetaLearner):
     """Shared plumbing for methods whose meta-parameters are a Conv-4 parameter dict.
@@ -169,16 +182,38 @@ class GradientLearner(MetaLearner):
         """Outer loss of one task, differentiable w.r.t. self.meta."""
         raise NotImplementedError
 
+    def current_outer_lr(self) -> float | None:
+        """The outer learning rate of the next update (a schedule); None keeps the optimizer's."""
+        return None
+
+    def meta_grad_clamp(self) -> float:
+        """Element-wise clamp applied to the meta-gradient before the update (0: none)."""
+        return 0.0
+
     def outer_step(self, batch: list[Episode]) -> None:
-        """One outer update on a meta-batch: mean task loss, one optimizer step."""
+        """One outer update on a meta-batch: mean task loss, optional clamp, one optimizer step
+        (at `current_outer_lr` when the method schedules it)."""
+        lr = self.current_outer_lr()
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         for ep in batch:
             (self.task_loss(ep) / len(batch)).backward()
+        limit = self.meta_grad_clamp()
+        if limit > 0:
+            for v in self.meta.values():
+                if v.grad is not None:
+                    v.grad.clamp_(-limit, limit)
         self.optimizer.step()
+
+    def episodes_per_step(self) -> int:
+        """How many stream episodes the next outer update consumes (default: meta_batch)."""
+        return self.meta_batch
 
     def fit(self, episodes: Iterator[Episode], steps: int) -> "GradientLearner":
         for _ in range(steps):
-            batch = next_batch(episodes, self.meta_batch)
+            batch = next_batch(episodes, self.episodes_per_step())
             self.ensure_setup(batch[0])
             self.outer_step(batch)
             self.fit_episodes += len(batch)
@@ -193,10 +228,12 @@ class GradientLearner(MetaLearner):
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         if self.info is None:
             raise RuntimeError(f"{type(self).__name__}: call setup(info) or fit before adapt")
-        way = int(support_y.max()) + 1
         with torch.enable_grad():
             fast = self.adapt_params(support_x, support_y)
-        fast = {k: v.detach() for k, v in fast.items()}
+        return self.predictor({k: v.detach() for k, v in fast.items()}, int(support_y.max()) + 1)
+
+    def predictor(self, fast: Params, way: int) -> Predictor:
+        """query_x [n_query, C, H, W] -> logits [n_query, way] of the adapted parameters `fast`."""
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():

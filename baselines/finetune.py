@@ -6,17 +6,30 @@ of the source, on the images (support and query) of the training episodes. Adapt
 the backbone and trains a fresh linear head on the support features; the paper's fine-tuning
 recipe is SGD lr 0.01, momentum 0.9, weight decay 1e-3, 100 iterations (here full-batch, so it
 is deterministic). Pre-training: Adam 1e-3 (paper), one outer step per `meta_batch` episodes.
+
+`pretraining_loss` (supervised pre-training on absolute class ids) is shared with scale-shift
+(baselines/scaleshift.py); the per-task head is two hooks (`new_head`, `head_logits`) that
+Baseline++ (baselines/baselinepp.py) overrides with its cosine classifier.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Tags, TaskInfo
 from baselines.core import GradientLearner, Params, conv4_features, conv4_init
+
+
+def pretraining_loss(forward: Callable[..., torch.Tensor], p: Params, ep: Episode) -> torch.Tensor:
+    """Supervised pre-training loss: cross-entropy of forward(p, x) [n, n_classes] on an episode's
+    support and query images, labelled with their absolute class ids."""
+    x = torch.cat([ep.support_x, ep.query_x])
+    y = torch.tensor(ep.classes)[torch.cat([ep.support_y, ep.query_y])]
+    return F.cross_entropy(forward(p, x), y)
 
 
 @dataclass
@@ -36,9 +49,15 @@ class Finetune(GradientLearner):
         return conv4_init(gen, c, self.hidden, info.n_classes, h)
 
     def task_loss(self, ep: Episode) -> torch.Tensor:
-        x = torch.cat([ep.support_x, ep.query_x])
-        y = torch.tensor(ep.classes)[torch.cat([ep.support_y, ep.query_y])]
-        return F.cross_entropy(self.forward(self.meta, x), y)
+        return pretraining_loss(self.forward, self.meta, ep)
+
+    def new_head(self, way: int, feat_dim: int) -> Params:
+        """A fresh per-task head: zero weight [way, feat_dim] and bias [way]."""
+        return {"weight": torch.zeros(way, feat_dim), "bias": torch.zeros(way)}
+
+    def head_logits(self, head: Params, feats: torch.Tensor) -> torch.Tensor:
+        """Logits [n, way] of the per-task head on features [n, feat_dim]."""
+        return F.linear(feats, head["weight"], head["bias"])
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         if self.info is None:
@@ -47,19 +66,18 @@ class Finetune(GradientLearner):
         body = {k: v.detach() for k, v in self.meta.items()}
         with torch.no_grad():
             feats = conv4_features(body, support_x)
-        w = torch.zeros(way, feats.shape[1], requires_grad=True)
-        b = torch.zeros(way, requires_grad=True)
-        opt = torch.optim.SGD([w, b], lr=self.head_lr, momentum=self.head_momentum,
+        head = {k: v.requires_grad_(True) for k, v in self.new_head(way, feats.shape[1]).items()}
+        opt = torch.optim.SGD(list(head.values()), lr=self.head_lr, momentum=self.head_momentum,
                               weight_decay=self.head_weight_decay)
         with torch.enable_grad():
             for _ in range(self.head_steps):
                 opt.zero_grad()
-                F.cross_entropy(F.linear(feats, w, b), support_y).backward()
+                F.cross_entropy(self.head_logits(head, feats), support_y).backward()
                 opt.step()
-        w, b = w.detach(), b.detach()
+        head = {k: v.detach() for k, v in head.items()}
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return F.linear(conv4_features(body, query_x), w, b)
+                return self.head_logits(head, conv4_features(body, query_x))
 
         return predict

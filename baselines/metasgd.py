@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.api import TaskInfo
-from baselines.core import Params, episode_loss, inner_loop
+from baselines.core import Params
 from baselines.maml import MAML
 
 LR_PREFIX = "lr."
@@ -56,7 +56,5 @@ class MetaSGD(MAML):
     def adapted_keys(self) -> list[str]:
         return [k for k in self.meta if not k.startswith(LR_PREFIX)]
 
-    def inner(self, x: torch.Tensor, y: torch.Tensor, steps: int, first_order: bool) -> Params:
-        keys = self.adapted_keys()
-        lrs = {k: self.meta[LR_PREFIX + k] for k in keys}
-        return inner_loop(episode_loss(self.forward), self.meta, keys, (x, y), steps, lrs, first_order)
+    def inner_lrs(self) -> dict[str, torch.Tensor]:
+        return {k: self.meta[LR_PREFIX + k] for k in self.adapted_keys()}

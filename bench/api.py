@@ -9,9 +9,10 @@ Hyperparameters are dataclass fields; the constructor only stores them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
@@ -124,6 +125,14 @@ class MetaLearner:
         """Adapt to a support set [n_support, C, H, W], [n_support]; return query_x -> logits [n_query, way]."""
         raise NotImplementedError
 
+    def adapt_many(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Predictor]:
+        """`adapt` on several support sets at once (one predictor each, in order).
+
+        A method may override this to adapt many tasks in one pass (e.g. a task-batched inner
+        loop); its predictors must equal those of `adapt` (checked by the conformance suite).
+        """
+        return [self.adapt(x, y) for x, y in supports]
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: tensors and primitives only."""
         raise NotImplementedError
@@ -136,18 +145,24 @@ class MetaLearner:
     def evaluate(self, episodes: Iterable[Episode]) -> list[dict[str, float]]:
         """Adapt on each support set, predict its query set, and score it.
 
-        Returns one dict per episode: accuracy, loss (cross-entropy of the logits), way,
-        n_support, n_query, adapt_seconds (adaptation plus prediction).
+        Episodes are adapted EVAL_CHUNK at a time through `adapt_many`. Returns one dict per
+        episode: accuracy, loss (cross-entropy of the logits), way, n_support, n_query,
+        adapt_seconds (adaptation plus prediction; the chunk's time divided by its episodes).
         """
-        out = []
-        for ep in episodes:
+        out: list[dict[str, float]] = []
+        it = iter(episodes)
+        while chunk := list(itertools.islice(it, EVAL_CHUNK)):
             start = time.perf_counter()
-            predictor = self.adapt(ep.support_x, ep.support_y)
+            predictors = self.adapt_many([(ep.support_x, ep.support_y) for ep in chunk])
             with torch.no_grad():
-                logits = predictor(ep.query_x)
-            seconds = time.perf_counter() - start
-            out.append(score(logits, ep) | {"adapt_seconds": seconds})
+                logits = [predict(ep.query_x) for predict, ep in zip(predictors, chunk)]
+            seconds = (time.perf_counter() - start) / len(chunk)
+            out.extend(score(lg, ep) | {"adapt_seconds": seconds} for lg, ep in zip(logits, chunk))
         return out
+
+
+EVAL_CHUNK = 32
+"""Episodes adapted together by `MetaLearner.evaluate` (one `adapt_many` call)."""
 
 
 def score(logits: torch.Tensor, ep: Episode) -> dict[str, float]:

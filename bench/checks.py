@@ -489,6 +489,24 @@ def check_adapt_repeatable(s: Subject) -> str | None:
 
 
 @check
+def check_adapt_many(s: Subject) -> str | None:
+    """adapt_many (what evaluate calls) gives the predictions of adapt, task by task and in order."""
+    m = s.ready()
+    m.fit(s.train_stream(), 1)
+    eps = [s.episode(index=i) for i in range(3)]
+    predictors = m.adapt_many([(ep.support_x, ep.support_y) for ep in eps])
+    require(len(predictors) == len(eps), f"adapt_many must return one predictor per support set: got "
+                                         f"{len(predictors)} for {len(eps)}")
+    for i, (predictor, ep) in enumerate(zip(predictors, eps)):
+        with torch.no_grad():
+            many = predictor(ep.query_x).detach()
+        one = predict(m, ep)
+        require(close(many, one), f"support set {i}: adapt_many's predictions differ from adapt's (max abs "
+                                  f"difference {(many.double() - one.double()).abs().max().item():.3g})")
+    return None
+
+
+@check
 def check_query_independence(s: Subject) -> str | None:
     """Unless tagged transductive: a query's prediction does not depend on the other queries."""
     tags = s.tags

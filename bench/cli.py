@@ -1,4 +1,4 @@
-"""The `metabench` command line: ls, run, leaderboard, demo, data, check."""
+"""The `metabench` command line: ls, run, leaderboard, demo, data, check, submit, perf."""
 
 from __future__ import annotations
 
@@ -148,14 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_demo)
 
-    for module in ("bench.data", "bench.checks", "bench.submit"):
+    for module in ("bench.data", "bench.checks", "bench.submit", "bench.perf"):
         if importlib.util.find_spec(module) is not None:  # command groups of optional modules
             importlib.import_module(module).add_cli(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `metabench` console command."""
+    """Entry point of the `metabench` console command (re-run under tcmalloc where installed)."""
+    if argv is None:
+        from bench.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc(sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

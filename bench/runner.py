@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import platform
 import shutil
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import benchmarks
-from bench.api import MetaLearner
+from bench.api import EVAL_CHUNK, MetaLearner
 from bench.errors import MetabenchError
 from bench.paths import atomic_path, atomic_write_text
 from bench.results import run_paths, write_run
@@ -193,21 +194,23 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
     ph = params_hash(learner.params())
     rev, dev = code_rev(), device_name()
     rows = []
-    test_bar = tqdm(range(n_test), desc=f"test {cfg.method} {cfg.benchmark}", unit="ep", disable=not progress)
-    for i in test_bar:
-        ep = es.episode("test", i)
-        r = learner.evaluate([ep])[0]
-        rows.append({"benchmark": bench.name, "benchmark_version": bench.version, "split": "test",
-                     "episode": i, "episode_hash": ep.spec_hash, "method": cfg.method, "params_hash": ph,
-                     "seed": cfg.seed, "code_rev": rev, "device": dev, **r,
-                     "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
+    test_bar = tqdm(total=n_test, desc=f"test {cfg.method} {cfg.benchmark}", unit="ep", disable=not progress)
+    for first in range(0, n_test, EVAL_CHUNK):
+        eps = [es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n_test))]
+        for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):
+            rows.append({"benchmark": bench.name, "benchmark_version": bench.version, "split": "test",
+                         "episode": i, "episode_hash": ep.spec_hash, "method": cfg.method, "params_hash": ph,
+                         "seed": cfg.seed, "code_rev": rev, "device": dev, **r,
+                         "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
+        test_bar.update(len(eps))
+    test_bar.close()
     tags = learner.tags
     card = {
         "method": cfg.method, "benchmark": bench.name, "benchmark_version": bench.version, "seed": cfg.seed,
         "params": learner.params(), "params_hash": ph, "tags": dataclasses.asdict(tags),
         "backbone": learner.backbone,
         "inner_steps_train": learner.params().get("inner_steps"),
-        "inner_steps_test": learner.params().get("inner_steps_test"),
+        "inner_steps_test": learner.params().get("inner_steps_test", learner.params().get("inner_steps")),
         "code_rev": rev, "device": dev, "torch_version": torch.__version__,
         "fit_steps": curve[-1]["step"], "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds,
         "selected_step": int(chosen["step"]), "val_episodes": n_val, "test_episodes": n_test,

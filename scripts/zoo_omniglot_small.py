@@ -33,6 +33,15 @@ PLAN = {
     "cavia": dict(meta_batch=4, hidden=32, outer_lr=0.003),
     "reptile": dict(hidden=32, inner_lr=0.001, inner_steps_test=20),
     "finetune": dict(hidden=32),
+    "mamlpp": dict(meta_batch=4, hidden=32, epoch_steps=2),  # the paper's 100-epoch schedule over 200 steps
+    # iMAML: 5 inner steps at MAML's lr 0.4 instead of the paper's 16 at 0.1 (cost ~ inner steps), 10 test steps
+    "imaml": dict(meta_batch=4, hidden=32, inner_steps=5, inner_lr=0.4, inner_steps_test=10),
+    "mixture": _SMALL,
+    "protonet": dict(hidden=32, episodes_per_task=3),  # 15-way training tasks (paper: 60-way, 4x the episodes)
+    "protomaml": _SMALL,
+    "baseline++": dict(hidden=32),
+    # scale-shift: 100 pre-training + 100 meta steps; inner lr 0.5 (the paper's 0.01 barely moves a 32-d head)
+    "scale-shift": dict(hidden=32, pretrain_steps=100, inner_lr=0.5, head_lr=0.01),
     "chance": {},
 }
 

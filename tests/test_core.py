@@ -1,4 +1,4 @@
-"""The functional core: Conv-4, explicit batch norm, torch.func inner loop, second-order terms."""
+"""The functional core: Conv-4, fused batch norm, torch.func inner loop, second-order terms."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import new_generator
-from baselines.core import batch_norm, conv4_forward, conv4_init, episode_loss, inner_loop
+import baselines.core as core
+from baselines.core import batch_norm, batch_norm_explicit, conv4_forward, conv4_init, episode_loss, inner_loop
 
 
 def tiny_task(dtype=torch.float64):
@@ -41,6 +42,23 @@ def test_batch_norm_uses_batch_statistics():
     out = batch_norm(x, torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
     ref = F.batch_norm(x, None, None, training=True, eps=1e-5)
     assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_fused_and_explicit_batch_norm_agree_in_float64():
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 5 + 2
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(batch_norm(x, w, b), batch_norm_explicit(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_batch_norm_second_order_meta_gradient_equals_the_explicit_formula(monkeypatch):
+    """The fast path's fused batch norm through torch.func.grad (second order) gives the meta-gradient
+    of the explicit mean/variance formula under plain autograd, to float64 precision."""
+    params, x, y, qx, qy = tiny_task()
+    got = func_meta_grad(params, x, y, qx, qy, steps=2, lr=0.3, first_order=False)
+    monkeypatch.setattr(core, "batch_norm", batch_norm_explicit)
+    ref = reference_meta_grad(params, x, y, qx, qy, steps=2, lr=0.3)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
 def test_conv4_shapes():

@@ -5,7 +5,9 @@ Budgets are sized for CI (under a minute of CPU per method, measured 15-45 s on 
 outer steps, a narrower Conv-4 (16 or 32 filters), smaller meta-batches and fewer test-time
 steps than the papers; the overrides are listed per method. Skipped when the shared data folder
 or its Omniglot archives are absent. Accuracies measured with these plans (one thread): maml
-0.60, fomaml 0.55, anil 0.49, boil 0.63, metasgd 0.50, cavia 0.52, finetune 0.51, reptile 0.60.
+0.60, fomaml 0.55, anil 0.49, boil 0.63, metasgd 0.50, cavia 0.52, finetune 0.51, reptile 0.60,
+mamlpp 0.63, imaml 0.61, mixture 0.56 (K = 2; K = 1 0.61, K = 4 0.58), protonet 0.65,
+protomaml 0.54, baseline++ 0.56, scale-shift 0.54.
 """
 
 from __future__ import annotations
@@ -34,6 +36,22 @@ PLANS = {
     # the paper appendix's lr 0.001, 20 test steps, the meta step annealed over the short run, and 40
     # test episodes (its non-transductive prediction costs one support-sized batch per query)
     "reptile": (100, 40, dict(hidden=32, inner_lr=0.001, inner_steps_test=20, total_steps=100)),
+    # MAML++: the paper's whole schedule compressed into the run (100 epochs of 1 outer step: multi-step
+    # loss for the first 10 steps, outer lr cosine-annealed over the 100), paper outer lr
+    "mamlpp": (100, 100, dict(meta_batch=4, hidden=16, epoch_steps=1)),
+    # iMAML: the paper's lam 2, 5 CG steps and plain GD at test (lam_test 0); its 16 inner steps at lr 0.1
+    # cost ~16 forward/backward passes per task, so 3 steps at lr 0.2 and meta-batch 2 here, 10 test steps
+    "imaml": (100, 100, dict(meta_batch=2, hidden=16, inner_steps=3, inner_lr=0.2, inner_steps_test=10)),
+    "mixture": (100, 100, _MAML_CI),  # K = 2 MAML initialisations (registry default)
+    # ProtoNet: 15-way training tasks (3 merged episodes) instead of the paper's 60 (12), which cost 4x
+    "protonet": (100, 100, dict(hidden=16, episodes_per_task=3)),
+    "protomaml": (100, 100, _MAML_CI),
+    # baseline++: 24 filters (16 reach only ~0.41: pre-training over ~1000 classes with the cosine scale 10 is slower)
+    "baseline++": (100, 100, dict(hidden=24)),
+    # scale-shift: 70 pre-training + 30 meta steps; inner lr 0.5: the paper's 0.01 is sized for 640-d ResNet
+    # features and 10000 meta steps that shrink the head init; on 32-d features 50 steps at 0.01 barely move
+    # the head (test accuracy ~0.22), 10x head lr like the checks
+    "scale-shift": (100, 100, dict(hidden=32, pretrain_steps=70, inner_lr=0.5, head_lr=0.01)),
 }
 
 

@@ -1,0 +1,256 @@
+"""MAML++ (Antoniou, Edwards, Storkey 2019, "How to train your MAML", ICLR 2019; reference code:
+AntreasAntoniou/HowToTrainYourMAMLPytorch, few_shot_learning_system.py,
+meta_neural_network_architectures.py, inner_loop_optimizers.py).
+
+MAML on Conv-4 with the paper's fixes, each as in the reference code:
+
+- Multi-step loss (MSL): the outer loss of a task is sum_k v_k * L_query(theta_k), the query loss
+  after every inner step k, for the first `msl_epochs` epochs; afterwards only the last step's
+  query loss. The weights v follow `get_per_step_loss_importance_vector` (`msl_weights` here):
+  uniform 1/N at epoch 0; every epoch the non-final weights drop by 1/(N * msl_epochs) (floored at
+  0.03/N) and the final weight gains what they lose, so they always sum to 1.
+- Per-layer per-step learned inner learning rates (LSLR): one scalar per adapted parameter tensor
+  and inner step, initialised to `inner_lr`, meta-learned. They live in the meta-parameter dict
+  as "lr.<name>" [inner_steps] (like Meta-SGD's alphas), so they are saved, restored and optimized.
+- Per-step batch-norm weights and biases (BNWB): "bn{i}.weight" / "bn{i}.bias" are [inner_steps,
+  C]; the forward pass of inner step k (support loss of step k, and query loss after step k) uses
+  row k; the prediction after the last step uses row N - 1. As in the reference
+  (enable_inner_loop_optimizable_bn_params = false) the batch-norm parameters are meta-learned
+  only; the inner loop adapts the conv and head parameters.
+- Per-step batch-norm running statistics (BNRS): the reference keeps running mean/variance per
+  step ([inner_steps, C], momentum 0.1) and updates them on every training forward pass, but its
+  batch norm always calls F.batch_norm(..., training=True): it normalises with the statistics of
+  the batch being predicted at training and at test, and the running statistics never enter a
+  prediction (evaluation backs them up and restores them). Here likewise: the statistics are
+  tracked in `bn_stats` (updated by fit's forward passes, saved in state_dict, never changed by
+  adapt), and normalisation is transductive (Tags bn_mode "transductive").
+- Derivative-order annealing (DA): first-order meta-gradients (inner gradients detached) for the
+  first `first_order_epochs` epochs, second order after (the reference's
+  first_order_to_second_order_epoch E corresponds to first_order_epochs = E + 1).
+- Cosine annealing of the outer learning rate (CA): Adam whose learning rate at epoch e is
+  min_outer_lr + (outer_lr - min_outer_lr) * (1 + cos(pi * e / total_epochs)) / 2 (the closed form
+  of CosineAnnealingLR(T_max=total_epochs, eta_min=min_outer_lr) stepped with the epoch, as the
+  reference does); it stays at min_outer_lr past total_epochs. A function of the outer-step count,
+  so it survives state_dict/load_state_dict exactly.
+
+All schedules are in epochs of `epoch_steps` outer steps (the reference: 500 iterations per epoch;
+epoch = outer steps done // epoch_steps, as its int(current_iter / total_iter_per_epoch)). A short
+run can compress the whole protocol by setting `epoch_steps` = run steps / total_epochs.
+
+Evaluation uses exactly `inner_steps` steps, the number it was trained with: the per-step learning
+rates and batch-norm parameters exist only for those steps, so there is no separate test-time
+step count. Adaptation at test is first order (the reference evaluates with use_second_order=False;
+it makes no difference to the adapted weights).
+
+Defaults per family (baselines/registry.py), from the released configs of the reference repo
+(experiment_config/omniglot_maml++-omniglot_1_8_0.1_64_{5,20}_0.json,
+mini-imagenet_maml++-mini-imagenet_1_2_0.01_48_5_0.json): 5 inner steps, LSLR init 0.1 (Omniglot) /
+0.01 (miniImageNet), meta-batch 8 / 2, Adam 1e-3 cosine-annealed to 1e-5 / 1e-3, 100 epochs x 500
+steps, MSL for 10 / 15 epochs, Conv-4 64 / 48, meta-gradient clamp 10 on miniImageNet only, and
+second order from the start (first_order_to_second_order_epoch = -1 in every released config; the
+paper's text describes first order for the first 50 epochs and the README template uses epoch 80
+of 150; we follow the released per-benchmark configs).
+
+Differences from the reference, stated: the shared Conv-4 (conv 3x3 -> batch norm -> ReLU -> 2x2
+max-pool, four times; the reference uses leaky ReLU and Xavier-initialised convs, otherwise the same
+4-stage max-pool network) with the shared initialisation (core.conv4_init); the LSLR vectors have
+inner_steps entries (the reference allocates one unused extra); the query set size is the
+benchmark's. Gradient clamping to [-10, 10] of the meta-gradient (the reference does it for
+ImageNet datasets only) is the `grad_clip` field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from bench.api import Episode, Tags, TaskInfo
+from baselines.core import BN_EPS, GradientLearner, Params, conv4_init
+
+LR_PREFIX = "lr."
+N_BLOCKS = 4
+
+
+def msl_weights(steps: int, msl_epochs: int, epoch: int) -> list[float]:
+    """Per-step query-loss weights [steps] of the multi-step loss at `epoch` (they sum to 1).
+
+    While epoch < msl_epochs: the reference's annealing from uniform towards the last step;
+    from msl_epochs on: the last step only ([0, ..., 0, 1]).
+    """
+    if epoch >= msl_epochs:
+        return [0.0] * (steps - 1) + [1.0]
+    decay = 1.0 / steps / msl_epochs
+    floor = 0.03 / steps
+    w = [max(1.0 / steps - epoch * decay, floor) for _ in range(steps - 1)]
+    w.append(min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return w
+
+
+def cosine_lr(base: float, minimum: float, epoch: int, total_epochs: int) -> float:
+    """Cosine-annealed learning rate at `epoch` (held at `minimum` past total_epochs)."""
+    e = min(epoch, total_epochs)
+    return minimum + (base - minimum) * (1 + math.cos(math.pi * e / total_epochs)) / 2
+
+
+@dataclass
+class MAMLpp(GradientLearner):
+    """MAML++ on Conv-4: MSL, LSLR, per-step BN weights and statistics, DA, cosine outer lr.
+
+    inner_lr: initial value of every per-layer per-step inner learning rate;
+    inner_steps: inner steps at training and at test (the per-step parameters exist only for these);
+    epoch_steps: outer steps per epoch (the unit of every schedule below);
+    total_epochs: length of the cosine schedule, outer_lr -> min_outer_lr;
+    msl_epochs: epochs with the multi-step loss (then the last step's loss only);
+    first_order_epochs: epochs of first-order meta-gradients before second order;
+    bn_momentum: momentum of the tracked per-step running statistics;
+    grad_clip: element-wise clamp of the meta-gradient (0 disables).
+    Tags.order is "second" (the order of the meta-gradient once annealing is over) unless
+    first_order_epochs >= total_epochs.
+    """
+
+    meta_batch: int = 8
+    outer_lr: float = 1e-3
+    min_outer_lr: float = 1e-5
+    hidden: int = 64
+    inner_lr: float = 0.1
+    inner_steps: int = 5
+    epoch_steps: int = 500
+    total_epochs: int = 100
+    msl_epochs: int = 10
+    first_order_epochs: int = 0
+    bn_momentum: float = 0.1
+    grad_clip: float = 0.0
+
+    @property
+    def tags(self) -> Tags:
+        order = "first" if self.first_order_epochs >= self.total_epochs else "second"
+        return Tags(bn_mode="transductive", order=order, transductive=True, variable_way=True, deterministic=True)
+
+    # --- construction and state ---------------------------------------------------------
+    def setup(self, info: TaskInfo) -> "MAMLpp":
+        for name in ("inner_steps", "epoch_steps", "total_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MAMLpp: {name} must be >= 1, got {getattr(self, name)}")
+        super().setup(info)
+        self.bn_stats = {}
+        for i in range(N_BLOCKS):
+            self.bn_stats[f"bn{i}.running_mean"] = torch.zeros(self.inner_steps, self.hidden)
+            self.bn_stats[f"bn{i}.running_var"] = torch.ones(self.inner_steps, self.hidden)
+        return self
+
+    def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
+        """Conv-4 with per-step BN rows [inner_steps, C] and a learning-rate vector per adapted tensor."""
+        c, h, _ = info.image_shape
+        net = conv4_init(gen, c, self.hidden, info.max_way, h)
+        s = self.inner_steps
+        for i in range(N_BLOCKS):
+            net[f"bn{i}.weight"] = net[f"bn{i}.weight"].expand(s, -1).clone()
+            net[f"bn{i}.bias"] = net[f"bn{i}.bias"].expand(s, -1).clone()
+        lrs = {LR_PREFIX + k: torch.full((s,), float(self.inner_lr)) for k in net if not k.startswith("bn")}
+        return net | lrs
+
+    def adapted_keys(self) -> list[str]:
+        """The parameters the inner loop updates: convs and head (not batch norm, not the lrs)."""
+        return [k for k in self.meta if not (k.startswith("bn") or k.startswith(LR_PREFIX))]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["bn_stats"] = {k: v.clone() for k, v in self.bn_stats.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> "MAMLpp":
+        super().load_state_dict(state)
+        for k, v in state["bn_stats"].items():
+            self.bn_stats[k].copy_(v)
+        return self
+
+    # --- schedules (functions of the outer steps done) ---------------------------------
+    @property
+    def epoch(self) -> int:
+        """The current epoch: outer steps done // epoch_steps."""
+        return self.fit_steps // self.epoch_steps
+
+    def loss_weights(self) -> list[float]:
+        """Multi-step loss weights [inner_steps] of the current epoch."""
+        return msl_weights(self.inner_steps, self.msl_epochs, self.epoch)
+
+    def second_order(self) -> bool:
+        """Whether the current epoch uses second-order meta-gradients (derivative-order annealing)."""
+        return self.epoch >= self.first_order_epochs
+
+    def current_outer_lr(self) -> float:
+        """The cosine-annealed outer learning rate of the current epoch."""
+        return cosine_lr(self.outer_lr, self.min_outer_lr, self.epoch, self.total_epochs)
+
+    # --- the network --------------------------------------------------------------------
+    def forward_step(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, step: int, way: int | None = None,
+                     track: bool = False) -> torch.Tensor:
+        """Logits [N, way] of Conv-4 `p` on x [N, C, H, W] with the batch-norm row of inner step `step`.
+
+        Batch norm uses the batch statistics of x; with track=True they also update the running
+        statistics of `step` (no effect on the output).
+        """
+        for i in range(N_BLOCKS):
+            x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+            if track:
+                self.track_stats(i, step, mean, var, x.numel() // x.shape[1])
+            w, b = p[f"bn{i}.weight"][step], p[f"bn{i}.bias"][step]
+            x = (x - mean) * torch.rsqrt(var + BN_EPS) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+            x = F.max_pool2d(F.relu(x), 2)
+        w, b = p["head.weight"], p["head.bias"]
+        if way is not None:
+            w, b = w[:way], b[:way]
+        return F.linear(x.flatten(1), w, b)
+
+    def track_stats(self, block: int, step: int, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Running-statistics update of F.batch_norm (unbiased variance) for one block and step."""
+        m = self.bn_momentum
+        with torch.no_grad():
+            rm, rv = self.bn_stats[f"bn{block}.running_mean"], self.bn_stats[f"bn{block}.running_var"]
+            rm[step].mul_(1 - m).add_(m * mean.detach().flatten().to(rm.dtype))
+            rv[step].mul_(1 - m).add_(m * var.detach().flatten().to(rv.dtype) * n / max(1, n - 1))
+
+    def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
+        """Prediction after the inner loop: the batch-norm row of the last inner step."""
+        return self.forward_step(p, x, self.inner_steps - 1, way)
+
+    # --- the inner loop -----------------------------------------------------------------
+    def inner_update(self, p: Params, x: torch.Tensor, y: torch.Tensor, step: int, first_order: bool,
+                     track: bool = False) -> Params:
+        """One LSLR gradient step (inner step `step`) on the support set x [n, C, H, W], y [n]."""
+        keys = self.adapted_keys()
+        loss = F.cross_entropy(self.forward_step(p, x, step, int(y.max()) + 1, track), y)
+        grads = torch.autograd.grad(loss, [p[k] for k in keys], create_graph=not first_order)
+        fast = dict(p)
+        for k, g in zip(keys, grads):
+            fast[k] = p[k] - p[LR_PREFIX + k][step] * (g.detach() if first_order else g)
+        return fast
+
+    def task_loss(self, ep: Episode) -> torch.Tensor:
+        """Multi-step outer loss of one task: sum_k v_k * query loss after inner step k."""
+        first_order = not self.second_order()
+        fast: Params = dict(self.meta)
+        loss = self.meta["head.bias"].new_zeros(())
+        for step, weight in enumerate(self.loss_weights()):
+            fast = self.inner_update(fast, ep.support_x, ep.support_y, step, first_order, track=True)
+            if weight > 0:
+                logits = self.forward_step(fast, ep.query_x, step, ep.way, track=True)
+                loss = loss + weight * F.cross_entropy(logits, ep.query_y)
+        return loss
+
+    def meta_grad_clamp(self) -> float:
+        return self.grad_clip
+
+    def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        """Exactly `inner_steps` first-order LSLR steps from (detached) meta-parameters."""
+        keys = set(self.adapted_keys())
+        fast = {k: v.detach().requires_grad_(k in keys) for k, v in self.meta.items()}
+        for step in range(self.inner_steps):
+            fast = self.inner_update(fast, support_x, support_y, step, first_order=True)
+        return fast

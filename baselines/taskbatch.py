@@ -1,0 +1,81 @@
+"""Task-batched Conv-4: a meta-batch of tasks run as one wide network (the fast path).
+
+T tasks with their own parameters are evaluated in one pass: parameter dicts carry a leading
+task dimension ([T, *shape]), images are laid out as [N, T*C, H, W], each convolution is one
+grouped convolution (groups=T), batch norm takes per-task statistics (they are per channel, and
+every task owns its channels), and the head is one batched matmul. The result equals running
+`core.conv4_forward` per task (up to floating-point summation order); tests/test_taskbatch.py
+checks values and second-order meta-gradients in float64 against the per-task reference.
+
+Requires every task of a batch to have the same number of support and query examples (fixed
+way/shot benchmarks); methods fall back to the per-task loop otherwise (variable-way episodes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from bench.api import Episode
+from baselines.core import LossFn, Params, batch_norm
+
+
+def stack_params(p: Mapping[str, torch.Tensor], n_tasks: int) -> Params:
+    """Each parameter expanded (not copied) to [n_tasks, *shape]; gradients flow back summed."""
+    return {k: v.unsqueeze(0).expand(n_tasks, *v.shape) for k, v in p.items()}
+
+
+def task_layout(x: torch.Tensor) -> torch.Tensor:
+    """Images [T, N, C, H, W] -> [N, T*C, H, W] (task t owns channels t*C .. t*C+C-1)."""
+    t, n, c, h, w = x.shape
+    return x.transpose(0, 1).reshape(n, t * c, h, w)
+
+
+def conv4_features_tasks(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Conv-4 body of T tasks at once: p[k] [T, *shape], x [T, N, C, H, W] -> features [T, N, feat]."""
+    n_tasks = x.shape[0]
+    h = task_layout(x)
+    for i in range(4):
+        w = p[f"conv{i}.weight"]
+        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), p[f"conv{i}.bias"].reshape(-1), padding=1, groups=n_tasks)
+        h = batch_norm(h, p[f"bn{i}.weight"].reshape(-1), p[f"bn{i}.bias"].reshape(-1))
+        h = F.max_pool2d(F.relu(h), 2)
+    n = h.shape[0]
+    return h.reshape(n, n_tasks, -1).transpose(0, 1)
+
+
+def conv4_forward_tasks(p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
+    """Conv-4 logits of T tasks: x [T, N, C, H, W] -> [T, N, way] (first `way` head rows; all when None)."""
+    w, b = p["head.weight"], p["head.bias"]
+    if way is not None:
+        w, b = w[:, :way], b[:, :way]
+    return torch.baddbmm(b.unsqueeze(1), conv4_features_tasks(p, x), w.transpose(1, 2))
+
+
+def tasks_loss(forward: Callable[..., torch.Tensor]) -> LossFn:
+    """Sum over tasks of each task's mean cross-entropy, so d/d(task t's params) is task t's gradient.
+
+    The returned loss takes (p [T, ...], x [T, N, C, H, W], y [T, N]).
+    """
+
+    def loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = forward(p, x, int(y.max()) + 1)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
+
+    return loss
+
+
+
+def same_shapes(batch: Sequence[Episode]) -> bool:
+    """True when every episode has the same way and support/query shapes (batchable)."""
+    first = batch[0]
+    return all(ep.way == first.way and ep.support_x.shape == first.support_x.shape
+               and ep.query_x.shape == first.query_x.shape for ep in batch)
+
+
+def stack_episodes(batch: Sequence[Episode]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support x [T, n_s, C, H, W], y [T, n_s], query x [T, n_q, C, H, W], y [T, n_q]."""
+    return (torch.stack([ep.support_x for ep in batch]), torch.stack([ep.support_y for ep in batch]),
+            torch.stack([ep.query_x for ep in batch]), torch.stack([ep.query_y for ep in batch]))

@@ -1,0 +1,435 @@
+"""The performance benchmark (`python -m bench.perf`, `metabench perf`): meta-training speed,
+peak memory, evaluation throughput and achieved FLOP rate, side by side with learn2learn.
+
+For each workload (a method's paper settings on a benchmark shape, `WORKLOADS`), implementation
+("metabench", and "l2l" when learn2learn is installed) and method ("maml", "fomaml", or any
+registered gradient method for metabench), one fresh worker process measures:
+
+- sec_per_iter: median seconds of one meta-iteration (one outer update on a meta-batch) over
+  `repeats` runs after `warmup` iterations;
+- peak_mb: growth of the process's peak resident memory (VmHWM, reset through
+  /proc/self/clear_refs) during the first meta-iteration, over the resident memory just before it;
+  on a GPU, torch.cuda.max_memory_allocated of that iteration;
+- eval_eps_per_s: test episodes per second (adapt with the test-time steps, predict the query);
+- gflops, flop_fraction: the workload's FLOPs (convolutions and matmuls of one meta-iteration,
+  counted once with torch's FlopCounterMode on a plain-autograd reference of the same math, so
+  every implementation is credited the same work) per second, and that rate over the machine's
+  large-matmul rate (a 2048x2048 float32 matmul timed in the same worker).
+
+Each worker runs under the requested allocator ("glibc", or "tcmalloc" preloaded with
+LD_PRELOAD) and thread count. Inputs are seeded random images of the workload's shapes (speed
+does not depend on pixel values). The report is a table on stdout and a CSV (written atomically);
+ratios against learn2learn are printed per workload, method and allocator.
+
+    python -m bench.perf --csv perf.csv
+    python -m bench.perf --workloads omniglot-5w1s --methods maml --allocators glibc tcmalloc
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.allocator import tcmalloc_path
+from bench.api import Episode, TaskInfo
+from bench.errors import MetabenchError, unknown
+from bench.paths import atomic_write_text
+
+IMPLS = ("metabench", "metabench-batched", "l2l")
+ALLOCATORS = ("glibc", "tcmalloc")
+COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "device", "sec_per_iter", "sec_min",
+           "sec_max", "peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
+           "torch"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark shape at a method's paper settings (Finn et al. 2017 for MAML).
+
+    Episodes: `way` classes, `shot` support and `query` query examples per class, images
+    [channels, size, size]; Conv-4 with `hidden` filters; `meta_batch` tasks per outer update;
+    `inner_steps` at training with `inner_lr`; `test_steps` when evaluating.
+    """
+
+    family: str
+    way: int
+    shot: int
+    query: int
+    channels: int
+    size: int
+    hidden: int
+    meta_batch: int
+    inner_steps: int
+    inner_lr: float
+    test_steps: int
+
+
+WORKLOADS: dict[str, Workload] = {
+    "omniglot-5w1s": Workload("omniglot", 5, 1, 15, channels=1, size=28, hidden=64, meta_batch=32, inner_steps=1,
+                              inner_lr=0.4, test_steps=10),
+    "omniglot-20w1s": Workload("omniglot", 20, 1, 15, channels=1, size=28, hidden=64, meta_batch=16, inner_steps=5,
+                               inner_lr=0.1, test_steps=10),
+    "miniimagenet-5w1s": Workload("miniimagenet", 5, 1, 15, channels=3, size=84, hidden=32, meta_batch=4,
+                                  inner_steps=5, inner_lr=0.01, test_steps=10),
+}
+
+
+# --- measurement primitives ---------------------------------------------------------------
+def synthetic_episodes(w: Workload, n: int, seed: int = 0) -> list[Episode]:
+    """`n` episodes of the workload's shapes with seeded random pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    c, size = w.channels, w.size
+    sy = torch.arange(w.way).repeat_interleave(w.shot)
+    qy = torch.arange(w.way).repeat_interleave(w.query)
+    episodes = []
+    for i in range(n):
+        sx, qx = torch.rand(len(sy), c, size, size, generator=gen), torch.rand(len(qy), c, size, size, generator=gen)
+        episodes.append(Episode(sx, sy, qx, qy, tuple(range(w.way)), "train", i, f"perf-{i}"))
+    return episodes
+
+
+def workload_flops(w: Workload, first_order: bool) -> float:
+    """FLOPs of one meta-iteration (convolutions and matmuls), counted on a plain-autograd reference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from baselines.core import conv4_forward, conv4_init
+
+    gen = torch.Generator().manual_seed(0)
+    p = {k: v.requires_grad_(True) for k, v in conv4_init(gen, w.channels, w.hidden, w.way, w.size).items()}
+    ep = synthetic_episodes(w, 1)[0]
+    with FlopCounterMode(display=False) as counter:
+        fast = dict(p)
+        for _ in range(w.inner_steps):
+            loss = F.cross_entropy(conv4_forward(fast, ep.support_x), ep.support_y)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {k: v - w.inner_lr * g for (k, v), g in zip(fast.items(), grads)}
+        F.cross_entropy(conv4_forward(fast, ep.query_x), ep.query_y).backward()
+    return float(counter.get_total_flops()) * w.meta_batch
+
+
+def matmul_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's large-matmul rate: GFLOP/s of an n x n float32 matmul (median of `repeats`)."""
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    times = []
+    for _ in range(repeats + 2):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[2:]) / 1e9
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB; NaN where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident size (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    """Seconds of one call of `fn`, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+# --- the implementations under test ------------------------------------------------------
+Step = Callable[[], None]
+Evaluate = Callable[[list[Episode]], None]
+
+
+def metabench_impl(w: Workload, method: str, device: str, batched: bool = False) -> tuple[Step, Evaluate]:
+    """metabench's method at the workload's settings: one `fit` step per call; `evaluate`.
+    batched: train the whole meta-batch as one task-batched network (task_batch = meta_batch)."""
+    from baselines import registry
+
+    if device != "cpu":
+        raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
+    m = registry.make(method, w.family, w.way, seed=0, hidden=w.hidden, meta_batch=w.meta_batch,
+                      inner_steps=w.inner_steps, inner_lr=w.inner_lr, inner_steps_test=w.test_steps,
+                      **({"task_batch": w.meta_batch} if batched else {}))
+    m.setup(TaskInfo((w.channels, w.size, w.size), w.way, w.way))
+    batch = synthetic_episodes(w, w.meta_batch)
+
+    def step() -> None:
+        m.fit(iter(batch), 1)
+
+    return step, m.evaluate
+
+
+def import_learn2learn_maml() -> type:
+    """learn2learn's MAML class without running learn2learn/__init__.py (which imports gym,
+    torchvision and its datasets: none is needed by MAML, and torchvision does not import beside
+    this torch). The package and its algorithms package are registered as bare namespaces."""
+    spec = importlib.util.find_spec("learn2learn")
+    if spec is None or not spec.submodule_search_locations:
+        raise MetabenchError("learn2learn is not installed (see README: Performance, for how to install it)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for name, path in (("learn2learn", root), ("learn2learn.algorithms", root / "algorithms")):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [str(path)]
+            sys.modules[name] = module
+    from learn2learn.algorithms.maml import MAML as L2LMAML
+
+    return L2LMAML
+
+
+def conv4_module(w: Workload) -> torch.nn.Module:
+    """The same Conv-4 as baselines.core as a torch.nn module (batch statistics, no running ones)."""
+    layers: list[torch.nn.Module] = []
+    c = w.channels
+    for _ in range(4):
+        layers += [torch.nn.Conv2d(c, w.hidden, 3, padding=1),
+                   torch.nn.BatchNorm2d(w.hidden, track_running_stats=False), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        c = w.hidden
+    size = w.size // 16
+    layers += [torch.nn.Flatten(), torch.nn.Linear(w.hidden * size * size, w.way)]
+    return torch.nn.Sequential(*layers)
+
+
+def load_functional_params(module: torch.nn.Module, p: dict[str, torch.Tensor]) -> None:
+    """Copy a functional Conv-4 parameter dict (baselines.core) into `conv4_module`'s parameters."""
+    keys = [f"{kind}{i}.{w}" for i in range(4) for kind in ("conv", "bn") for w in ("weight", "bias")]
+    with torch.no_grad():
+        for param, key in zip(module.parameters(), keys + ["head.weight", "head.bias"], strict=True):
+            param.copy_(p[key])
+
+
+def l2l_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
+    """learn2learn's MAML wrapper on the same Conv-4, used as its examples do: per task clone(),
+    adapt() `inner_steps` times, backward of the query loss / meta_batch; Adam 1e-3."""
+    if method not in ("maml", "fomaml"):
+        raise MetabenchError(f"the learn2learn comparison covers maml and fomaml, not {method!r}")
+    torch.manual_seed(0)
+    model = conv4_module(w).to(device)
+    maml = import_learn2learn_maml()(model, lr=w.inner_lr, first_order=method == "fomaml")
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    batch = [dataclasses.replace(ep, support_x=ep.support_x.to(device), support_y=ep.support_y.to(device),
+                                 query_x=ep.query_x.to(device), query_y=ep.query_y.to(device))
+             for ep in synthetic_episodes(w, w.meta_batch)]
+
+    def adapted(ep: Episode, n: int) -> torch.nn.Module:
+        learner = maml.clone()
+        for _ in range(n):
+            learner.adapt(F.cross_entropy(learner(ep.support_x), ep.support_y))
+        return learner
+
+    def step() -> None:
+        opt.zero_grad()
+        for ep in batch:
+            (F.cross_entropy(adapted(ep, w.inner_steps)(ep.query_x), ep.query_y) / len(batch)).backward()
+        opt.step()
+
+    def evaluate(episodes: list[Episode]) -> None:
+        for ep in episodes:
+            learner = adapted(ep, w.test_steps)
+            with torch.no_grad():
+                learner(ep.query_x).argmax(1)
+
+    return step, evaluate
+
+
+# --- one worker ----------------------------------------------------------------------------
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one (workload, impl, method) job in this process and return its row."""
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    w, device = WORKLOADS[job["workload"]], job["device"]
+    if job.get("inner_steps"):
+        w = dataclasses.replace(w, inner_steps=int(job["inner_steps"]))
+    if job["impl"] == "l2l":
+        step, evaluate = l2l_impl(w, job["method"], device)
+    else:
+        step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before = proc_status_mb("VmRSS")
+    reset_peak_rss()
+    first = timed(step, device)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else proc_status_mb("VmHWM") - before)
+    for _ in range(job["warmup"]):
+        timed(step, device)
+    times = [timed(step, device) for _ in range(job["repeats"])]
+    episodes = synthetic_episodes(w, job["eval_episodes"], seed=1)
+    eval_seconds = timed(lambda: evaluate(episodes), device)
+    flops = workload_flops(w, first_order=job["method"] == "fomaml")
+    matmul = matmul_gflops(device)
+    median = statistics.median(times)
+    return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
+            "allocator": job["allocator"], "threads": torch.get_num_threads(), "device": device,
+            "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first, "peak_mb": peak,
+            "eval_eps_per_s": len(episodes) / eval_seconds, "gflop_per_iter": flops / 1e9,
+            "gflops": flops / median / 1e9, "matmul_gflops": matmul, "flop_fraction": flops / median / 1e9 / matmul,
+            "torch": torch.__version__}
+
+
+def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run `job` in a fresh interpreter under its allocator; returns its row (or raises)."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if job["allocator"] == "tcmalloc":
+        lib = tcmalloc_path()
+        if lib is None:
+            raise MetabenchError("tcmalloc is not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = lib
+    if job.get("threads"):
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--worker", json.dumps(job)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise MetabenchError(f"perf worker {job['impl']}/{job['method']}/{job['workload']} failed: {' | '.join(tail)}")
+    return json.loads(lines[-1])
+
+
+# --- the report ----------------------------------------------------------------------------
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the rows, then the learn2learn ratios."""
+    head = ("| workload | inner steps | impl | method | alloc | s/iter (median) | peak MB | eval ep/s | GFLOP/s | "
+            "of matmul |\n|---|---|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['workload']} | {r['inner_steps']} | {r['impl']} | {r['method']} | {r['allocator']} | "
+            f"{r['sec_per_iter']:.3f} | {r['peak_mb']:.0f} | {r['eval_eps_per_s']:.1f} | {r['gflops']:.1f} | "
+            f"{100 * r['flop_fraction']:.0f}% |"
+            for r in rows]
+    ratios = []
+    by_key = {(r["workload"], r["impl"], r["method"], r["allocator"]): r for r in rows}
+    for (wl, impl, method, alloc), r in by_key.items():
+        ref = by_key.get((wl, "l2l", method, alloc))
+        if impl != "l2l" and ref:
+            ratios.append(f"{wl} {impl} {method} {alloc}: {ref['sec_per_iter'] / r['sec_per_iter']:.2f}x learn2learn's "
+                          f"speed, peak memory {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}x, evaluation "
+                          f"{r['eval_eps_per_s'] / ref['eval_eps_per_s']:.2f}x")
+    return "\n".join([head, *body, "", *ratios])
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The rows as CSV (COLUMNS), written atomically."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The jobs to run (learn2learn rows only for maml/fomaml, and only when it is installed)."""
+    for name, known, what in ((args.workloads, WORKLOADS, "workload"), (args.impls, IMPLS, "implementation"),
+                              (args.allocators, ALLOCATORS, "allocator")):
+        for n in name:
+            if n not in known:
+                raise unknown(what, n, list(known))
+    have_l2l = importlib.util.find_spec("learn2learn") is not None
+    if "l2l" in args.impls and not have_l2l:
+        print("learn2learn is not installed: its rows are skipped (README: Performance)", file=sys.stderr)
+    jobs = []
+    for alloc in args.allocators:
+        for wl in args.workloads:
+            for method in args.methods:
+                for impl in args.impls:
+                    if impl == "l2l" and (not have_l2l or method not in ("maml", "fomaml")):
+                        continue
+                    jobs.append({"workload": wl, "impl": impl, "method": method, "allocator": alloc,
+                                 "threads": args.threads, "device": args.device, "repeats": args.repeats,
+                                 "warmup": args.warmup, "eval_episodes": args.eval_episodes,
+                                 "inner_steps": args.inner_steps})
+    return jobs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by `python -m bench.perf` and `metabench perf`)."""
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help=f"of {', '.join(WORKLOADS)}")
+    p.add_argument("--methods", nargs="+", default=["maml", "fomaml"], help="registered methods (default maml fomaml)")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS),
+                   help="metabench (task by task), metabench-batched (whole meta-batch at once), l2l (learn2learn)")
+    p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []))
+    p.add_argument("--repeats", type=int, default=5, help="timed meta-iterations (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations after the first")
+    p.add_argument("--eval-episodes", type=int, default=64, help="test episodes timed for evaluation throughput")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="override the workloads' inner steps at training (e.g. peak memory at 1, 5, 10 steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--csv", type=Path, default=Path("perf.csv"), help="where the CSV goes (default perf.csv)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    rows = []
+    for job in plan(args):
+        row = run_worker(job, args.timeout)
+        print(f"{row['workload']} {row['impl']} {row['method']} {row['allocator']}: {row['sec_per_iter']:.3f} s/iter",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+        write_csv(rows, args.csv)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}")
+    print(format_table(rows))
+    print(f"CSV: {args.csv}")
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `metabench perf`."""
+    p = subparsers.add_parser("perf", help="speed, memory and FLOP rate of meta-training, beside learn2learn")
+    add_arguments(p)
+    p.set_defaults(func=cmd_perf)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))), flush=True)
+        return 0
+    try:
+        return cmd_perf(args)
+    except MetabenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

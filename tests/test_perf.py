@@ -1,0 +1,120 @@
+"""The performance benchmark's plumbing (never its timings): FLOP counting, one worker's row, the
+report, bad options, and, where learn2learn is installed, that its MAML computes our meta-gradient."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import perf
+from bench.errors import MetabenchError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = perf.Workload("omniglot", 3, 1, 2, channels=1, size=28, hidden=4, meta_batch=2, inner_steps=1, inner_lr=0.4,
+                     test_steps=2)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(perf.WORKLOADS, "tiny", TINY)
+    return TINY
+
+
+def args(**kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    perf.add_arguments(p)
+    ns = p.parse_args([])
+    return argparse.Namespace(**(vars(ns) | kw))
+
+
+def test_workloads_are_the_paper_settings():
+    w = perf.WORKLOADS
+    assert (w["omniglot-5w1s"].hidden, w["omniglot-5w1s"].meta_batch, w["omniglot-5w1s"].inner_steps) == (64, 32, 1)
+    assert (w["omniglot-20w1s"].meta_batch, w["omniglot-20w1s"].inner_steps) == (16, 5)
+    mini = w["miniimagenet-5w1s"]
+    assert (mini.hidden, mini.size, mini.meta_batch, mini.inner_steps, mini.channels) == (32, 84, 4, 5, 3)
+
+
+def test_second_order_counts_more_flops_than_first_order():
+    second, first = perf.workload_flops(TINY, False), perf.workload_flops(TINY, True)
+    assert second > first > 0
+    more_steps = perf.workload_flops(dataclasses.replace(TINY, inner_steps=3), False)
+    assert more_steps > second
+
+
+def test_one_worker_row(tiny):
+    job = {"workload": "tiny", "impl": "metabench", "method": "maml", "allocator": "glibc", "threads": 1,
+           "device": "cpu", "repeats": 2, "warmup": 0, "eval_episodes": 3}
+    row = perf.measure(job)
+    assert set(perf.COLUMNS) <= set(row)
+    for key in ("sec_per_iter", "eval_eps_per_s", "gflops", "matmul_gflops", "flop_fraction"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["sec_min"] <= row["sec_per_iter"] <= row["sec_max"]
+
+
+def test_report_prints_ratios_and_writes_csv(tmp_path):
+    base = {"workload": "w", "inner_steps": 1, "method": "maml", "allocator": "glibc", "threads": 2, "device": "cpu",
+            "sec_min": 1, "sec_max": 1, "gflop_per_iter": 1, "gflops": 1, "matmul_gflops": 2, "flop_fraction": 0.5,
+            "torch": "x"}
+    rows = [base | {"impl": "metabench", "sec_per_iter": 1.0, "peak_mb": 100.0, "eval_eps_per_s": 20.0},
+            base | {"impl": "l2l", "sec_per_iter": 2.0, "peak_mb": 50.0, "eval_eps_per_s": 10.0}]
+    table = perf.format_table(rows)
+    assert "w metabench maml glibc: 2.00x learn2learn's speed, peak memory 2.00x, evaluation 2.00x" in table
+    perf.write_csv(rows, tmp_path / "perf.csv")
+    lines = (tmp_path / "perf.csv").read_text().splitlines()
+    assert lines[0].split(",") == perf.COLUMNS and len(lines) == 3
+
+
+@pytest.mark.parametrize("option,value,word", [("workloads", ["nope"], "workload"), ("impls", ["tf"], "implementation"),
+                                               ("allocators", ["jemalloc"], "allocator")])
+def test_unknown_options_are_named(option, value, word):
+    with pytest.raises(MetabenchError, match=word):
+        perf.plan(args(**{option: value}))
+
+
+def test_plan_skips_learn2learn_for_other_methods():
+    jobs = perf.plan(args(workloads=["omniglot-5w1s"], methods=["anil"], allocators=["glibc"]))
+    assert [j["impl"] for j in jobs] == ["metabench", "metabench-batched"]
+
+
+def test_conv4_module_is_the_functional_conv4():
+    """The learn2learn side runs the same network: load our parameters into it, same logits."""
+    from baselines.core import conv4_forward, conv4_init
+
+    p = conv4_init(torch.Generator().manual_seed(0), 1, 4, 3, 28)
+    module = perf.conv4_module(TINY)
+    perf.load_functional_params(module, p)
+    x = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(module(x), conv4_forward(p, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("learn2learn") is None, reason="learn2learn not installed")
+def test_learn2learn_maml_computes_our_meta_gradient():
+    from baselines.core import conv4_forward, conv4_init, episode_loss, inner_loop
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        p = {k: v.double().requires_grad_(True) for k, v in conv4_init(torch.Generator().manual_seed(0), 1, 4, 3,
+                                                                        28).items()}
+        module = perf.conv4_module(TINY).double()
+        perf.load_functional_params(module, p)
+        ep = perf.synthetic_episodes(TINY, 1)[0]
+        sx, qx = ep.support_x.double(), ep.query_x.double()
+        learner = perf.import_learn2learn_maml()(module, lr=0.4).clone()
+        learner.adapt(F.cross_entropy(learner(sx), ep.support_y))
+        F.cross_entropy(learner(qx), ep.query_y).backward()
+        fast = inner_loop(episode_loss(conv4_forward), p, list(p), (sx, ep.support_y), 1, 0.4)
+        keys = [f"{kind}{i}.{w}" for i in range(4) for kind in ("conv", "bn") for w in ("weight", "bias")]
+        ours = torch.autograd.grad(F.cross_entropy(conv4_forward(fast, qx), ep.query_y),
+                                   [p[k] for k in keys + ["head.weight", "head.bias"]])
+        for g, param in zip(ours, module.parameters(), strict=True):
+            torch.testing.assert_close(param.grad, g, rtol=1e-8, atol=1e-10)
+    finally:
+        torch.set_default_dtype(torch.float32)
