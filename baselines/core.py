@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad
 
 from bench.api import Episode, MetaLearner, Predictor, Tags, TaskInfo, new_generator, rng_state
 
@@ -92,21 +91,21 @@ def inner_loop(loss_fn: LossFn, params: Params, keys: list[str], data: tuple[tor
 
     lr: one float, or a tensor per key (per-parameter learning rates, e.g. Meta-SGD). With
     first_order=False the result stays differentiable w.r.t. `params` through the inner
-    gradients (second order); with True the inner gradients are detached.
+    gradients (second order, `create_graph=True`); with True the inner gradients are detached.
+    The inner gradients are partial derivatives w.r.t. each key, also where one parameter is
+    computed from another (Proto-MAML's head from the body's prototypes): they are taken w.r.t.
+    a zero added to each adapted parameter. Plain `torch.autograd.grad` (not `torch.func.grad`):
+    the same numbers with less per-operation overhead and about half the memory here.
     """
     x, y = data
     fast = dict(params)
-
-    def sub_loss(sub: Params, rest: Params) -> torch.Tensor:
-        return loss_fn({**rest, **sub}, x, y)
-
     for _ in range(steps):
-        sub = {k: fast[k] for k in keys}
-        g = grad(sub_loss)(sub, fast)
-        for k in keys:
-            gk = g[k].detach() if first_order else g[k]
-            step = lr[k] * gk if isinstance(lr, Mapping) else lr * gk
-            fast[k] = fast[k] - step
+        zeros = [torch.zeros_like(fast[k], requires_grad=True) for k in keys]
+        loss = loss_fn({**fast, **{k: fast[k] + z for k, z in zip(keys, zeros)}}, x, y)
+        grads = torch.autograd.grad(loss, zeros, create_graph=not first_order, allow_unused=True)
+        for k, z, g in zip(keys, zeros, grads):
+            g = torch.zeros_like(z) if g is None else g
+            fast[k] = fast[k] - (lr[k] * g if isinstance(lr, Mapping) else lr * g)
     return fast
 
 
