@@ -490,7 +490,12 @@ def check_adapt_repeatable(s: Subject) -> str | None:
 
 @check
 def check_adapt_many(s: Subject) -> str | None:
-    """adapt_many (what evaluate calls) gives the predictions of adapt, task by task and in order."""
+    """adapt_many (what evaluate calls) gives the predictions of adapt, task by task and in order.
+
+    Up to round-off: a batched inner loop sums in another order, and a few inner steps at a large
+    learning rate amplify float32 round-off (measured up to 6e-3 on logits of scale ~3 for MAML's
+    task-batched path, whose float64 meta-gradients match the per-task path to 1e-9), so the
+    tolerance is 1% of the logits' scale, far below what a wrong task order or parameter gives."""
     m = s.ready()
     m.fit(s.train_stream(), 1)
     eps = [s.episode(index=i) for i in range(3)]
@@ -501,8 +506,11 @@ def check_adapt_many(s: Subject) -> str | None:
         with torch.no_grad():
             many = predictor(ep.query_x).detach()
         one = predict(m, ep)
-        require(close(many, one), f"support set {i}: adapt_many's predictions differ from adapt's (max abs "
-                                  f"difference {(many.double() - one.double()).abs().max().item():.3g})")
+        diff = (many.double() - one.double()).abs().max().item()
+        scale = 1.0 + one.double().abs().max().item()
+        require(many.shape == one.shape and diff <= 1e-2 * scale,
+                f"support set {i}: adapt_many's predictions differ from adapt's (max abs difference {diff:.3g}, "
+                f"more than 1% of the logits' scale {scale:.3g}); it must adapt each support set as adapt does")
     return None
 
 

@@ -173,7 +173,16 @@ class StubbornMAML(SmallMAML):
         pass
 
 
+@dataclass
+class ShuffledManyMAML(SmallMAML):
+    """adapt_many returns the predictors in reverse order."""
+
+    def adapt_many(self, supports):
+        return super().adapt_many(supports)[::-1]
+
+
 BROKEN = [
+    (ShuffledManyMAML, "check_adapt_many", ["support set 0: adapt_many's predictions differ from adapt's"]),
     (MutatingMAML, "check_adapt_leaves_meta_untouched", ["must never change the meta-parameters", "head.bias"]),
     (ForgetfulMAML, "check_fit_resumable", ["fit(a) then fit(b) must equal fit(a + b)", "optimizer"]),
     (ForgetfulMAML, "check_resume_from_state_dict", ["resumed from state_dict()"]),
