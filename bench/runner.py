@@ -122,9 +122,9 @@ def build(cfg: RunConfig, root: Path) -> tuple[MetaLearner, EpisodeSet]:
     A method with a `total_steps` hyperparameter (the length of a schedule, e.g. Reptile's
     annealed meta step) gets the run's number of steps unless cfg.overrides sets it.
     """
+    cls = registry.import_target(registry.get_entry(cfg.method).target)  # bad names fail before data loads
     es = benchmarks.load(cfg.benchmark, root)
     bench = es.bench
-    cls = registry.import_target(registry.get_entry(cfg.method).target)
     overrides = dict(cfg.overrides)
     if "total_steps" in {f.name for f in dataclasses.fields(cls)} and "total_steps" not in overrides:
         overrides["total_steps"] = max(1, run_steps(cfg, bench))

@@ -128,3 +128,12 @@ def test_schedule_length_follows_the_run(tmp_path):
     assert learner.total_steps == 7
     learner, _ = runner.build(RunConfig("reptile", "synthetic-5w1s", steps=7, overrides={"total_steps": 99}), tmp_path)
     assert learner.total_steps == 99
+
+
+def test_unknown_method_fails_before_any_data_is_built(tmp_path):
+    from bench.errors import MetabenchError
+
+    root = tmp_path / "root"
+    with pytest.raises(MetabenchError, match="unknown method 'nope'"):
+        run(RunConfig("nope", "glyphs-5w1s", 0, 1), RunDirs(root, tmp_path / "results", root / "runs"))
+    assert not root.exists()
