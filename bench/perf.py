@@ -213,15 +213,17 @@ def import_learn2learn_maml() -> type:
 
 
 def conv4_module(w: Workload) -> torch.nn.Module:
-    """The same Conv-4 as baselines.core as a torch.nn module (batch statistics, no running ones)."""
+    """The same Conv-4 as baselines.core as a torch.nn module (batch statistics, no running ones).
+    Load its parameters with `load_functional_params`; building it leaves the global RNG as it was."""
     layers: list[torch.nn.Module] = []
     c = w.channels
-    for _ in range(4):
-        layers += [torch.nn.Conv2d(c, w.hidden, 3, padding=1),
-                   torch.nn.BatchNorm2d(w.hidden, track_running_stats=False), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
-        c = w.hidden
-    size = w.size // 16
-    layers += [torch.nn.Flatten(), torch.nn.Linear(w.hidden * size * size, w.way)]
+    with torch.random.fork_rng(devices=[]):  # torch's default init draws from the global RNG; callers overwrite it
+        for _ in range(4):
+            norm = torch.nn.BatchNorm2d(w.hidden, track_running_stats=False)
+            layers += [torch.nn.Conv2d(c, w.hidden, 3, padding=1), norm, torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            c = w.hidden
+        size = w.size // 16
+        layers += [torch.nn.Flatten(), torch.nn.Linear(w.hidden * size * size, w.way)]
     return torch.nn.Sequential(*layers)
 
 
@@ -234,12 +236,16 @@ def load_functional_params(module: torch.nn.Module, p: dict[str, torch.Tensor]) 
 
 
 def l2l_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
-    """learn2learn's MAML wrapper on the same Conv-4, used as its examples do: per task clone(),
+    """learn2learn's MAML wrapper on the same Conv-4 (initialised from a seeded generator through
+    baselines.core.conv4_init, not the global RNG), used as its examples do: per task clone(),
     adapt() `inner_steps` times, backward of the query loss / meta_batch; Adam 1e-3."""
     if method not in ("maml", "fomaml"):
         raise MetabenchError(f"the learn2learn comparison covers maml and fomaml, not {method!r}")
-    torch.manual_seed(0)
-    model = conv4_module(w).to(device)
+    from baselines.core import conv4_init
+
+    model = conv4_module(w)
+    load_functional_params(model, conv4_init(torch.Generator().manual_seed(0), w.channels, w.hidden, w.way, w.size))
+    model = model.to(device)
     maml = import_learn2learn_maml()(model, lr=w.inner_lr, first_order=method == "fomaml")
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
     batch = [dataclasses.replace(ep, support_x=ep.support_x.to(device), support_y=ep.support_y.to(device),
@@ -296,7 +302,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     median = statistics.median(times)
     return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
             "allocator": job["allocator"], "threads": torch.get_num_threads(), "device": device,
-            "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first, "peak_mb": peak,
+            "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first,
+            "peak_mb": peak,
             "eval_eps_per_s": len(episodes) / eval_seconds, "gflop_per_iter": flops / 1e9,
             "gflops": flops / median / 1e9, "matmul_gflops": matmul, "flop_fraction": flops / median / 1e9 / matmul,
             "torch": torch.__version__}
