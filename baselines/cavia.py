@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import TaskInfo
-from baselines.core import Params, batch_norm, episode_loss, inner_loop, step_decay
+from baselines.core import Params, batch_norm, conv_layout, episode_loss, inner_loop, step_decay
 from baselines.maml import MAML
 
 CONTEXT = "context"
@@ -71,6 +71,7 @@ class CAVIA(MAML):
         context = p[CONTEXT] if CONTEXT in p else p["film.bias"].new_zeros(self.n_context)
         film = F.linear(context, p["film.weight"], p["film.bias"])
         gamma, beta = film[: self.hidden].view(1, -1, 1, 1), film[self.hidden:].view(1, -1, 1, 1)
+        x = conv_layout(x)
         for i in range(4):
             x = batch_norm(F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1),
                            p[f"bn{i}.weight"], p[f"bn{i}.bias"])

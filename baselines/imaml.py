@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Tags
-from baselines.core import GradientLearner, LossFn, Params, episode_loss, inner_loop
+from baselines.core import GradientLearner, LossFn, Params, episode_loss, higher_order, inner_loop
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, steps: int,
@@ -164,7 +164,9 @@ class IMAML(GradientLearner):
         way = int(support[1].max()) + 1
         with torch.enable_grad():
             g_query = autograd_grad(F.cross_entropy(self.forward(p, query[0], way), query[1]), leaves)
-            g_support = autograd_grad(episode_loss(self.forward)(p, *support), leaves, create_graph=True)
+            with higher_order():  # differentiated again by every Hessian-vector product
+                support_loss = episode_loss(self.forward)(p, *support)
+            g_support = autograd_grad(support_loss, leaves, create_graph=True)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:  # v + H v / lam, H v by double backward
             hv = autograd_grad(g_support, leaves, list(unflatten(v, p, keys).values()), retain_graph=True)

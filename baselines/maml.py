@@ -21,7 +21,7 @@ when asked (it trades memory for speed). Both paths compute the same function
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ class MAML(GradientLearner):
     inner_steps_test: int = 10
     first_order: bool = False
     task_batch: int = 1
+
+    PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self (subclasses that write say False)
 
     @property
     def tags(self) -> Tags:

@@ -38,7 +38,7 @@ one component unused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ class Mixture(MAML):
 
     n_components: K, the number of initialisations (K = 1 is MAML).
     """
+
+    PARALLEL_TASKS: ClassVar[bool] = False  # task_loss counts assignments (assign_counts)
 
     n_components: int = 2
 

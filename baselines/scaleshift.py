@@ -188,8 +188,7 @@ class ScaleShift(MAML):
         for group, lr in zip(opt.param_groups, lrs):
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        for ep in batch:
-            (self.task_loss(ep) / len(batch)).backward()
+        self.backward_tasks(batch)
         opt.step()
 
     # --- state --------------------------------------------------------------------------

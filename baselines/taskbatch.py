@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode
-from baselines.core import LossFn, Params, batch_norm
+from baselines.core import LossFn, Params, batch_norm, conv_layout
 
 
 def stack_params(p: Mapping[str, torch.Tensor], n_tasks: int) -> Params:
@@ -36,7 +36,7 @@ def task_layout(x: torch.Tensor) -> torch.Tensor:
 def conv4_features_tasks(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Conv-4 body of T tasks at once: p[k] [T, *shape], x [T, N, C, H, W] -> features [T, N, feat]."""
     n_tasks = x.shape[0]
-    h = task_layout(x)
+    h = conv_layout(task_layout(x))
     for i in range(4):
         w = p[f"conv{i}.weight"]
         h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), p[f"conv{i}.bias"].reshape(-1), padding=1, groups=n_tasks)

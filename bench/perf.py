@@ -53,8 +53,8 @@ from bench.paths import atomic_write_text
 
 IMPLS = ("metabench", "metabench-batched", "l2l")
 ALLOCATORS = ("glibc", "tcmalloc")
-COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "device", "sec_per_iter", "sec_min",
-           "sec_max", "peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
+COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device", "sec_per_iter",
+           "sec_min", "sec_max", "peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
            "torch"]
 
 
@@ -124,7 +124,10 @@ def workload_flops(w: Workload, first_order: bool) -> float:
 
 
 def matmul_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
-    """The machine's large-matmul rate: GFLOP/s of an n x n float32 matmul (median of `repeats`)."""
+    """The large-matmul rate now: GFLOP/s of an n x n float32 matmul (median of `repeats`).
+
+    `measure` takes the better of a reading before and one after the workload: a neighbour
+    slowing one reading would otherwise inflate the FLOP fraction (a 108% row was seen)."""
     a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
     times = []
     for _ in range(repeats + 2):
@@ -285,6 +288,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         step, evaluate = l2l_impl(w, job["method"], device)
     else:
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
+    matmul_before = matmul_gflops(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = proc_status_mb("VmRSS")
@@ -298,10 +302,14 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     episodes = synthetic_episodes(w, job["eval_episodes"], seed=1)
     eval_seconds = timed(lambda: evaluate(episodes), device)
     flops = workload_flops(w, first_order=job["method"] == "fomaml")
-    matmul = matmul_gflops(device)
+    matmul = max(matmul_before, matmul_gflops(device))
+    from baselines.parallel import task_workers
+
+    workers = task_workers() if job["impl"] != "l2l" else 0
     median = statistics.median(times)
     return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
-            "allocator": job["allocator"], "threads": torch.get_num_threads(), "device": device,
+            "allocator": job["allocator"], "threads": torch.get_num_threads(),
+            "task_workers": workers, "device": device,
             "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first,
             "peak_mb": peak,
             "eval_eps_per_s": len(episodes) / eval_seconds, "gflop_per_iter": flops / 1e9,

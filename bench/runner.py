@@ -146,6 +146,7 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
 
     With resume=False an existing checkpoint folder of the same run is discarded first.
     """
+    rev = code_rev()  # the code this process loaded, even if the tree changes while it runs
     learner, es = build(cfg, dirs.root)
     bench = es.bench
     steps = run_steps(cfg, bench)
@@ -192,7 +193,7 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
     chosen = load_checkpoint(best)
     learner.load_state_dict(chosen["learner"])
     ph = params_hash(learner.params())
-    rev, dev = code_rev(), device_name()
+    dev = device_name()
     rows = []
     test_bar = tqdm(total=n_test, desc=f"test {cfg.method} {cfg.benchmark}", unit="ep", disable=not progress)
     for first in range(0, n_test, EVAL_CHUNK):

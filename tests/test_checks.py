@@ -4,6 +4,8 @@ aside), and deliberately broken methods fail the right check with a useful messa
 from __future__ import annotations
 
 import textwrap
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,7 +183,32 @@ class ShuffledManyMAML(SmallMAML):
         return super().adapt_many(supports)[::-1]
 
 
+@dataclass
+class ConcurrencySensitiveMAML(SmallMAML):
+    """task_loss records how many tasks ran at once (a deterministic stand-in for any race on
+    shared state) while claiming PARALLEL_TASKS."""
+
+    def setup(self, info):
+        self.active, self.most_active, self.lock = 0, 0, threading.Lock()
+        return super().setup(info)
+
+    def task_loss(self, ep):
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(0.2)
+        loss = super().task_loss(ep)
+        with self.lock:
+            self.active -= 1
+        return loss
+
+    def state_dict(self):
+        return {**super().state_dict(), "most_active": self.most_active}
+
+
 BROKEN = [
+    (ConcurrencySensitiveMAML, "check_fit_worker_independent", ["1 and 3 workers reach different states",
+                                                                "most_active", "PARALLEL_TASKS = False"]),
     (ShuffledManyMAML, "check_adapt_many", ["support set 0: adapt_many's predictions differ from adapt's"]),
     (MutatingMAML, "check_adapt_leaves_meta_untouched", ["must never change the meta-parameters", "head.bias"]),
     (ForgetfulMAML, "check_fit_resumable", ["fit(a) then fit(b) must equal fit(a + b)", "optimizer"]),

@@ -1,4 +1,4 @@
-"""The functional core: Conv-4, fused batch norm, torch.func inner loop, second-order terms."""
+"""The functional core: Conv-4, fused batch norm, memory layouts, the inner loop, second-order terms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from bench.api import new_generator
 import baselines.core as core
-from baselines.core import batch_norm, batch_norm_explicit, conv4_forward, conv4_init, episode_loss, inner_loop
+from baselines.core import (batch_norm, batch_norm_explicit, conv4_forward, conv4_init, conv_layout, episode_loss,
+                            higher_order, inner_loop)
 
 
 def tiny_task(dtype=torch.float64):
@@ -59,6 +60,56 @@ def test_fused_batch_norm_second_order_meta_gradient_equals_the_explicit_formula
     ref = reference_meta_grad(params, x, y, qx, qy, steps=2, lr=0.3)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def strictly_channels_last(x: torch.Tensor) -> bool:
+    """Channels innermost in memory (is_contiguous says True for both layouts when C == 1)."""
+    return x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv_layout_is_channels_last_with_the_same_values():
+    for c in (1, 3):
+        x = torch.rand(4, c, 6, 6)
+        y = conv_layout(x)
+        assert strictly_channels_last(y) and torch.equal(y, x)
+        assert strictly_channels_last(F.conv2d(y, torch.randn(5, c, 3, 3), padding=1))  # convs follow it
+        with higher_order():
+            assert conv_layout(x) is x
+        assert not strictly_channels_last(x)
+
+
+def test_higher_order_is_scoped_and_nests():
+    x = torch.rand(2, 3, 4, 4)
+    with higher_order():
+        with higher_order(False):
+            assert strictly_channels_last(conv_layout(x))
+        assert conv_layout(x) is x
+    assert strictly_channels_last(conv_layout(x))
+
+
+def test_layouts_compute_the_same_function_in_float64():
+    """conv4_forward and its second-order meta-gradient are the same in NCHW and channels-last
+    (the layout changes memory order only); the reference above runs its support passes in
+    channels-last, inner_loop runs them in NCHW, and they agree to 1e-9 as well."""
+    params, x, y, qx, qy = tiny_task()
+    cl = conv4_forward(params, qx)
+    with higher_order():
+        nchw = conv4_forward(params, qx)
+    torch.testing.assert_close(cl, nchw, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_float32_round_off_is_bounded():
+    """torch's channels-last CPU batch norm sums its statistics less accurately than the NCHW
+    kernel (relative error of 1/std ~3e-6 vs ~7e-8 on 75x64x28x28): logits stay within 1e-4 of
+    float64 either way, so training is unaffected (it is float32 round-off, not a different
+    function)."""
+    params, _, _, qx, _ = tiny_task()
+    truth = conv4_forward(params, qx)
+    p32 = {k: v.detach().float() for k, v in params.items()}
+    for ctx in (higher_order(False), higher_order(True)):
+        with ctx:
+            got = conv4_forward(p32, qx.float()).double()
+        assert (got - truth).abs().max() < 1e-4 * truth.abs().max()
 
 
 def test_conv4_shapes():

@@ -82,14 +82,16 @@ def test_meta_gradient_matches_per_task_in_float64(synthetic_set, name):
 @pytest.mark.parametrize("name", list(FAST))
 def test_training_matches_per_task_over_several_float32_steps(synthetic_set, name):
     """Three float32 meta-iterations (1 inner step, as MAML's Omniglot 5-way setting) through the
-    fast path and through the per-task loop both stay within 1e-5 of the float64 per-task
-    trajectory: the paths differ by float32 summation order only.
+    fast path and through the per-task loop agree with each other to 1e-5 and stay within 3e-4 of
+    the float64 per-task trajectory: the paths differ by float32 summation order only.
 
     SGD as the outer optimizer: Adam's first steps divide gradients by their own magnitude, so
     coordinates whose true gradient is 0 (conv biases before batch norm) move by +-lr on round-off
-    in either path. With 2 inner steps at lr 0.4 on this tiny Conv-4 (8 filters, batch-norm
-    statistics over 5 values in the last block) the float32 per-task loop itself drifts ~1e-2 from
-    float64 within 3 steps while the fast path stays within 1e-7: ill-conditioning, not a bug.
+    in either path. This tiny Conv-4 (8 filters, batch-norm statistics over 5 values in the last
+    block) is ill-conditioned: with 2 inner steps at lr 0.4 the float32 per-task loop drifts ~1e-2
+    from float64 within 3 steps. ANIL's drift here is 1.2e-4 for both paths (1.6e-7 when batch
+    norm runs in NCHW): torch's channels-last batch norm sums its statistics less accurately
+    (tests/test_core.py); MAML, FOMAML, BOIL and Meta-SGD stay within 1e-6.
     """
     cls, kw = FAST[name]
     eps = batch(synthetic_set, 9)
@@ -104,8 +106,10 @@ def test_training_matches_per_task_over_several_float32_steps(synthetic_set, nam
         fast.outer_step(eps[i:i + 3])
     for k in truth.meta:
         for label, m in (("fast path", fast), ("per-task loop", ref)):
-            torch.testing.assert_close(m.meta[k].double(), truth.meta[k].detach(), rtol=0, atol=1e-5,
+            torch.testing.assert_close(m.meta[k].double(), truth.meta[k].detach(), rtol=0, atol=3e-4,
                                        msg=lambda msg: f"{name} {label} {k}: {msg}")
+        torch.testing.assert_close(fast.meta[k], ref.meta[k], rtol=0, atol=1e-5,
+                                   msg=lambda msg: f"{name} fast path vs per-task loop {k}: {msg}")
 
 
 @pytest.mark.parametrize("name", list(FAST))

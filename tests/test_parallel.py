@@ -1,0 +1,99 @@
+"""Task-parallel meta-gradients (baselines/parallel.py): the same numbers as the task-by-task loop,
+whatever the number of workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.api import Episode
+from baselines.core import GradientLearner
+from baselines.maml import MAML
+from baselines.mixture import Mixture
+from baselines.parallel import map_tasks, summed_grads, task_workers
+
+
+def test_map_tasks_keeps_order():
+    assert map_tasks(lambda i: i * i, list(range(20))) == [i * i for i in range(20)]
+
+
+def test_map_tasks_raises_the_first_error():
+    def fn(i: int) -> int:
+        if i == 3:
+            raise ValueError("task 3 failed")
+        return i
+
+    with pytest.raises(ValueError, match="task 3 failed"):
+        map_tasks(fn, list(range(6)))
+
+
+def test_workers_run_single_threaded():
+    assert set(map_tasks(lambda _: torch.get_num_threads(), list(range(8)))) == {1}
+
+
+def test_task_workers_setting(monkeypatch):
+    monkeypatch.setenv("METABENCH_TASK_WORKERS", "3")
+    assert task_workers() == 3
+    monkeypatch.delenv("METABENCH_TASK_WORKERS")
+    assert task_workers() == max(1, torch.get_num_threads())
+    monkeypatch.setenv("METABENCH_TASK_WORKERS", "0")
+    assert task_workers() == 0 and map_tasks(lambda _: torch.get_num_threads(), [0]) == [torch.get_num_threads()]
+    for bad in ("two", "-1", "1.5"):
+        monkeypatch.setenv("METABENCH_TASK_WORKERS", bad)
+        with pytest.raises(ValueError, match="METABENCH_TASK_WORKERS"):
+            task_workers()
+
+
+def test_summed_grads_equals_the_sum_of_per_item_gradients():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(5, 4, generator=gen, dtype=torch.float64) for _ in range(7)]
+    got = summed_grads(lambda x: (x @ w).tanh().sum(), xs, [w, unused])
+    ref = torch.autograd.grad(sum((x @ w).tanh().sum() for x in xs), [w])[0]
+    torch.testing.assert_close(got[0], ref, rtol=1e-12, atol=1e-12)
+    assert got[1] is None  # as .backward() would leave .grad
+
+
+def meta_grads(m: GradientLearner, batch: list[Episode]) -> dict[str, torch.Tensor]:
+    m.optimizer = torch.optim.SGD(list(m.meta.values()), lr=0.0)
+    m.outer_step(batch)
+    return {k: v.grad.clone() for k, v in m.meta.items()}
+
+
+def make_maml(synthetic_set, **kw) -> MAML:
+    return MAML(meta_batch=4, hidden=8, seed=1, inner_steps=2, **kw).setup(synthetic_set.bench.task_info(synthetic_set))
+
+
+def test_parallel_outer_step_equals_the_task_by_task_loop_in_float64(synthetic_set, monkeypatch):
+    stream = synthetic_set.stream("train")
+    batch = [next(stream) for _ in range(4)]
+    batch = [Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y, e.classes, e.split, e.index,
+                     e.spec_hash) for e in batch]
+    par, seq = make_maml(synthetic_set), make_maml(synthetic_set)
+    for m in (par, seq):
+        m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
+    monkeypatch.setattr(seq, "PARALLEL_TASKS", False)
+    assert par.PARALLEL_TASKS
+    g_par, g_seq = meta_grads(par, batch), meta_grads(seq, batch)
+    for k in g_seq:
+        torch.testing.assert_close(g_par[k], g_seq[k], rtol=1e-10, atol=1e-13, msg=k)
+
+
+def test_results_do_not_depend_on_the_number_of_workers(synthetic_set, monkeypatch):
+    """Each task runs on one intra-op thread wherever it runs: bitwise equal float32 training."""
+    stream = synthetic_set.stream("train")
+    batches = [[next(stream) for _ in range(4)] for _ in range(2)]
+    metas = []
+    for workers in ("1", "3"):  # (0, the pool off, runs tasks on torch's intra-op threads instead)
+        monkeypatch.setenv("METABENCH_TASK_WORKERS", workers)
+        m = make_maml(synthetic_set)
+        for b in batches:
+            m.outer_step(b)
+        metas.append(m.meta)
+    for k in metas[0]:
+        assert torch.equal(metas[0][k], metas[1][k]), k
+
+
+def test_methods_that_write_state_in_task_loss_stay_sequential():
+    assert not Mixture.PARALLEL_TASKS and MAML.PARALLEL_TASKS and not GradientLearner.PARALLEL_TASKS
