@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, MetaLearner, Predictor, Tags, TaskInfo, new_generator, rng_state
-from baselines.parallel import summed_grads, task_workers
+from baselines.parallel import summed_grads
 
 Params = dict[str, torch.Tensor]
 BN_EPS = 1e-5
@@ -250,7 +250,7 @@ class GradientLearner(MetaLearner):
         """Add the gradient of the mean task loss over `batch` to the meta-parameters' .grad
         (tasks side by side on a thread pool when PARALLEL_TASKS, else one after another)."""
         n = len(batch)
-        if not self.PARALLEL_TASKS or task_workers() == 0:
+        if not self.PARALLEL_TASKS:
             for ep in batch:
                 (self.task_loss(ep) / n).backward()
             return

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -55,22 +55,24 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
-def map_tasks(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """[fn(item) for item in items], each call on a single-threaded worker; results in order
-    (in this thread, one after another, when the pool is off).
+def map_tasks(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    """fn(item) for each item, each call on a single-threaded worker, yielded in item order
+    (with the pool off: computed in this thread, one after another, as they are consumed).
 
-    fn must not mutate shared state (it runs concurrently with itself). The first exception
-    raised by any call is raised here.
+    fn must not mutate shared state (it runs concurrently with itself). An exception raised by a
+    call is raised when its result is reached.
     """
     workers = task_workers()
     if workers == 0:
-        return [fn(item) for item in items]
-    return list(_pool(workers).map(fn, items))
+        return (fn(item) for item in items)
+    return _pool(workers).map(fn, items)
 
 
 def summed_grads(loss_fn: Callable[[T], torch.Tensor], items: Sequence[T],
                  params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Sum over items of d loss_fn(item) / d params, tasks in parallel, summed in item order.
+    """Sum over items of d loss_fn(item) / d params, tasks in parallel, summed in item order as
+    they arrive (with the pool off this is `.backward()` task by task: one graph at a time, the
+    same sums in the same order).
 
     One tensor per param, shaped like it; None where no loss depends on it (as `.backward()`
     would leave `.grad`).

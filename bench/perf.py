@@ -50,6 +50,7 @@ from bench.allocator import tcmalloc_path
 from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
+from baselines.parallel import task_workers
 
 IMPLS = ("metabench", "metabench-batched", "l2l")
 ALLOCATORS = ("glibc", "tcmalloc")
@@ -303,8 +304,6 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     eval_seconds = timed(lambda: evaluate(episodes), device)
     flops = workload_flops(w, first_order=job["method"] == "fomaml")
     matmul = max(matmul_before, matmul_gflops(device))
-    from baselines.parallel import task_workers
-
     workers = task_workers() if job["impl"] != "l2l" else 0
     median = statistics.median(times)
     return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],

@@ -14,7 +14,7 @@ from baselines.parallel import map_tasks, summed_grads, task_workers
 
 
 def test_map_tasks_keeps_order():
-    assert map_tasks(lambda i: i * i, list(range(20))) == [i * i for i in range(20)]
+    assert list(map_tasks(lambda i: i * i, list(range(20)))) == [i * i for i in range(20)]
 
 
 def test_map_tasks_raises_the_first_error():
@@ -24,7 +24,7 @@ def test_map_tasks_raises_the_first_error():
         return i
 
     with pytest.raises(ValueError, match="task 3 failed"):
-        map_tasks(fn, list(range(6)))
+        list(map_tasks(fn, list(range(6))))
 
 
 def test_workers_run_single_threaded():
@@ -37,7 +37,7 @@ def test_task_workers_setting(monkeypatch):
     monkeypatch.delenv("METABENCH_TASK_WORKERS")
     assert task_workers() == max(1, torch.get_num_threads())
     monkeypatch.setenv("METABENCH_TASK_WORKERS", "0")
-    assert task_workers() == 0 and map_tasks(lambda _: torch.get_num_threads(), [0]) == [torch.get_num_threads()]
+    assert task_workers() == 0 and list(map_tasks(lambda _: torch.get_num_threads(), [0])) == [torch.get_num_threads()]
     for bad in ("two", "-1", "1.5"):
         monkeypatch.setenv("METABENCH_TASK_WORKERS", bad)
         with pytest.raises(ValueError, match="METABENCH_TASK_WORKERS"):
