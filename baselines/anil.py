@@ -14,16 +14,29 @@ values was not retrieved (published_hyperparameters.csv: "App. B not retrieved")
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar, Mapping
 
+from bench.api import Preset
+from baselines.core import HEAD_KEYS
 from baselines.maml import MAML
 
-HEAD_KEYS = ("head.weight", "head.bias")
+
+REGISTER = {"anil": "ANIL"}
 
 
 @dataclass
 class ANIL(MAML):
     """MAML with the inner loop on the head only (`head.weight`, `head.bias`)."""
+
+    PARALLEL_TASKS: ClassVar[bool] = True
+    TASK_BATCHED: ClassVar[bool] = True
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: replace(p, paper="Raghu, Raghu, Bengio, Vinyals. Rapid Learning or Feature Reuse? Towards Understanding "
+                              "the Effectiveness of MAML. ICLR 2020",
+                     note="inner loop on the head only; 'same architecture and setup as Finn et al.': MAML's "
+                          "hyperparameters and steps (the appendix with exact values was not retrieved)")
+        for key, p in MAML.PRESETS.items() if key != "meta-dataset"}
 
     def adapted_keys(self) -> list[str]:
         return [k for k in self.meta if k in HEAD_KEYS]

@@ -16,15 +16,34 @@ The paper has no Omniglot experiments: for the Omniglot keys we chose MAML's Omn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar, Mapping
 
-from baselines.anil import HEAD_KEYS
+from bench.api import Preset
+from baselines.core import HEAD_KEYS
 from baselines.maml import MAML
+
+
+REGISTER = {"boil": "BOIL"}
+
+_OH = "Oh, Yoo, Kim, Yun. BOIL: Towards Representation Change for Few-shot Learning. ICLR 2021"
 
 
 @dataclass
 class BOIL(MAML):
     """MAML with the inner loop on the body only; the head is frozen in the inner loop."""
+
+    PARALLEL_TASKS: ClassVar[bool] = True
+    TASK_BATCHED: ClassVar[bool] = True
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        **{key: replace(MAML.PRESETS[key], paper=_OH,
+                        note="Omniglot is not in the paper: MAML's Omniglot settings, our choice")
+           for key in ("omniglot-5w", "omniglot-20w")},
+        "miniimagenet": Preset(dict(inner_lr=0.5, inner_steps=1, inner_steps_test=1, meta_batch=4, outer_lr=1e-3,
+                                    hidden=64), 30000, _OH, "HJ-Yoo/BOIL", "main.py + run_4conv.sh",
+                               "also LibFewShot reproduce/BOIL: body lr 0.5, head 0, 1 step, meta-batch 4, Conv-4 64, "
+                               "30000 steps (300 x 100 batches)"),
+    }
 
     inner_lr: float = 0.5
     inner_steps: int = 1

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import TaskInfo
+from bench.api import Preset, TaskInfo
 from baselines.core import Params, batch_norm, conv_layout, episode_loss, inner_loop, step_decay
 from baselines.maml import MAML
 
 CONTEXT = "context"
+
+
+REGISTER = {"cavia": "CAVIA"}
 
 
 @dataclass
@@ -47,6 +50,18 @@ class CAVIA(MAML):
     outer_lr_decay / outer_lr_decay_every: step decay of the outer learning rate;
     grad_clip: element-wise clamp of the meta-gradient (0 disables).
     """
+
+    PARALLEL_TASKS: ClassVar[bool] = True
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: Preset(dict(n_context=100, inner_lr=1.0, inner_steps=2, inner_steps_test=2, meta_batch=batch,
+                         outer_lr=1e-3, outer_lr_decay=0.9, outer_lr_decay_every=5000, hidden=hidden), steps,
+                    "Zintgraf, Shiarlis, Kurin, Hofmann, Whiteson. Fast Context Adaptation via Meta-Learning. ICML 2019",
+                    "lmzintgraf/cavia", "classification/arguments.py + main.py",
+                    "100 context parameters FiLM-ing conv block 3, inner lr 1.0, 2 steps, 16 tasks per update, Adam "
+                    "1e-3 x0.9 every 5000, grad clamp 10, 32 filters, 60000 steps; Omniglot is not in the paper: the "
+                    "same with MAML's Omniglot meta-batch and width, our choice")
+        for key, batch, hidden, steps in (("omniglot-5w", 32, 64, 40000), ("omniglot-20w", 16, 64, 40000),
+                                          ("miniimagenet", 16, 32, 60000))}
 
     meta_batch: int = 16
     inner_lr: float = 1.0

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 
-from bench.api import Episode, MetaLearner, Predictor, Tags, TaskInfo
+from bench.api import Episode, MetaLearner, Predictor, Preset, Tags, TaskInfo
+
+
+REGISTER = {"chance": "Chance"}
 
 
 @dataclass
 class Chance(MetaLearner):
     """No learning: all-equal logits, so the top prediction is class 0 and accuracy is 1/way."""
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {"*": Preset({}, 0, "uniform prediction (accuracy 1/way)")}
 
     TAGS = Tags(bn_mode="none", order="none", transductive=False, variable_way=True, deterministic=True)
     # declared conformance-check exceptions (bench/checks.py): reported as "excepted", never hidden

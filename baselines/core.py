@@ -34,6 +34,12 @@ from baselines.parallel import summed_grads
 
 Params = dict[str, torch.Tensor]
 BN_EPS = 1e-5
+HEAD_KEYS = ("head.weight", "head.bias")
+"""The linear head's parameters in a Conv-4 parameter dict (the rest is the body)."""
+CAPABILITIES = ("PARALLEL_TASKS", "TASK_BATCHED")
+"""Fast paths a gradient method may declare (class attributes, True or False). Each class declares
+them for itself: a subclass that does not gets False, so overriding a hook never silently keeps a
+fast path that would bypass it."""
 
 
 def conv4_init(gen: torch.Generator, in_channels: int, hidden: int, n_out: int, image_size: int) -> Params:
@@ -180,9 +186,20 @@ class GradientLearner(MetaLearner):
     hidden: int = 64
 
     TAGS = Tags(bn_mode="transductive", order="second", transductive=True, variable_way=True)
-    # True when task_loss reads but never writes shared state: outer_step then computes the
+    # Capabilities (CAPABILITIES above; each class declares its own, else False).
+    # PARALLEL_TASKS: task_loss reads but never writes shared state: outer_step then computes the
     # tasks of a meta-batch side by side on a thread pool (baselines/parallel.py).
+    # TASK_BATCHED: the per-task computation is MAML's (inner loop over `adapted_keys` at
+    # `inner_lrs` on Conv-4, cross-entropy on the query): adapt_many and task_batch training may
+    # then run many tasks as one task-batched network (baselines/maml.py).
     PARALLEL_TASKS: ClassVar[bool] = False
+    TASK_BATCHED: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in CAPABILITIES:
+            if name not in cls.__dict__:
+                setattr(cls, name, False)
 
     @property
     def backbone(self) -> str:
@@ -267,6 +284,8 @@ class GradientLearner(MetaLearner):
         for _ in range(steps):
             batch = next_batch(episodes, self.episodes_per_step())
             self.ensure_setup(batch[0])
+            for ep in batch:
+                self.check_way(ep)
             self.outer_step(batch)
             self.fit_episodes += len(batch)
             self.fit_steps += 1

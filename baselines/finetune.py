@@ -15,12 +15,12 @@ Baseline++ (baselines/baselinepp.py) overrides with its cosine classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Predictor, Tags, TaskInfo
+from bench.api import Episode, Predictor, Preset, Tags, TaskInfo
 from baselines.core import GradientLearner, Params, conv4_features, conv4_init
 
 
@@ -32,9 +32,19 @@ def pretraining_loss(forward: Callable[..., torch.Tensor], p: Params, ep: Episod
     return F.cross_entropy(forward(p, x), y)
 
 
+REGISTER = {"finetune": "Finetune"}
+
+
 @dataclass
 class Finetune(GradientLearner):
     """Pre-train on all training classes, then fit a new linear head per task."""
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: Preset(dict(meta_batch=4, outer_lr=1e-3, hidden=hidden, head_steps=100, head_lr=0.01), 40000,
+                    "Chen, Liu, Kira, Wang, Huang. A Closer Look at Few-shot Classification. ICLR 2019",
+                    note="'Baseline'; pre-training Adam 1e-3; fine-tuning SGD 0.01, momentum 0.9, weight decay 1e-3, "
+                         "100 iterations; budget and widths our choice")
+        for key, hidden in (("*", 64), ("miniimagenet", 32))}
 
     meta_batch: int = 4
     head_steps: int = 100

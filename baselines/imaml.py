@@ -41,12 +41,12 @@ proximal term at test: 0.57 vs 0.43 accuracy over 100 test episodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Tags
+from bench.api import Episode, Preset, Tags
 from baselines.core import GradientLearner, LossFn, Params, episode_loss, higher_order, inner_loop
 
 
@@ -118,6 +118,13 @@ def proximal_loss(loss_fn: LossFn, anchor: Mapping[str, torch.Tensor], lam: floa
     return loss
 
 
+REGISTER = {"imaml": "IMAML"}
+
+_IMAML_OMNIGLOT = dict(inner_lr=0.1, inner_steps=16, inner_steps_test=16, lam=2.0, lam_test=0.0, cg_steps=5,
+                       meta_batch=32, outer_lr=1e-3, adam_eps=1e-3, hidden=64)
+"""iMAML (GD) on Omniglot 5-way: the paper's Table 2 caption and the imaml_dev README replication command."""
+
+
 @dataclass
 class IMAML(GradientLearner):
     """iMAML with gradient descent on the proximal inner problem and CG implicit meta-gradients.
@@ -127,6 +134,20 @@ class IMAML(GradientLearner):
     lam: proximal strength; cg_steps: conjugate-gradient steps for the meta-gradient;
     adam_eps: eps of the outer Adam (1e-3 in the reference code).
     """
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: Preset({**_IMAML_OMNIGLOT, **changes}, steps,
+                    "Rajeswaran, Finn, Kakade, Levine. Meta-Learning with Implicit Gradients. NeurIPS 2019",
+                    "aravindr93/imaml_dev", "examples/README.md (replication command), implicit_maml/learner_model.py",
+                    "'iMAML, GD'; Table 2 caption: 16 / 25 inner gradient-descent steps for 5- / 20-way, lam 2.0, 5 CG "
+                    "steps for the meta-gradient, Adam; README: inner lr 0.1, outer lr 1e-3, 32 tasks per "
+                    "meta-batch, at least 20000 outer steps, accuracy measured with 16 steps at lam 0; "
+                    "learner_model.py: Adam eps 1e-3. Our choices: 20-way test steps = train steps (25) and "
+                    "meta-batch 32 as 5-way; miniImageNet (paper ran only the Hessian-free variant there): MAML's "
+                    "miniImageNet inner lr 0.01, meta-batch 4, width 32, 60000 steps")
+        for key, changes, steps in (("omniglot-5w", {}, 20000),
+                                    ("omniglot-20w", dict(inner_steps=25, inner_steps_test=25), 20000),
+                                    ("miniimagenet", dict(inner_lr=0.01, meta_batch=4, hidden=32), 60000))}
 
     meta_batch: int = 32
     inner_lr: float = 0.1

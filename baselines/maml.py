@@ -4,15 +4,16 @@ Learns the initial weights of Conv-4 so that a few gradient steps on a task's su
 solve it. Second order by default; `first_order=True` is first-order MAML (FOMAML), which
 drops the second derivatives (the `--stop_grad` flag of the reference code): one class, a flag.
 
-Defaults per benchmark family live in baselines/registry.py (from the paper and cbfinn/maml:
-Omniglot 5-way inner lr 0.4, 1 step at train, 10 at test, meta-batch 32, Adam 1e-3; 20-way
-0.1, 5 steps, meta-batch 16; miniImageNet 0.01, 5 steps, 10 at test, meta-batch 4, Conv-4 32).
+Paper settings are the presets below (from the paper and cbfinn/maml: Omniglot 5-way inner lr
+0.4, 1 step at train, 10 at test, meta-batch 32, Adam 1e-3; 20-way 0.1, 5 steps, meta-batch 16;
+miniImageNet 0.01, 5 steps, 10 at test, meta-batch 4, Conv-4 32).
 One difference from the reference code, stated: Conv-4 here uses 2x2 max-pooling after every
 block (the reference code's miniImageNet variant) for Omniglot too, instead of strided convs.
 
-Speed: when the method's per-task computation is MAML's own (subclasses that only change which
-keys adapt or their learning rates: FOMAML, ANIL, BOIL, Meta-SGD) and the tasks have equal
-shapes, evaluation adapts EVAL_CHUNK tasks at once as one task-batched network
+Speed: when the class declares TASK_BATCHED (its per-task computation is MAML's own:
+subclasses that only change which keys adapt or their learning rates: FOMAML, ANIL, BOIL,
+Meta-SGD; a subclass that does not declare it never takes the fast path) and the tasks have
+equal shapes, evaluation adapts EVAL_CHUNK tasks at once as one task-batched network
 (baselines/taskbatch.py, `adapt_many`), and training does so for `task_batch` tasks at a time
 when asked (it trades memory for speed). Both paths compute the same function
 (tests/test_taskbatch.py compares them in float64 and over several float32 steps).
@@ -20,15 +21,22 @@ when asked (it trades memory for speed). Both paths compute the same function
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Predictor, Tags
+from bench.api import Episode, Predictor, Preset, Tags
 from baselines.core import GradientLearner, Params, episode_loss, inner_loop
 from baselines.taskbatch import conv4_forward_tasks, same_shapes, stack_episodes, stack_params, tasks_loss
+
+
+REGISTER = {"maml": "MAML", "fomaml": "FOMAML"}
+
+_FINN = "Finn, Abbeel, Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017"
+_TRIANTAFILLOU = ("Triantafillou, Zhu, Dumoulin, Lamblin, Evci, Xu, Goroshin, Gelada, Swersky, Manzagol, Larochelle. "
+                  "Meta-Dataset: A Dataset of Datasets for Learning to Learn from Few Examples. ICLR 2020")
 
 
 @dataclass
@@ -51,7 +59,25 @@ class MAML(GradientLearner):
     first_order: bool = False
     task_batch: int = 1
 
-    PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self (subclasses that write say False)
+    PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
+    TASK_BATCHED: ClassVar[bool] = True
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        "omniglot-5w": Preset(dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, meta_batch=32, outer_lr=1e-3,
+                                   hidden=64), 40000, _FINN, "cbfinn/maml", "main.py (usage)"),
+        "omniglot-20w": Preset(dict(inner_lr=0.1, inner_steps=5, inner_steps_test=10, meta_batch=16, outer_lr=1e-3,
+                                    hidden=64), 40000, _FINN, "cbfinn/maml", "main.py (usage)"),
+        "miniimagenet": Preset(dict(inner_lr=0.01, inner_steps=5, inner_steps_test=10, meta_batch=4, outer_lr=1e-3,
+                                    hidden=32), 60000, _FINN, "cbfinn/maml", "main.py (usage)"),
+        # fo-MAML's best config (shared published_hyperparameters.csv)
+        "meta-dataset": Preset(dict(inner_lr=0.09915, inner_steps=10, inner_steps_test=15, meta_batch=1,
+                                    outer_lr=3.601e-4, hidden=64), 75000, _TRIANTAFILLOU, "google-research/meta-dataset",
+                               "learn/gin/best/maml_imagenet.gin, maml_all.gin",
+                               "inner lr 0.09915, 10 steps (+5 at evaluation), one episode per update, Adam 3.601e-4 "
+                               "(ImageNet-only; 2.370e-4 for all datasets), 75000 updates; not taken over: their "
+                               "pretrained ResNet-18 and 126 px (Conv-4 64 at 84 px here) and the lr decay x0.835 / "
+                               "10000; second-order maml uses the same settings (the paper ran first order only; our "
+                               "choice)"),
+    }
 
     @property
     def tags(self) -> Tags:
@@ -72,14 +98,6 @@ class MAML(GradientLearner):
                           steps, self.inner_lrs(), first_order)
 
     # --- the task-batched fast path -----------------------------------------------------
-    def can_batch(self, shapes_equal: bool) -> bool:
-        """True when the fast path computes this method: MAML's own forward, inner loop, task loss
-        and adaptation (only `adapted_keys` / `inner_lrs` overridden) and equal task shapes."""
-        cls = type(self)
-        own = all(getattr(cls, name) is getattr(MAML, name)
-                  for name in ("forward", "inner", "task_loss", "adapt_params", "outer_step"))
-        return own and shapes_equal
-
     def inner_tasks(self, start: Params, data: tuple[torch.Tensor, torch.Tensor], steps: int,
                     first_order: bool) -> Params:
         """The inner loop of T tasks at once from `start`: data x [T, n, C, H, W], y [T, n] ->
@@ -89,7 +107,7 @@ class MAML(GradientLearner):
                           (x, y), steps, self.inner_lrs(), first_order)
 
     def outer_step(self, batch: list[Episode]) -> None:
-        if self.task_batch < 2 or len(batch) < 2 or not self.can_batch(same_shapes(batch)):
+        if self.task_batch < 2 or len(batch) < 2 or not (self.TASK_BATCHED and same_shapes(batch)):
             return super().outer_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         for first in range(0, len(batch), self.task_batch):
@@ -100,7 +118,7 @@ class MAML(GradientLearner):
 
     def adapt_many(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Predictor]:
         shapes_equal = len({(tuple(x.shape), int(y.max())) for x, y in supports}) == 1
-        if len(supports) < 2 or not self.can_batch(shapes_equal):
+        if len(supports) < 2 or not (self.TASK_BATCHED and shapes_equal):
             return super().adapt_many(supports)
         x, y = torch.stack([s[0] for s in supports]), torch.stack([s[1] for s in supports])
         with torch.enable_grad():
@@ -114,3 +132,18 @@ class MAML(GradientLearner):
 
     def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         return self.inner(support_x, support_y, self.inner_steps_test, True)
+
+
+@dataclass
+class FOMAML(MAML):
+    """First-order MAML: MAML with `first_order=True` (Finn et al. 2017, Sec. 5.2)."""
+
+    first_order: bool = True
+
+    PARALLEL_TASKS: ClassVar[bool] = True
+    TASK_BATCHED: ClassVar[bool] = True
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: replace(p, values={**p.values, "first_order": True},
+                     note="; ".join(filter(None, ["first-order approximation (Sec. 5.2; --stop_grad=True in cbfinn/maml)",
+                                                  p.note if key == "meta-dataset" else ""])))
+        for key, p in MAML.PRESETS.items()}

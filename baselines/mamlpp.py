@@ -63,12 +63,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Tags, TaskInfo
+from bench.api import Episode, Preset, Tags, TaskInfo
 from baselines.core import BN_EPS, GradientLearner, Params, conv4_init
 
 LR_PREFIX = "lr."
@@ -96,6 +96,9 @@ def cosine_lr(base: float, minimum: float, epoch: int, total_epochs: int) -> flo
     return minimum + (base - minimum) * (1 + math.cos(math.pi * e / total_epochs)) / 2
 
 
+REGISTER = {"mamlpp": "MAMLpp"}
+
+
 @dataclass
 class MAMLpp(GradientLearner):
     """MAML++ on Conv-4: MSL, LSLR, per-step BN weights and statistics, DA, cosine outer lr.
@@ -111,6 +114,24 @@ class MAMLpp(GradientLearner):
     Tags.order is "second" (the order of the meta-gradient once annealing is over) unless
     first_order_epochs >= total_epochs.
     """
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: Preset(values, 50000, "Antoniou, Edwards, Storkey. How to train your MAML. ICLR 2019",
+                    "AntreasAntoniou/HowToTrainYourMAMLPytorch", file,
+                    "5 inner steps at train and test (evaluates with the steps it was trained with: per-step lrs and "
+                    "BN exist only for those), LSLR init 0.1 / 0.01, meta-batch 8 / 2, Adam 1e-3 cosine-annealed to "
+                    "1e-5 / 1e-3 over 100 epochs x 500 steps, multi-step loss for 10 / 15 epochs, second order "
+                    "throughout (first_order_to_second_order_epoch -1; the paper's text uses first order for the "
+                    "first 50 epochs, the README template for 81 of 150), Conv-4 64 / 48, meta-grad clamp 10 on "
+                    "miniImageNet; shared Conv-4 with ReLU instead of leaky ReLU")
+        for key, file, values in (
+            *((k, "experiment_config/omniglot_maml++-omniglot_1_8_0.1_64_{5,20}_0.json",
+               dict(inner_lr=0.1, inner_steps=5, meta_batch=8, outer_lr=1e-3, min_outer_lr=1e-5, hidden=64,
+                    epoch_steps=500, total_epochs=100, msl_epochs=10, first_order_epochs=0, grad_clip=0.0))
+              for k in ("omniglot-5w", "omniglot-20w")),
+            ("miniimagenet", "experiment_config/mini-imagenet_maml++-mini-imagenet_1_2_0.01_48_5_0.json",
+             dict(inner_lr=0.01, inner_steps=5, meta_batch=2, outer_lr=1e-3, min_outer_lr=1e-3, hidden=48,
+                  epoch_steps=500, total_epochs=100, msl_epochs=15, first_order_epochs=0, grad_clip=10.0)))}
 
     meta_batch: int = 8
     outer_lr: float = 1e-3

@@ -23,15 +23,19 @@ MAML's architecture and setup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar, Mapping
 
 import torch
 
-from bench.api import TaskInfo
+from bench.api import Preset, TaskInfo
 from baselines.core import Params
 from baselines.maml import MAML
 
 LR_PREFIX = "lr."
+
+
+REGISTER = {"metasgd": "MetaSGD"}
 
 
 @dataclass
@@ -40,6 +44,17 @@ class MetaSGD(MAML):
 
     inner_lr: centre of alpha's initialisation; alpha_spread: relative half-width of it.
     """
+
+    PARALLEL_TASKS: ClassVar[bool] = True
+    TASK_BATCHED: ClassVar[bool] = True
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: replace(p, values={**p.values, "inner_steps": 1, "inner_steps_test": 1, "alpha_spread": 0.5},
+                     paper="Li, Zhou, Chen, Li. Meta-SGD: Learning to Learn Quickly for Few-Shot Learning. "
+                           "arXiv:1707.09835, 2017",
+                     note="one inner step; per-parameter learning rates initialised uniformly at MAML's inner lr "
+                          "+-50% (our choice); meta-batch, outer Adam 1e-3, width and steps as MAML, not confirmed "
+                          "from the paper")
+        for key, p in MAML.PRESETS.items() if key != "meta-dataset"}
 
     inner_steps: int = 1
     inner_steps_test: int = 1

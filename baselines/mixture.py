@@ -37,15 +37,18 @@ one component unused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, TaskInfo
+from bench.api import Episode, Preset, TaskInfo
 from baselines.core import Params, episode_loss, inner_loop
 from baselines.maml import MAML
+
+
+REGISTER = {"mixture": "Mixture"}
 
 
 @dataclass
@@ -54,6 +57,17 @@ class Mixture(MAML):
 
     n_components: K, the number of initialisations (K = 1 is MAML).
     """
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: replace(p, values={**p.values, "n_components": 2},
+                     paper="Jerfel, Grant, Griffiths, Heller. Reconciling meta-learning and continual learning with "
+                           "online mixtures of tasks. NeurIPS 2019",
+                     note="a mixture of K MAML initialisations with hard per-task assignment by post-adaptation "
+                          "support loss, related to the paper above and to TSA-MAML (Zhou et al. UAI 2021: 5 groups "
+                          "of MAML initialisations, Carbonaraa/TSA-MAML README); inner loop, meta-batch, outer Adam, widths and steps: MAML's (Finn et al. 2017, cbfinn/maml), "
+                          "as every component is a MAML initialisation; K = 2 is our choice: cost grows with K, and "
+                          "K = 1 / 2 / 4 compared on omniglot-small-5w1s showed no gain from more components")
+        for key, p in MAML.PRESETS.items() if key != "meta-dataset"}
 
     PARALLEL_TASKS: ClassVar[bool] = False  # task_loss counts assignments (assign_counts)
 

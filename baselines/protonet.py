@@ -25,11 +25,12 @@ per class is the benchmark's (15) rather than the reference's 5 for Omniglot tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Predictor, Tags, TaskInfo
+from bench.api import Episode, Predictor, Preset, Tags, TaskInfo
 from baselines.core import GradientLearner, Params, conv4_features, step_decay
 
 
@@ -71,6 +72,9 @@ def merge_episodes(episodes: list[Episode]) -> Episode:
                    tuple(seen), first.split, first.index, "+".join(ep.spec_hash for ep in episodes))
 
 
+REGISTER = {"protonet": "ProtoNet"}
+
+
 @dataclass
 class ProtoNet(GradientLearner):
     """Prototypical Networks on the Conv-4 body.
@@ -80,6 +84,19 @@ class ProtoNet(GradientLearner):
     lr_decay / lr_decay_every: Adam's learning rate is multiplied by lr_decay every
     lr_decay_every outer updates (0: constant).
     """
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: Preset(dict(meta_batch=1, outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000, hidden=64,
+                         episodes_per_task=merged), 20000,
+                    "Snell, Swersky, Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017",
+                    "jakesnell/prototypical-networks", "run_train.py",
+                    "Adam 1e-3 halved every 2000 episodes (paper Sec. 3.1; code: lr 0.001, decay_every 20 epochs of "
+                    "100 episodes), one episode per update, Conv-4 64; training ways above the test way (Omniglot 60, "
+                    "miniImageNet 30 for 1-shot / 20 for 5-shot) reproduced by merging consecutive stream episodes "
+                    "(60 / 30-way; 5-shot miniImageNet also gets 30); steps: the paper early-stops on validation "
+                    "(code: at most 10000 x 100 episodes, patience 200 epochs), 20000 is our choice (the lr has then "
+                    "been halved 10 times)")
+        for key, merged in (("*", 1), ("omniglot-5w", 12), ("omniglot-20w", 3), ("miniimagenet", 6))}
 
     meta_batch: int = 1
     outer_lr: float = 1e-3

@@ -39,13 +39,13 @@ A run shorter than the paper's should set `total_steps` to its length so eps sti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from bench.api import Episode, Predictor, Tags, TaskInfo, new_generator
+from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, new_generator
 from baselines.core import GradientLearner, Params
 
 
@@ -66,6 +66,9 @@ def _mini_batches(n: int, batch: int, count: int, gen: torch.Generator) -> Itera
                 return
 
 
+REGISTER = {"reptile": "Reptile"}
+
+
 @dataclass
 class Reptile(GradientLearner):
     """Reptile on Conv-4: Adam(beta1=0) inner loop, interpolation outer step with linear annealing.
@@ -76,6 +79,19 @@ class Reptile(GradientLearner):
     adam_beta2, adam_eps: the inner Adam's second-moment decay and epsilon (beta1 is 0);
     transductive: predict all queries in one batch (batch norm over the query set).
     """
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {
+        key: Preset({**values, "outer_lr_final": 0.0, "total_steps": 200000}, 200000,
+                    "Nichol, Achiam, Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018",
+                    "openai/supervised-reptile", "README.md (the commands 'used for the paper', 1-shot rows)",
+                    "inner Adam beta1=0; meta step annealed linearly to 0")
+        for key, values in (
+            ("omniglot-5w", dict(inner_lr=0.00044, inner_batch=5, inner_steps=12, eval_batch=5, inner_steps_test=86,
+                                 meta_batch=3, outer_lr=1.0, hidden=64)),
+            ("omniglot-20w", dict(inner_lr=0.00046, inner_batch=15, inner_steps=12, eval_batch=10, inner_steps_test=97,
+                                  meta_batch=3, outer_lr=1.0, hidden=64)),
+            ("miniimagenet", dict(inner_lr=0.0012, inner_batch=3, inner_steps=19, eval_batch=3, inner_steps_test=55,
+                                  meta_batch=2, outer_lr=0.235, hidden=32)))}
 
     meta_batch: int = 3
     outer_lr: float = 1.0

@@ -67,7 +67,6 @@ def tasks_loss(forward: Callable[..., torch.Tensor]) -> LossFn:
     return loss
 
 
-
 def same_shapes(batch: Sequence[Episode]) -> bool:
     """True when every episode has the same way and support/query shapes (batchable)."""
     first = batch[0]

@@ -1,20 +1,24 @@
-"""The contract between the harness and a method: `Episode`, `TaskInfo`, `Tags`, `MetaLearner`.
+"""The contract between the harness and a method: `Episode`, `TaskInfo`, `Tags`, `Preset`, `MetaLearner`.
 
-A method implements `fit`, `adapt`, `state_dict` and `load_state_dict` (plus `setup`, which
-builds its parameters); the harness calls `evaluate`, which is defined once here: adapt on
-the support set, predict the query set, score. Query labels never reach the method.
-Hyperparameters are dataclass fields; the constructor only stores them.
+A method implements `setup`, `fit`, `adapt`, `state_dict` and `load_state_dict` (abstract: a
+class missing one cannot be constructed); the harness calls `evaluate`, which is defined once
+here: adapt on the support set, predict the query set, score. Query labels never reach the
+method. Hyperparameters are dataclass fields; the constructor only stores them. A method's paper
+settings sit next to its class as `PRESETS` (preset key -> `Preset`).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+from bench.errors import MetabenchError
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """query_x [n_query, C, H, W] -> logits [n_query, way]."""
@@ -66,7 +70,8 @@ class Tags:
         (statistics fixed after adaptation), or "none" (no batch norm).
     order: "second", "first" or "none" (meta-gradient order; "none" for non-gradient methods).
     transductive: predictions of one query depend on the other queries.
-    variable_way: handles a different way in every episode (up to TaskInfo.max_way).
+    variable_way: handles a different way in every episode, up to the TaskInfo.max_way it was
+        set up with (a wider episode is an error that names max_way).
     deterministic: same seed, same stream -> identical state on CPU.
     """
 
@@ -77,11 +82,35 @@ class Tags:
     deterministic: bool = True
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A method's published settings for one kind of benchmark (`MetaLearner.PRESETS[key]`).
+
+    values: hyperparameters (dataclass field -> value); steps: outer updates of the full run;
+    paper: the citation; repository / file: where in released code the values are ("" when
+    they come from the paper's text); note: what is our choice, or was not taken over.
+    Keys: "omniglot-5w", "omniglot-20w", "miniimagenet", "meta-dataset" (a benchmark names its
+    key, `Benchmark.preset`), or "*" for every benchmark without a preset of its own.
+    """
+
+    values: Mapping[str, Any]
+    steps: int
+    paper: str
+    repository: str = ""
+    file: str = ""
+    note: str = ""
+
+    def source(self) -> str:
+        """The citation with repository, file and note, in one line."""
+        where = f"{self.repository} {self.file}".strip()
+        return "; ".join(part for part in (self.paper, where, self.note) if part)
+
+
 @dataclass
-class MetaLearner:
+class MetaLearner(abc.ABC):
     """Base class of every method. Subclasses are dataclasses of hyperparameters.
 
-    Subclasses implement:
+    Subclasses implement (abstract, checked at construction):
       setup(info) -> self: build parameters from `self.seed` (no data seen).
       fit(episodes, steps) -> self: `steps` outer updates consuming the iterator; fit(a) then
           fit(b) on the continuation of the stream equals fit(a + b).
@@ -89,9 +118,11 @@ class MetaLearner:
           query labels.
       state_dict() / load_state_dict(state): tensors and primitives only (loadable with
           torch.load(weights_only=True)), optimizer and RNG state included.
+    and declare PRESETS: their paper settings per preset key.
     """
 
     TAGS: ClassVar[Tags] = Tags()
+    PRESETS: ClassVar[Mapping[str, Preset]] = {}
     seed: int = 0
 
     # --- state set by setup / fit (class attributes, not hyperparameter fields) -----------
@@ -113,17 +144,17 @@ class MetaLearner:
         """The hyperparameters (dataclass fields) as a plain dict."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    @abc.abstractmethod
     def setup(self, info: TaskInfo) -> "MetaLearner":
         """Build the meta-parameters for `info` from `self.seed`. Returns self."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fit(self, episodes: Iterator[Episode], steps: int) -> "MetaLearner":
         """Continue meta-training for `steps` outer updates on `episodes`. Returns self."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to a support set [n_support, C, H, W], [n_support]; return query_x -> logits [n_query, way]."""
-        raise NotImplementedError
 
     def adapt_many(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Predictor]:
         """`adapt` on several support sets at once (one predictor each, in order).
@@ -133,13 +164,20 @@ class MetaLearner:
         """
         return [self.adapt(x, y) for x, y in supports]
 
+    @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: tensors and primitives only."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> "MetaLearner":
         """Restore a state from `state_dict`. Returns self."""
-        raise NotImplementedError
+
+    def check_way(self, ep: Episode) -> None:
+        """Raise a clear error when `ep` has more ways than this learner was set up for."""
+        if self.info is not None and ep.way > self.info.max_way:
+            raise MetabenchError(f"{type(self).__name__} was set up for max_way={self.info.max_way} (TaskInfo), but "
+                                 f"{ep.split} episode {ep.index} has {ep.way} ways; set it up for the benchmark "
+                                 "it is given")
 
     # --- defined once -------------------------------------------------------------------
     def evaluate(self, episodes: Iterable[Episode]) -> list[dict[str, float]]:
@@ -152,6 +190,8 @@ class MetaLearner:
         out: list[dict[str, float]] = []
         it = iter(episodes)
         while chunk := list(itertools.islice(it, EVAL_CHUNK)):
+            for ep in chunk:
+                self.check_way(ep)
             start = time.perf_counter()
             predictors = self.adapt_many([(ep.support_x, ep.support_y) for ep in chunk])
             with torch.no_grad():

@@ -46,8 +46,9 @@ import torch
 
 from bench.api import Episode, MetaLearner, Tags, TaskInfo
 from bench.errors import MetabenchError
+from bench.registry import Registry
 
-FAMILY, WAY = "omniglot", 5  # the synthetic benchmark's protocol key: whose registry defaults apply
+PRESET_KEY, WAY = "omniglot-5w", 5  # the synthetic benchmark's preset key (whose method presets apply) and way
 # Check-time hyperparameters of in-tree base classes (like scikit-learn's per-estimator check
 # params): a narrow Conv-4, small meta-batches, and a 10x outer learning rate so that learning
 # shows within a few dozen outer steps; MAML-style methods adapt with 3 steps at test.
@@ -102,11 +103,12 @@ def synthetic_source():
 def episode_set(way: int, shot: int, query: int):
     """An EpisodeSet of way/shot/query on the synthetic source (synthetic-5w1s itself for 5/1/5)."""
     from bench.benchmarks import SYNTHETIC
-    from bench.sampling import EpisodeSet
+    from bench.protocols import EpisodeSet
+    from bench.sampling import FixedEpisodes
 
     bench = SYNTHETIC
-    if (way, shot, query) != (SYNTHETIC.way, SYNTHETIC.shot, SYNTHETIC.query):
-        bench = dataclasses.replace(SYNTHETIC, name=f"check-{way}w{shot}s{query}q", way=way, shot=shot, query=query)
+    if FixedEpisodes(way, shot, query) != SYNTHETIC.protocol:
+        bench = dataclasses.replace(SYNTHETIC, name=f"check-{way}w{shot}s{query}q", protocol=FixedEpisodes(way, shot, query))
     return EpisodeSet(bench, synthetic_source())
 
 
@@ -172,9 +174,9 @@ def resolve(target: str | type) -> tuple[str, type, dict[str, Any]]:
         if not issubclass(target, MetaLearner):
             raise MetabenchError(f"{target.__qualname__} is not a subclass of bench.api.MetaLearner")
         return f"{target.__module__}:{target.__qualname__}", target, check_params(target)
-    entry = registry.get_entry(target)
-    cls = registry.import_target(entry.target)
-    params = {**registry.defaults(target, FAMILY, WAY), **check_params(cls), "seed": 0}
+    cls = registry.method_class(target)
+    preset = registry.preset(target, PRESET_KEY)
+    params = {**(preset.values if preset else {}), **check_params(cls), "seed": 0}
     return target, cls, params
 
 
@@ -309,12 +311,12 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # --- the checks ---------------------------------------------------------------------------
-CHECKS: dict[str, Callable[[Subject], str | None]] = {}
+CHECKS: Registry[Callable[[Subject], str | None]] = Registry("check")
 
 
 def check(fn: Callable[[Subject], str | None]) -> Callable[[Subject], str | None]:
-    """Register a check (in definition order)."""
-    CHECKS[fn.__name__] = fn
+    """Register a check (in definition order) under its function name."""
+    CHECKS.add(fn.__name__, fn, (fn.__doc__ or "").split("\n")[0])
     return fn
 
 
@@ -768,7 +770,7 @@ def _describe_error(e: BaseException) -> str:
 
 def run_check(subject: Subject, name: str) -> CheckResult:
     """Run one check on a subject; exceptions are turned into a failed or excepted result."""
-    fn = CHECKS[name]
+    fn = CHECKS.get(name)
     start = time.perf_counter()
     status, message = "passed", ""
     try:
@@ -808,6 +810,37 @@ def run_checks(target: str | type, quick: bool = True, only: list[str] | None = 
         raise MetabenchError(f"unknown checks {unknown}; known: {', '.join(CHECKS)}")
     subject = make_subject(target, quick)
     return [run_check(subject, n) for n in names]
+
+
+def parametrize_with_checks(targets: list[str | type], quick: bool = True) -> Any:
+    """A pytest decorator: one test per (method, conformance check), for a method author's own CI.
+
+    ```python
+    from bench.checks import parametrize_with_checks
+
+    @parametrize_with_checks(["mypkg.module:MyMethod"])
+    def test_conformance(method, check):
+        check()  # fails the test with the check's report
+    ```
+    targets: registered names, "pkg.module:Class" strings or MetaLearner subclasses.
+    """
+    import pytest
+
+    def runner(target: str | type, name: str) -> Callable[[], None]:
+        def run() -> None:
+            (result,) = run_checks(target, quick=quick, only=[name])
+            if not result.ok:
+                raise AssertionError(format_report([result]))
+
+        return run
+
+    cases, ids = [], []
+    for target in targets:
+        label = target if isinstance(target, str) else target.__qualname__
+        for name in CHECKS:
+            cases.append((target, runner(target, name)))
+            ids.append(f"{label}-{name}")
+    return pytest.mark.parametrize("method,check", cases, ids=ids)
 
 
 def format_report(results: list[CheckResult]) -> str:

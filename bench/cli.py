@@ -14,23 +14,24 @@ from bench.paths import resolve_root
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List methods, benchmarks and sources."""
+    """List methods, benchmarks and sources (built-in and installed)."""
     from bench.benchmarks import BENCHMARKS
     from bench.sources import SOURCES
-    from baselines.registry import METHODS
+    from baselines.registry import METHODS, method_class
 
     print("methods:")
-    for name, entry in METHODS.items():
-        print(f"  {name:12s} {entry.target:32s} {entry.citation.split('.')[0]}")
+    for name, entry in METHODS.entries().items():
+        presets = method_class(name).PRESETS
+        paper = next(iter(presets.values())).paper.split(".")[0] if presets else "no presets"
+        print(f"  {name:12s} {entry.target:32s} {paper}")
     print("benchmarks:")
-    for name, b in BENCHMARKS.items():
-        shape = (f"{b.way}-way {b.shot}-shot {b.query} query" if b.sampler in ("fixed", "md-fixed")
-                 else f"variable: ways 5-{b.way}, query <={b.query}, support <=500")
-        print(f"  {name:22s} v{b.version} {b.source:14s} {shape}, "
+    for name in BENCHMARKS:
+        b = BENCHMARKS.get(name)
+        print(f"  {name:22s} v{b.version} {b.source:14s} {b.protocol.shape()}, "
               f"{b.test_episodes} test episodes, {b.image_size}px")
     print("sources:")
-    for name, (_, desc) in SOURCES.items():
-        print(f"  {name:14s} {desc}")
+    for name, entry in SOURCES.entries().items():
+        print(f"  {name:14s} {entry.about}")
     return 0
 
 
@@ -122,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run METHOD on BENCHMARK and write per-episode results")
     s.add_argument("method", help="a registered method or pkg.module:Class")
-    s.add_argument("benchmark")
+    s.add_argument("benchmark", help="a registered benchmark, pkg.module:NAME, or a benchmark .toml file")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=None, help="outer updates (default: the paper's number)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="outer updates (default: the method's preset for the benchmark)")
     s.add_argument("--chunk", type=int, default=100, help="outer updates between checkpoints")
     s.add_argument("--val-episodes", type=int, default=None)
     s.add_argument("--test-episodes", type=int, default=None)
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_demo)
 
-    for module in ("bench.data", "bench.checks", "bench.submit", "bench.perf"):
+    for module in ("bench.data", "bench.checks", "bench.bundle", "bench.validation", "bench.verify",
+                   "bench.perf"):
         if importlib.util.find_spec(module) is not None:  # command groups of optional modules
             importlib.import_module(module).add_cli(sub)
     return p

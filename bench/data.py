@@ -20,23 +20,19 @@ import http.client
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bench.errors import DataError, unknown
+from bench.errors import DataError
 from bench.paths import atomic_path, resolve_root
+from bench.registry import Registry
 
 # The dataset modules import torch (through bench.sources); they are imported inside the
 # functions so that building the command line stays fast.
 OMNIGLOT_DRAWERS = 20  # = bench.sources.omniglot.IMAGES_PER_CHARACTER
 MINI_PER_CLASS = 600  # = bench.sources.miniimagenet.PER_CLASS
 
-DATASETS: dict[str, str] = {
-    "omniglot": "Omniglot, 50 alphabets, 1623 characters (sources omniglot: Vinyals split; omniglot-md)",
-    "omniglot-small": "the two real Omniglot subsets, 8 alphabets, 242 characters (source omniglot-small)",
-    "miniimagenet": "miniImageNet, Ravi split (prepare from your own copy; it cannot be downloaded)",
-    "meta-dataset": "Meta-Dataset, every source found in the official converter's TFRecords (--records DIR)",
-}
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -115,6 +111,97 @@ def _cached(opener: Callable[[], object], force: bool) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Request:
+    """What `download` / `prepare` were asked: where, from which files, at which size, how.
+
+    images_per_char (Omniglot's 20 drawers), expected_per_class and require_all_classes
+    (miniImageNet's Ravi checks) are relaxed by tests for tiny fixtures.
+    """
+
+    root: Path
+    from_paths: Sequence[Path | str] = ()
+    image_size: int | None = None
+    force: bool = False
+    show_progress: bool = True
+    quiet: bool = False
+    opener: Callable | None = None
+    images_per_char: int | None = OMNIGLOT_DRAWERS
+    expected_per_class: int | None = MINI_PER_CLASS
+    require_all_classes: bool = True
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset `metabench data` knows: build(request) -> cache folder; status(root) -> rows.
+
+    obtain: says why it cannot be downloaded and how to get it (None when it can be downloaded);
+    such a dataset needs files the user has.
+    """
+
+    build: Callable[[Request], Path]
+    status: Callable[[Path], list[dict]]
+    obtain: Callable[[], str] | None = None
+
+
+def _omniglot(req: Request) -> Path:
+    from bench.sources import omniglot as omni
+
+    root, s = req.root, _size(req.image_size, omni.DEFAULT_SIZE)
+    target = omni.cache_dir(root, s)
+    if _cached(lambda: omni.open_cache(root, s), req.force):
+        _say(f"omniglot: cache up to date at {target} (--force rebuilds it)", req.quiet)
+        return target
+    paths = list(req.from_paths) or _fetch_archives(omni.OMNIGLOT_ARCHIVES, omni.data_dir(root), req.show_progress,
+                                                    req.opener, req.quiet)
+    omni.build_cache(paths, root, s, images_per_char=req.images_per_char, show_progress=req.show_progress)
+    _say(f"omniglot: cache written to {target}", req.quiet)
+    return target
+
+
+def _omniglot_small(req: Request) -> Path:
+    from bench.sources import omniglot as omni
+
+    root, s = req.root, _size(req.image_size, omni.DEFAULT_SIZE)
+    target = omni.small_cache_dir(root, s)
+    if _cached(lambda: omni.open_small_cache(root, s), req.force):
+        _say(f"omniglot-small: cache up to date at {target} (--force rebuilds it)", req.quiet)
+        return target
+    paths = list(req.from_paths) or omni.find_small_archives(root) or _fetch_archives(
+        omni.SMALL_ARCHIVES, omni.small_dir(root), req.show_progress, req.opener, req.quiet)
+    omni.build_small_cache(paths, root, s, show_progress=req.show_progress)
+    _say(f"omniglot-small: cache written to {target}", req.quiet)
+    return target
+
+
+def _miniimagenet(req: Request) -> Path:
+    from bench.sources import miniimagenet as mini
+
+    if len(req.from_paths) != 1:
+        raise DataError(f"prepare miniimagenet needs exactly one --from PATH (got {len(req.from_paths)}). {mini.OBTAIN}")
+    root, s = req.root, _size(req.image_size, mini.DEFAULT_SIZE)
+    target = mini.cache_dir(root, s)
+    if _cached(lambda: mini.open_cache(root, s), req.force):
+        _say(f"miniimagenet: cache up to date at {target} (--force rebuilds it)", req.quiet)
+        return target
+    fmt, folder = mini.detect(req.from_paths[0])
+    _say(f"miniimagenet: reading the {fmt} format from {folder}", req.quiet)
+    mini.prepare(req.from_paths[0], root, s, req.expected_per_class, req.require_all_classes, req.show_progress)
+    _say(f"miniimagenet: validated against the Ravi split, cache written to {target}", req.quiet)
+    return target
+
+
+def _meta_dataset(req: Request) -> Path:
+    """One cache per source found in the records folder (bench/sources/meta_dataset.py)."""
+    from bench.sources import meta_dataset as md
+
+    if len(req.from_paths) != 1:
+        raise DataError(f"prepare meta-dataset needs exactly one --records DIR (got {len(req.from_paths)})")
+    md.prepare(req.from_paths[0], req.root, _size(req.image_size, md.DEFAULT_SIZE), req.force, req.show_progress,
+               say=lambda m: _say(m, req.quiet))
+    return md.md_dir(req.root)
+
+
 def download(name: str, root: Path | str | None = None, from_paths: Sequence[Path | str] = (),
              image_size: int | None = None, force: bool = False, show_progress: bool = True,
              opener: Callable | None = None, quiet: bool = False,
@@ -123,40 +210,11 @@ def download(name: str, root: Path | str | None = None, from_paths: Sequence[Pat
 
     images_per_char: Omniglot's 20 drawers (tests relax it for tiny fixtures).
     """
-    from bench.sources import miniimagenet as mini
-    from bench.sources import omniglot as omni
-
-    root = resolve_root(root)
-    if name not in DATASETS:
-        raise unknown("dataset", name, list(DATASETS))
-    if name == "miniimagenet":
-        if from_paths:
-            return prepare(name, root, from_paths, image_size, force, show_progress, quiet)
-        raise DataError(mini.OBTAIN)
-    if name == "meta-dataset":
-        if from_paths:
-            return prepare(name, root, from_paths, image_size, force, show_progress, quiet)
-        raise DataError("Meta-Dataset cannot be downloaded here: convert the datasets with the official "
-                        "google-research/meta-dataset code, then `metabench data prepare meta-dataset --records DIR`")
-    s = _size(image_size, omni.DEFAULT_SIZE)
-    if name == "omniglot":
-        target = omni.cache_dir(root, s)
-        if _cached(lambda: omni.open_cache(root, s), force):
-            _say(f"omniglot: cache up to date at {target} (--force rebuilds it)", quiet)
-            return target
-        paths = list(from_paths) or _fetch_archives(omni.OMNIGLOT_ARCHIVES, omni.data_dir(root), show_progress,
-                                                    opener, quiet)
-        omni.build_cache(paths, root, s, images_per_char=images_per_char, show_progress=show_progress)
-    else:  # omniglot-small
-        target = omni.small_cache_dir(root, s)
-        if _cached(lambda: omni.open_small_cache(root, s), force):
-            _say(f"omniglot-small: cache up to date at {target} (--force rebuilds it)", quiet)
-            return target
-        paths = list(from_paths) or omni.find_small_archives(root) or _fetch_archives(
-            omni.SMALL_ARCHIVES, omni.small_dir(root), show_progress, opener, quiet)
-        omni.build_small_cache(paths, root, s, show_progress=show_progress)
-    _say(f"{name}: cache written to {target}", quiet)
-    return target
+    dataset = DATASETS.get(name)
+    if dataset.obtain and not from_paths:
+        raise DataError(dataset.obtain())
+    return dataset.build(Request(resolve_root(root), from_paths, image_size, force, show_progress, quiet, opener,
+                                 images_per_char))
 
 
 def prepare(name: str, root: Path | str | None, from_paths: Sequence[Path | str] = (),
@@ -169,33 +227,9 @@ def prepare(name: str, root: Path | str | None, from_paths: Sequence[Path | str]
     bench/sources/miniimagenet.py); expected_per_class / require_all_classes relax the Ravi
     checks for test fixtures. Omniglot datasets behave as `download` with --from.
     """
-    from bench.sources import miniimagenet as mini
-
-    root = resolve_root(root)
-    if name not in DATASETS:
-        raise unknown("dataset", name, list(DATASETS))
-    if name == "meta-dataset":  # bench/sources/meta_dataset.py: one cache per source found
-        from bench.sources import meta_dataset as md
-
-        if len(from_paths) != 1:
-            raise DataError(f"prepare meta-dataset needs exactly one --records DIR (got {len(from_paths)})")
-        md.prepare(from_paths[0], root, _size(image_size, md.DEFAULT_SIZE), force, show_progress,
-                   say=lambda m: _say(m, quiet))
-        return md.md_dir(root)
-    if name != "miniimagenet":
-        return download(name, root, from_paths, image_size, force, show_progress, quiet=quiet)
-    if len(from_paths) != 1:
-        raise DataError(f"prepare miniimagenet needs exactly one --from PATH (got {len(from_paths)}). {mini.OBTAIN}")
-    s = _size(image_size, mini.DEFAULT_SIZE)
-    target = mini.cache_dir(root, s)
-    if _cached(lambda: mini.open_cache(root, s), force):
-        _say(f"miniimagenet: cache up to date at {target} (--force rebuilds it)", quiet)
-        return target
-    fmt, folder = mini.detect(from_paths[0])
-    _say(f"miniimagenet: reading the {fmt} format from {folder}", quiet)
-    mini.prepare(from_paths[0], root, s, expected_per_class, require_all_classes, show_progress)
-    _say(f"miniimagenet: validated against the Ravi split, cache written to {target}", quiet)
-    return target
+    return DATASETS.get(name).build(Request(resolve_root(root), from_paths, image_size, force, show_progress, quiet,
+                                            expected_per_class=expected_per_class,
+                                            require_all_classes=require_all_classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,15 +262,9 @@ def _md5_check(paths: list[Path], archives: dict[str, tuple[str, str]]) -> str:
     return f"md5 MISMATCH: {', '.join(bad)}" if bad else "md5 ok"
 
 
-def status(root: Path | str | None = None) -> list[dict]:
-    """One row per dataset: dataset, found, verified, cached, where."""
-    from bench.sources import miniimagenet as mini
+def _omniglot_status(root: Path) -> list[dict]:
     from bench.sources import omniglot as omni
 
-    root = resolve_root(root)
-    rows = []
-
-    # omniglot
     present = [omni.data_dir(root) / n for n in omni.OMNIGLOT_ARCHIVES if (omni.data_dir(root) / n).is_file()]
     cached, srcs = _caches(omni.data_dir(root), lambda s: omni.open_cache(root, s))
     if present:
@@ -245,19 +273,25 @@ def status(root: Path | str | None = None) -> list[dict]:
         found, verified = f"cache built from {', '.join(srcs[0].meta.get('from', []))}", "validated when cached"
     else:
         found, verified = "no", "-"
-    rows.append({"dataset": "omniglot", "found": found, "verified": verified,
-                 "cached": ", ".join(cached) or "no", "where": str(omni.data_dir(root))})
+    return [{"dataset": "omniglot", "found": found, "verified": verified,
+             "cached": ", ".join(cached) or "no", "where": str(omni.data_dir(root))}]
 
-    # omniglot-small
+
+def _omniglot_small_status(root: Path) -> list[dict]:
+    from bench.sources import omniglot as omni
+
     small = omni.find_small_archives(root)
     cached, srcs = _caches(omni.small_dir(root), lambda s: omni.open_small_cache(root, s))
-    rows.append({"dataset": "omniglot-small", "found": "yes" if small else ("cache only" if srcs else "no"),
-                 "verified": (_md5_check(small, omni.SMALL_ARCHIVES) if small
-                              else "validated when cached" if srcs else "-"),
-                 "cached": ", ".join(cached) or "no",
-                 "where": str(small[0].parent) if small else str(omni.small_dir(root))})
+    return [{"dataset": "omniglot-small", "found": "yes" if small else ("cache only" if srcs else "no"),
+             "verified": (_md5_check(small, omni.SMALL_ARCHIVES) if small
+                          else "validated when cached" if srcs else "-"),
+             "cached": ", ".join(cached) or "no",
+             "where": str(small[0].parent) if small else str(omni.small_dir(root))}]
 
-    # miniimagenet
+
+def _miniimagenet_status(root: Path) -> list[dict]:
+    from bench.sources import miniimagenet as mini
+
     cached, srcs = _caches(mini.data_dir(root), lambda s: mini.open_cache(root, s))
     if srcs:
         src = srcs[0]
@@ -271,12 +305,40 @@ def status(root: Path | str | None = None) -> list[dict]:
             verified += ", official CSVs" if all(csv_ok.values()) else ", CSVs differ from the official files"
     else:
         found, verified = "no (prepare it from your copy: metabench data prepare miniimagenet --from PATH)", "-"
-    rows.append({"dataset": "miniimagenet", "found": found, "verified": verified,
-                 "cached": ", ".join(cached) or "no", "where": str(mini.data_dir(root))})
+    return [{"dataset": "miniimagenet", "found": found, "verified": verified,
+             "cached": ", ".join(cached) or "no", "where": str(mini.data_dir(root))}]
+
+
+def _meta_dataset_status(root: Path) -> list[dict]:
     from bench.sources import meta_dataset as md
 
-    rows += md.status_rows(root)
-    return rows
+    return md.status_rows(root)
+
+
+def _mini_obtain() -> str:
+    from bench.sources import miniimagenet as mini
+
+    return mini.OBTAIN
+
+
+DATASETS: Registry[Dataset] = Registry("dataset", group="metabench.datasets")
+DATASETS.add("omniglot", Dataset(_omniglot, _omniglot_status),
+             "Omniglot, 50 alphabets, 1623 characters (sources omniglot: Vinyals split; omniglot-md)")
+DATASETS.add("omniglot-small", Dataset(_omniglot_small, _omniglot_small_status),
+             "the two real Omniglot subsets, 8 alphabets, 242 characters (source omniglot-small)")
+DATASETS.add("miniimagenet", Dataset(_miniimagenet, _miniimagenet_status, _mini_obtain),
+             "miniImageNet, Ravi split (prepare from your own copy; it cannot be downloaded)")
+DATASETS.add("meta-dataset", Dataset(_meta_dataset, _meta_dataset_status,
+                                     lambda: "Meta-Dataset cannot be downloaded here: convert the datasets with the "
+                                             "official google-research/meta-dataset code, then `metabench data prepare "
+                                             "meta-dataset --records DIR`"),
+             "Meta-Dataset, every source found in the official converter's TFRecords (--records DIR)")
+
+
+def status(root: Path | str | None = None) -> list[dict]:
+    """One row per dataset (Meta-Dataset: per source): dataset, found, verified, cached, where."""
+    root = resolve_root(root)
+    return [row for name in DATASETS for row in DATASETS.get(name).status(root)]
 
 
 def format_status(rows: list[dict]) -> str:

@@ -20,7 +20,7 @@ every random number from the per-episode generator of the foundation
 
 Multi-source training streams (the "all datasets" regime) first pick the episode's source
 uniformly among the benchmark's training sources, with the same generator. The fixed-shape
-option (Benchmark.sampler == "md-fixed") draws way classes uniformly among the split's classes
+option (`MDConfig` with num_ways / num_support / num_query set) draws way classes uniformly among the split's classes
 with at least shot + query images, ignoring the ontology, and shot + query examples of each
 (the official num_ways / num_support / num_query with ignore_*_ontology).
 
@@ -30,22 +30,20 @@ official distribution, not the official sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from bench.api import Episode, TaskInfo
-from bench.errors import DataError, MetabenchError
-from bench.sampling import EpisodeSet, EpisodeSpec, episode_rng
+from bench.errors import MetabenchError
+from bench.protocols import BenchmarkInfo, EpisodeSpec, Protocol, check_split, episode_rng
+from bench.sampling import materialize
 from bench.sources.base import ArraySource
 from bench.sources.meta_dataset import MAX_SPANNING_LEAVES_ELIGIBLE, MDSpec, spec_of
-
-if TYPE_CHECKING:
-    from bench.benchmarks import Benchmark
 
 
 @dataclass(frozen=True)
@@ -75,17 +73,6 @@ class MDConfig:
     @property
     def max_way(self) -> int:
         return int(self.num_ways) if self.fixed else self.max_ways_upper_bound
-
-    @classmethod
-    def for_benchmark(cls, bench: "Benchmark") -> "MDConfig":
-        """md: way/shot/query are max ways, max support contribution per class, max query;
-        md-fixed: fixed way/shot/query, ontology ignored."""
-        if bench.sampler == "md":
-            return cls(max_ways_upper_bound=bench.way, max_support_size_contrib_per_class=bench.shot,
-                       max_num_query=bench.query)
-        if bench.sampler == "md-fixed":
-            return cls(num_ways=bench.way, num_support=bench.shot, num_query=bench.query, use_hierarchy=False)
-        raise MetabenchError(f"{bench.name}: sampler {bench.sampler!r} is not a Meta-Dataset sampler")
 
 
 @dataclass
@@ -170,82 +157,96 @@ class SplitSampler:
         return classes, np.minimum(shots, remaining), query
 
 
-def split_sources(bench: "Benchmark", split: str) -> tuple[str, ...]:
-    """Source names (registry names) that episodes of `split` come from."""
-    if split == "train":
-        return tuple(bench.train_sources) or (bench.source,)
-    if split == "val":
-        return (bench.val_source or bench.source,)
-    if split == "test":
+@dataclass(frozen=True)
+class MDEpisodes(Protocol):
+    """Meta-Dataset's episodes: `config` (variable by default, or fixed-shape), test episodes
+    from the benchmark's source, training episodes from `train_sources` (default: the source;
+    several: one chosen uniformly per episode, the "all datasets" regime) and validation
+    episodes from `val_source` (default: the source)."""
+
+    config: MDConfig = MDConfig()
+    train_sources: tuple[str, ...] = ()
+    val_source: str = ""
+
+    @property
+    def max_way(self) -> int:
+        return self.config.max_way
+
+    @property
+    def variable_way(self) -> bool:
+        return not self.config.fixed
+
+    def split_sources(self, bench: BenchmarkInfo, split: str) -> tuple[str, ...]:
+        """Source names (registry names) that episodes of `split` come from."""
+        check_split(split)
+        if split == "train":
+            return tuple(self.train_sources) or (bench.source,)
+        if split == "val":
+            return (self.val_source or bench.source,)
         return (bench.source,)
-    raise MetabenchError(f"unknown split {split!r} (train, val or test)")
+
+    def source_names(self, bench: BenchmarkInfo) -> tuple[str, ...]:
+        """Training sources, then the validation source, then the test source (each once)."""
+        names: list[str] = []
+        for split in ("train", "val", "test"):
+            names += [n for n in self.split_sources(bench, split) if n not in names]
+        return tuple(names)
+
+    def sampler(self, bench: BenchmarkInfo, sources: Mapping[str, ArraySource]) -> "MDSampler":
+        return MDSampler(bench, self, sources)
+
+    def shape(self) -> str:
+        c = self.config
+        if c.fixed:
+            return f"{c.num_ways}-way {c.num_support}-shot {c.num_query} query"
+        return (f"variable: ways {c.min_ways}-{c.max_ways_upper_bound}, query <={c.max_num_query}, "
+                f"support <={c.max_support_set_size}")
+
+    def row_problem(self, way: int, n_support: int, n_query: int) -> str | None:
+        c = self.config
+        if c.fixed:
+            for what, got, expected in (("way", way, c.num_ways), ("n_support", n_support, way * int(c.num_support)),
+                                        ("n_query", n_query, way * int(c.num_query))):
+                if got != expected:
+                    return f"{what} {got}, but the protocol ({self.shape()}) has {expected}"
+            return None
+        if not c.min_ways <= way <= c.max_ways_upper_bound:
+            return f"way {way} is outside {c.min_ways}..{c.max_ways_upper_bound}"
+        # |S| <= min(max_support_set_size, sum over classes of floor(beta * contrib + 1)); shots sum to at most |S|
+        most = min(c.max_support_set_size, way * (c.max_support_size_contrib_per_class + 1))
+        if not way <= n_support <= most:
+            return f"n_support {n_support} is outside {way}..{most} for way {way}"
+        if n_query % way or not 1 <= n_query // way <= c.max_num_query:
+            return f"n_query {n_query} is not way x q with 1 <= q <= {c.max_num_query} (way {way})"
+        return None
 
 
-def describe_md(bench: "Benchmark", sampler_for: Callable[[str, str], SplitSampler], split: str,
-                index: int) -> EpisodeSpec:
-    """The spec of episode `index` of `split`: source (multi-source streams), classes, examples."""
-    rng = episode_rng(bench.seed, split, index)
-    names = split_sources(bench, split)
-    source = names[int(rng.integers(len(names)))] if len(names) > 1 else names[0]
-    sampler = sampler_for(source, split)
-    classes, shots, query = sampler.sample(rng)
-    support, queries = [], []
-    for c, k in zip(classes, shots):
-        idx = rng.choice(int(sampler.counts[c]), int(k) + query, replace=False)
-        support.append(tuple(int(i) for i in idx[:k]))
-        queries.append(tuple(int(i) for i in idx[k:]))
-    return EpisodeSpec(bench.name, bench.version, split, index, tuple(int(c) for c in classes),
-                       tuple(support), tuple(queries), source=source)
-
-
-class MDEpisodeSet(EpisodeSet):
-    """The episodes of a Meta-Dataset benchmark: its prepared sources, per-source samplers, pixels.
+class MDSampler:
+    """The episodes of a Meta-Dataset benchmark on its loaded sources: per-source split samplers, pixels.
 
     Episode.classes are global ids: the source's class id plus the source's offset in
-    `self.names` (training sources, then validation, then test source), so ids of different
+    `names` (training sources, then validation, then test source), so ids of different
     sources never collide (TaskInfo.n_classes covers all of them). Images are [3, size, size]
     float32 in [0, 1] (bench.sources.meta_dataset.PIXEL_RANGE); greyscale sources are expanded.
     """
 
-    def __init__(self, bench: "Benchmark", root: Path,
-                 loader: Callable[[str, Path, int], ArraySource] | None = None) -> None:
-        from bench.sources import get_source
-
-        self.bench = bench
-        self.cfg = MDConfig.for_benchmark(bench)
-        load = loader or get_source
-        names: list[str] = []
-        for split in ("train", "val", "test"):
-            names += [n for n in split_sources(bench, split) if n not in names]
-        self.names = names
-        self.sources, missing = {}, []
-        for n in names:
-            try:
-                self.sources[n] = load(n, Path(root), bench.image_size)
-            except DataError as e:
-                missing.append((n, e))
-        if len(missing) == 1:
-            raise missing[0][1]
-        if missing:
-            raise DataError(f"{bench.name} needs {len(missing)} Meta-Dataset sources that are not usable in {root}: "
-                            + "; ".join(f"{n}: {e}" for n, e in missing))
+    def __init__(self, bench: BenchmarkInfo, protocol: MDEpisodes, sources: Mapping[str, ArraySource]) -> None:
+        self.bench, self.protocol, self.cfg = bench, protocol, protocol.config
+        self.names = protocol.source_names(bench)
+        self.sources = {n: sources[n] for n in self.names}
         self.specs = {n: spec_of(s) for n, s in self.sources.items()}
         self.offsets, total = {}, 0
-        for n in names:
+        for n in self.names:
             self.offsets[n] = total
             total += self.sources[n].n_classes
         self.n_classes = total
         self._samplers: dict[tuple[str, str], SplitSampler] = {}
         for split in ("train", "val", "test"):
-            for n in split_sources(bench, split):
+            for n in protocol.split_sources(bench, split):
                 self.sampler_for(n, split)  # fail now, with a clear message, not mid-run
 
-    @property
-    def source(self) -> ArraySource:
-        """The test source."""
-        return self.sources[self.bench.source]
-
     def sampler_for(self, source: str, split: str) -> SplitSampler:
+        """The split sampler of (source, split), built once."""
         key = (source, split)
         if key not in self._samplers:
             self._samplers[key] = SplitSampler.from_spec(self.specs[source], split, self.cfg, source)
@@ -257,19 +258,31 @@ class MDEpisodeSet(EpisodeSet):
                         variable_way=not self.cfg.fixed)
 
     def describe(self, split: str, index: int) -> EpisodeSpec:
-        """The spec of episode `index` of `split`."""
-        return describe_md(self.bench, self.sampler_for, split, index)
+        """The spec of episode `index` of `split`: source (multi-source streams), classes, examples."""
+        return describe_md(self.bench, self.protocol, self.sampler_for, split, index)
 
     def materialize(self, spec: EpisodeSpec) -> Episode:
         """Gather the pixels of a spec (support then query, ordered by class; labels 0..way-1)."""
-        src = self.sources[spec.source or self.bench.source]
-        way = len(spec.classes)
-        sx = _rgb(src.gather(spec.classes, spec.support))
-        qx = _rgb(src.gather(spec.classes, spec.query))
-        sy = torch.from_numpy(np.repeat(np.arange(way), [len(s) for s in spec.support])).long()
-        qy = torch.from_numpy(np.repeat(np.arange(way), [len(q) for q in spec.query])).long()
-        off = self.offsets[spec.source or self.bench.source]
-        return Episode(sx, sy, qx, qy, tuple(off + c for c in spec.classes), spec.split, spec.index, spec.hash)
+        name = spec.source or self.bench.source
+        ep = materialize(spec, self.sources[name], self.offsets[name])
+        return dataclasses.replace(ep, support_x=_rgb(ep.support_x), query_x=_rgb(ep.query_x))
+
+
+def describe_md(bench: BenchmarkInfo, protocol: MDEpisodes, sampler_for: Callable[[str, str], SplitSampler],
+                split: str, index: int) -> EpisodeSpec:
+    """The spec of episode `index` of `split`: source (multi-source streams), classes, examples."""
+    rng = episode_rng(bench.seed, split, index)
+    names = protocol.split_sources(bench, split)
+    source = names[int(rng.integers(len(names)))] if len(names) > 1 else names[0]
+    sampler = sampler_for(source, split)
+    classes, shots, query = sampler.sample(rng)
+    support, queries = [], []
+    for c, k in zip(classes, shots):
+        idx = rng.choice(int(sampler.counts[c]), int(k) + query, replace=False)
+        support.append(tuple(int(i) for i in idx[:k]))
+        queries.append(tuple(int(i) for i in idx[k:]))
+    return EpisodeSpec(bench.name, bench.version, split, index, tuple(int(c) for c in classes),
+                       tuple(support), tuple(queries), source=source)
 
 
 def _rgb(x: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,14 @@ COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", 
 
 @dataclass(frozen=True)
 class Workload:
-    """One benchmark shape at a method's paper settings (Finn et al. 2017 for MAML).
+    """One benchmark shape at a method's paper settings (Finn et al. 2017 for MAML); preset: the preset key.
 
     Episodes: `way` classes, `shot` support and `query` query examples per class, images
     [channels, size, size]; Conv-4 with `hidden` filters; `meta_batch` tasks per outer update;
     `inner_steps` at training with `inner_lr`; `test_steps` when evaluating.
     """
 
-    family: str
+    preset: str
     way: int
     shot: int
     query: int
@@ -82,9 +82,9 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    "omniglot-5w1s": Workload("omniglot", 5, 1, 15, channels=1, size=28, hidden=64, meta_batch=32, inner_steps=1,
+    "omniglot-5w1s": Workload("omniglot-5w", 5, 1, 15, channels=1, size=28, hidden=64, meta_batch=32, inner_steps=1,
                               inner_lr=0.4, test_steps=10),
-    "omniglot-20w1s": Workload("omniglot", 20, 1, 15, channels=1, size=28, hidden=64, meta_batch=16, inner_steps=5,
+    "omniglot-20w1s": Workload("omniglot-20w", 20, 1, 15, channels=1, size=28, hidden=64, meta_batch=16, inner_steps=5,
                                inner_lr=0.1, test_steps=10),
     "miniimagenet-5w1s": Workload("miniimagenet", 5, 1, 15, channels=3, size=84, hidden=32, meta_batch=4,
                                   inner_steps=5, inner_lr=0.01, test_steps=10),
@@ -186,7 +186,7 @@ def metabench_impl(w: Workload, method: str, device: str, batched: bool = False)
 
     if device != "cpu":
         raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
-    m = registry.make(method, w.family, w.way, seed=0, hidden=w.hidden, meta_batch=w.meta_batch,
+    m = registry.make(method, w.preset, seed=0, hidden=w.hidden, meta_batch=w.meta_batch,
                       inner_steps=w.inner_steps, inner_lr=w.inner_lr, inner_steps_test=w.test_steps,
                       **({"task_batch": w.meta_batch} if batched else {}))
     m.setup(TaskInfo((w.channels, w.size, w.size), w.way, w.way))

@@ -35,13 +35,14 @@ from baselines import registry
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What to run. steps: outer updates (None: the paper's number); chunk: updates per checkpoint;
+    """What to run. benchmark: a registered name, "pkg.module:NAME", a .toml file or a Benchmark;
+    steps: outer updates (None: the method's preset for the benchmark); chunk: updates per checkpoint;
     val_episodes / test_episodes: None means the benchmark's numbers; overrides: hyperparameters;
     patience: stop fitting early once `patience` chunks in a row brought no new best validation
     accuracy (None: never)."""
 
     method: str
-    benchmark: str
+    benchmark: str | benchmarks.Benchmark
     seed: int = 0
     steps: int | None = None
     chunk: int = 100
@@ -110,35 +111,45 @@ def mean_accuracy(learner: MetaLearner, episodes: list) -> float:
 
 
 def run_steps(cfg: RunConfig, bench: benchmarks.Benchmark) -> int:
-    """Outer steps of a run: cfg.steps, else the paper's number for the method and benchmark."""
+    """Outer steps of a run: cfg.steps, else the method's preset for the benchmark (an error if it has none)."""
     if cfg.steps is not None:
         return cfg.steps
-    return registry.paper_steps(cfg.method, bench.family, bench.way) or 0
+    return registry.outer_steps(cfg.method, bench.preset, bench.name)
+
+
+def build_learner(method: str, bench: benchmarks.Benchmark, seed: int, overrides: dict[str, Any],
+                  steps: int | None = None) -> MetaLearner:
+    """Method `method` with its preset for `bench`, then `overrides` (not yet set up).
+
+    A method with a `total_steps` hyperparameter (the length of a schedule, e.g. Reptile's
+    annealed meta step) gets `steps` (the run's length) unless `overrides` sets it. The runner and
+    `verify` build learners through this one function.
+    """
+    cls = registry.method_class(method)
+    overrides = dict(overrides)
+    if steps is not None and "total_steps" in {f.name for f in dataclasses.fields(cls)} and "total_steps" not in overrides:
+        overrides["total_steps"] = max(1, steps)
+    return registry.make(method, bench.preset, seed, **overrides)
 
 
 def build(cfg: RunConfig, root: Path) -> tuple[MetaLearner, EpisodeSet]:
-    """A set-up learner for cfg and the benchmark's episodes.
-
-    A method with a `total_steps` hyperparameter (the length of a schedule, e.g. Reptile's
-    annealed meta step) gets the run's number of steps unless cfg.overrides sets it.
-    """
-    cls = registry.import_target(registry.get_entry(cfg.method).target)  # bad names fail before data loads
-    es = benchmarks.load(cfg.benchmark, root)
-    bench = es.bench
-    overrides = dict(cfg.overrides)
-    if "total_steps" in {f.name for f in dataclasses.fields(cls)} and "total_steps" not in overrides:
-        overrides["total_steps"] = max(1, run_steps(cfg, bench))
-    learner = registry.make(cfg.method, bench.family, bench.way, cfg.seed, **overrides)
-    learner.setup(bench.task_info(es))
+    """A set-up learner for cfg and the benchmark's episodes (bad method names fail before data loads)."""
+    registry.method_class(cfg.method)
+    bench = benchmarks.get_benchmark(cfg.benchmark)
+    steps = run_steps(cfg, bench)
+    es = bench.with_episodes(None, root)
+    learner = build_learner(cfg.method, bench, cfg.seed, cfg.overrides, steps)
+    learner.setup(es.task_info())
     return learner, es
 
 
 def run_dir(cfg: RunConfig, dirs: RunDirs, learner: MetaLearner) -> Path:
     """Checkpoint folder of a run: keyed by everything that changes its trajectory."""
     # `steps` is not part of the key: a run asked for more steps later continues the same trajectory.
+    bench = benchmarks.get_benchmark(cfg.benchmark)
     key = params_hash({"params": learner.params(), "chunk": cfg.chunk, "val": cfg.val_episodes,
-                       "version": benchmarks.get_benchmark(cfg.benchmark).version})
-    return Path(dirs.runs) / cfg.benchmark / cfg.method.replace(":", "_") / f"seed{cfg.seed}-{key}"
+                       "version": bench.version})
+    return Path(dirs.runs) / bench.name / cfg.method.replace(":", "_") / f"seed{cfg.seed}-{key}"
 
 
 def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = True) -> Path:
@@ -170,10 +181,13 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
         save_checkpoint(best, {"learner": learner.state_dict(), "step": 0})
         save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": 0.0})
 
+    if learner.info.max_way < bench.max_way:
+        raise MetabenchError(f"{folder}: the checkpoint of {cfg.method} was set up for max_way={learner.info.max_way}, "
+                             f"but {bench.name} has episodes of up to {bench.max_way} ways")
     if learner.fit_steps > steps:
         raise MetabenchError(f"{folder}: the checkpoint is at step {learner.fit_steps}, beyond the {steps} steps "
                              "asked for; ask for at least as many steps, or start over without --resume")
-    bar = tqdm(total=steps, initial=learner.fit_steps, desc=f"fit {cfg.method} {cfg.benchmark}",
+    bar = tqdm(total=steps, initial=learner.fit_steps, desc=f"fit {cfg.method} {bench.name}",
                unit="step", disable=not progress)
     while learner.fit_steps < steps and not plateaued(curve, cfg.patience):
         n = min(cfg.chunk, steps - learner.fit_steps)
@@ -195,7 +209,7 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
     ph = params_hash(learner.params())
     dev = device_name()
     rows = []
-    test_bar = tqdm(total=n_test, desc=f"test {cfg.method} {cfg.benchmark}", unit="ep", disable=not progress)
+    test_bar = tqdm(total=n_test, desc=f"test {cfg.method} {bench.name}", unit="ep", disable=not progress)
     for first in range(0, n_test, EVAL_CHUNK):
         eps = [es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n_test))]
         for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):

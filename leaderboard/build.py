@@ -135,7 +135,7 @@ class Loaded:
 def load_results(results_dirs: Sequence[Path]) -> Loaded:
     """Read and validate every result CSV (and run card) under the given folders.
 
-    A folder may also be a submission bundle (bench.submit; it holds metadata.json or
+    A folder may also be a submission bundle (bench.bundle; it holds metadata.json or
     MANIFEST.json): its `results/` subfolder is read, and its run cards say whether it is verified.
 
     Raises ResultsError when a folder has no results, when one (benchmark, method, seed) appears
@@ -148,7 +148,7 @@ def load_results(results_dirs: Sequence[Path]) -> Loaded:
     for results_dir in results_dirs:
         results_dir = Path(results_dir)
         if (results_dir / "metadata.json").is_file() or (results_dir / "MANIFEST.json").is_file():
-            results_dir = results_dir / "results"  # a submission bundle (bench.submit): its CSVs live here
+            results_dir = results_dir / "results"  # a submission bundle (bench.bundle): its CSVs live here
         paths = find_csvs(results_dir)
         if not paths:
             raise ResultsError(f"{results_dir}: no result CSVs found")

@@ -68,7 +68,7 @@ def child(method: str, steps: int, meta_batch: int) -> dict[str, float | str]:
     over = dict(hidden=HIDDEN, meta_batch=meta_batch, inner_steps=steps)
     if method == "maml":
         over["first_order"] = False
-    m = registry.make(method, "omniglot", WAY, seed=0, **over).setup(TaskInfo((1, SIZE, SIZE), WAY, 100))
+    m = registry.make(method, "omniglot-5w", seed=0, **over).setup(TaskInfo((1, SIZE, SIZE), WAY, 100))
     gen = torch.Generator().manual_seed(0)
     labels = lambda n: torch.arange(WAY).repeat_interleave(n)  # noqa: E731
     batch = [Episode(torch.rand(WAY * SHOT, 1, SIZE, SIZE, generator=gen), labels(SHOT),

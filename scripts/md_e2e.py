@@ -71,13 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     data.prepare("meta-dataset", root, [records], args.image_size, show_progress=False)
     prepare_s = time.perf_counter() - t0
     cache = md.cache_dir(root, records.name, args.image_size)
-    if args.image_size != benchmarks.get_benchmark(BENCHMARK).image_size:
-        b = dataclasses.replace(benchmarks.get_benchmark(BENCHMARK), image_size=args.image_size)
-        benchmarks.BENCHMARKS[BENCHMARK] = b
-    es = benchmarks.load(BENCHMARK, root)
+    bench = dataclasses.replace(benchmarks.get_benchmark(BENCHMARK), image_size=args.image_size)
+    es = benchmarks.load(bench, root)
     speed = sampling_speed(es)
 
-    cfg = RunConfig("fomaml", BENCHMARK, seed=0, steps=args.steps, chunk=max(1, args.steps // 2),
+    cfg = RunConfig("fomaml", bench, seed=0, steps=args.steps, chunk=max(1, args.steps // 2),
                     val_episodes=args.val_episodes, test_episodes=args.test_episodes,
                     overrides=dict(hidden=8, inner_steps=1, inner_steps_test=1, meta_batch=2, outer_lr=1e-3))
     dirs = RunDirs(root, args.work / "results", args.work / "runs")

@@ -37,8 +37,8 @@ def main() -> None:
     args = p.parse_args()
     es = benchmarks.load(BENCHMARK, resolve_root(args.root))
     w = WORKLOADS["omniglot-5w1s"]
-    ours = registry.make("maml", "omniglot", 5, seed=0)
-    ours.setup(es.bench.task_info(es))
+    ours = registry.make("maml", es.bench.preset, seed=0)
+    ours.setup(es.task_info())
     model = conv4_module(w)
     load_functional_params(model, ours.meta)
     maml = import_learn2learn_maml()(model, lr=w.inner_lr)

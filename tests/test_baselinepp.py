@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(synthetic_set, **kw) -> BaselinePP:
-    return BaselinePP(**(dict(hidden=8, meta_batch=2, seed=0) | kw)).setup(synthetic_set.bench.task_info(synthetic_set))
+    return BaselinePP(**(dict(hidden=8, meta_batch=2, seed=0) | kw)).setup(synthetic_set.task_info())
 
 
 def test_cosine_logits_by_hand():
@@ -76,6 +76,6 @@ def test_pretraining_learns_and_adapt_leaves_the_backbone_untouched(synthetic_se
 
 
 def test_registry_is_finetunes_recipe_with_the_cosine_scales():
-    pp, ft = registry.defaults("baseline++", "omniglot", 5), registry.defaults("finetune", "omniglot", 5)
+    pp, ft = registry.preset("baseline++", "omniglot-5w").values, registry.preset("finetune", "omniglot-5w").values
     assert {k: pp[k] for k in ft} == ft
     assert (pp["scale_factor"], pp["scale_factor_many"], pp["many_classes"]) == (2.0, 10.0, 200)

@@ -20,13 +20,14 @@ N_GOLDEN = 5
 
 
 def test_registry_names_and_fields():
-    for name, b in benchmarks.BENCHMARKS.items():
+    for name in benchmarks.BENCHMARKS:
+        b = benchmarks.get_benchmark(name)
         assert name == b.name
         assert b.test_episodes == 600 or b.source == "synthetic"
-        assert b.version >= 1 and b.way >= 2 and b.shot >= 1 and b.query >= 1
+        assert b.version >= 1 and b.max_way >= 2 and b.protocol.shape()
     for name in ("glyphs-5w1s", "glyphs-5w5s", "glyphs-20w1s", "glyphs-20w5s"):
         b = benchmarks.get_benchmark(name)
-        assert b.query == 15 and b.test_episodes == 600
+        assert b.protocol.query == 15 and b.test_episodes == 600
 
 
 def test_unknown_benchmark():

@@ -8,7 +8,7 @@ from baselines.chance import Chance
 
 
 def test_chance_is_one_over_way(synthetic_set):
-    m = Chance().setup(synthetic_set.bench.task_info(synthetic_set))
+    m = Chance().setup(synthetic_set.task_info())
     rows = m.evaluate(synthetic_set.episodes("test", 5))
     assert all(r["accuracy"] == 1 / 5 for r in rows)
     assert all(math.isclose(r["loss"], math.log(5)) for r in rows)

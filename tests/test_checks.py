@@ -7,6 +7,7 @@ import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -188,6 +189,8 @@ class ConcurrencySensitiveMAML(SmallMAML):
     """task_loss records how many tasks ran at once (a deterministic stand-in for any race on
     shared state) while claiming PARALLEL_TASKS."""
 
+    PARALLEL_TASKS: ClassVar[bool] = True
+
     def setup(self, info):
         self.active, self.most_active, self.lock = 0, 0, threading.Lock()
         return super().setup(info)
@@ -311,6 +314,7 @@ def test_cli_check_exit_codes(tmp_path, monkeypatch, capsys):
     module = tmp_path / "my_broken_method.py"
     module.write_text(textwrap.dedent("""
         from dataclasses import dataclass, field
+from typing import ClassVar
         import torch
         from baselines.maml import MAML
 
@@ -329,3 +333,17 @@ def test_cli_check_exit_codes(tmp_path, monkeypatch, capsys):
     assert main(["check", "chance", "--only", "check_tags", "--only", "check_learns"]) == 0
     out = capsys.readouterr().out
     assert "excepted" in out and out.strip().splitlines()[-1].startswith("OK")
+
+
+# --- the pytest helper for a method author's own CI ------------------------------------------------
+@checks.parametrize_with_checks(["chance"])
+def test_parametrize_with_checks_runs_the_suite(method, check):
+    check()
+
+
+def test_parametrize_with_checks_fails_a_broken_method():
+    mark = checks.parametrize_with_checks([MutatingMAML])
+    cases = dict(zip(mark.kwargs["ids"], (c[1] for c in mark.args[1])))
+    assert len(cases) == len(checks.CHECKS)
+    with pytest.raises(AssertionError, match="check_adapt_leaves_meta_untouched"):
+        cases["MutatingMAML-check_adapt_leaves_meta_untouched"]()

@@ -88,7 +88,7 @@ def test_conjugate_gradient_stops_at_non_positive_curvature():
 def test_implicit_gradient_is_exact_at_the_inner_optimum_float64(synthetic_set):
     """Inner problem solved to machine precision: CG (with enough steps) equals the dense solve, and the
     dense solve equals the finite-difference derivative of theta -> L_query(phi*(theta))."""
-    info = synthetic_set.bench.task_info(synthetic_set)
+    info = synthetic_set.task_info()
     m = TinyIMAML(seed=3, inner_lr=0.1, inner_steps=600, lam=2.0, cg_steps=400).setup(info)
     ep = to_double(m, synthetic_set.episode("train", 0))
     theta = {k: v.detach() for k, v in m.meta.items()}
@@ -118,7 +118,7 @@ def test_implicit_gradient_is_exact_at_the_inner_optimum_float64(synthetic_set):
 
 def test_cg_hessian_vector_products_on_conv4_match_the_dense_hessian_float64(synthetic_set):
     """The real backbone (Conv-4, batch norm, max-pool): CG with HVPs equals the dense solve."""
-    info = synthetic_set.bench.task_info(synthetic_set)
+    info = synthetic_set.task_info()
     m = IMAML(hidden=2, seed=0, inner_lr=0.1, lam=50.0, cg_steps=400).setup(info)
     ep = to_double(m, synthetic_set.episode("train", 1))
     phi = m.solve_inner(ep.support_x, ep.support_y, 3, m.lam)
@@ -131,7 +131,7 @@ def test_cg_hessian_vector_products_on_conv4_match_the_dense_hessian_float64(syn
 
 
 def test_inner_loop_is_detached_proximal_gradient_descent(synthetic_set):
-    m = IMAML(hidden=4, seed=0, inner_lr=0.1, lam=2.0).setup(synthetic_set.bench.task_info(synthetic_set))
+    m = IMAML(hidden=4, seed=0, inner_lr=0.1, lam=2.0).setup(synthetic_set.task_info())
     ep = synthetic_set.episode("train", 2)
     phi = m.solve_inner(ep.support_x, ep.support_y, 2, m.lam)
     assert all(not v.requires_grad and v.grad_fn is None for v in phi.values())  # no inner trajectory in any graph
@@ -150,7 +150,7 @@ def test_inner_loop_is_detached_proximal_gradient_descent(synthetic_set):
 
 
 def test_outer_step_applies_the_mean_implicit_gradient(synthetic_set):
-    m = IMAML(hidden=4, seed=0, meta_batch=2, inner_steps=3).setup(synthetic_set.bench.task_info(synthetic_set))
+    m = IMAML(hidden=4, seed=0, meta_batch=2, inner_steps=3).setup(synthetic_set.task_info())
     batch = synthetic_set.episodes("train", 2)
     grads = [m.meta_gradient(ep) for ep in batch]
     before = {k: v.detach().clone() for k, v in m.meta.items()}
@@ -162,7 +162,7 @@ def test_outer_step_applies_the_mean_implicit_gradient(synthetic_set):
 
 
 def test_adapt_uses_lam_test_and_leaves_meta_untouched(synthetic_set):
-    m = IMAML(hidden=4, seed=0, inner_steps_test=4).setup(synthetic_set.bench.task_info(synthetic_set))
+    m = IMAML(hidden=4, seed=0, inner_steps_test=4).setup(synthetic_set.task_info())
     ep = synthetic_set.episode("test", 0)
     before = {k: v.detach().clone() for k, v in m.meta.items()}
     logits = m.adapt(ep.support_x, ep.support_y)(ep.query_x)

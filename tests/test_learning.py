@@ -84,8 +84,8 @@ def omniglot_small(shared_data, data_root):
 def test_method_learns_omniglot_small(omniglot_small, method):
     es = omniglot_small
     steps, n_test, overrides = PLANS[method]
-    m = registry.make(method, es.bench.family, es.bench.way, seed=0, **overrides)
-    m.setup(es.bench.task_info(es))
+    m = registry.make(method, es.bench.preset, seed=0, **overrides)
+    m.setup(es.task_info())
     m.fit(es.stream("train"), steps)
     acc = float(np.mean([r["accuracy"] for r in m.evaluate(es.episodes("test", n_test))]))
     assert acc >= FLOOR, f"{method}: {acc:.3f} test accuracy after {steps} steps (chance 0.2)"

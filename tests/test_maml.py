@@ -15,7 +15,7 @@ from baselines.maml import MAML
 
 def small_maml(synthetic_set, **kw):
     params = dict(meta_batch=2, hidden=8, inner_steps_test=3, seed=1) | kw
-    return MAML(**params).setup(synthetic_set.bench.task_info(synthetic_set))
+    return MAML(**params).setup(synthetic_set.task_info())
 
 
 def test_constructor_only_stores_hyperparameters():
@@ -73,9 +73,9 @@ def test_maml_learns_on_glyphs(data_root):
     3e-3 (the paper's 1e-3 needs far more steps), 5 query images per class in training.
     """
     es = benchmarks.load("glyphs-5w1s", data_root)
-    train = EpisodeSet(dataclasses.replace(es.bench, query=5), es.source)
+    train = EpisodeSet(dataclasses.replace(es.bench, protocol=dataclasses.replace(es.bench.protocol, query=5)), es.source)
     m = MAML(meta_batch=4, inner_lr=0.4, inner_steps=1, inner_steps_test=3, hidden=32, outer_lr=3e-3, seed=0)
-    m.setup(es.bench.task_info(es))
+    m.setup(es.task_info())
     test = es.episodes("test", 40)
     before = np.mean([r["accuracy"] for r in m.evaluate(test)])
     m.fit(train.stream("train"), 100)
@@ -92,10 +92,47 @@ def test_maml_learns_on_real_omniglot_subset(shared_data, data_root, first_order
     first-order MAML learns more slowly at this budget (measured 0.53), so its floor is 45%.
     """
     es = benchmarks.load("omniglot-small-5w1s", data_root)
-    train = EpisodeSet(dataclasses.replace(es.bench, query=5), es.source)
+    train = EpisodeSet(dataclasses.replace(es.bench, protocol=dataclasses.replace(es.bench.protocol, query=5)), es.source)
     m = MAML(meta_batch=4, inner_lr=0.4, inner_steps=1, inner_steps_test=3, hidden=32, outer_lr=3e-3,
              first_order=first_order, seed=0)
-    m.setup(es.bench.task_info(es))
+    m.setup(es.task_info())
     m.fit(train.stream("train"), 120)
     acc = np.mean([r["accuracy"] for r in m.evaluate(es.episodes("test", 100))])
     assert acc >= floor, acc
+
+
+# --- fast paths by declared capability -----------------------------------------------------------
+@dataclasses.dataclass
+class RaisingAdapt(MAML):
+    """Overrides only adapt (and declares no fast path): evaluation must call it."""
+
+    def adapt(self, support_x, support_y):
+        raise RuntimeError("my adapt was called")
+
+
+@dataclasses.dataclass
+class WrongShapeAdapt(MAML):
+    def adapt(self, support_x, support_y):
+        return lambda query_x: torch.zeros(len(query_x), 2)
+
+
+def test_overriding_adapt_is_never_bypassed_by_the_batched_path(synthetic_set):
+    assert MAML.TASK_BATCHED and not RaisingAdapt.TASK_BATCHED and not RaisingAdapt.PARALLEL_TASKS
+    eps = synthetic_set.episodes("test", 4)
+    with pytest.raises(RuntimeError, match="my adapt was called"):
+        RaisingAdapt(hidden=4).setup(synthetic_set.task_info()).evaluate(eps)
+    with pytest.raises(ValueError, match="expected \\[n_query, way\\]"):
+        WrongShapeAdapt(hidden=4).setup(synthetic_set.task_info()).evaluate(eps)
+
+
+def test_an_episode_wider_than_max_way_names_max_way(synthetic_set):
+    from bench.api import TaskInfo
+    from bench.errors import MetabenchError
+
+    ep = synthetic_set.episode("test", 0)  # 5-way
+    info = synthetic_set.task_info()
+    m = MAML(hidden=4, meta_batch=1).setup(TaskInfo(info.image_shape, 3, info.n_classes))
+    with pytest.raises(MetabenchError, match="max_way=3.*5 ways"):
+        m.evaluate([ep])
+    with pytest.raises(MetabenchError, match="max_way=3"):
+        m.fit(iter([ep]), 1)

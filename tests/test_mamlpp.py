@@ -191,7 +191,7 @@ def test_schedules_switch_at_the_right_outer_steps_and_survive_resume(synthetic_
     """2 outer steps per epoch, cosine over 4 epochs, MSL for 2 epochs, first order for 1 epoch."""
     kw = dict(hidden=4, inner_steps=2, meta_batch=1, epoch_steps=2, total_epochs=4, msl_epochs=2,
               first_order_epochs=1, outer_lr=0.01, min_outer_lr=0.001, seed=0)
-    info = synthetic_set.bench.task_info(synthetic_set)
+    info = synthetic_set.task_info()
     m = MAMLpp(**kw).setup(info)
     stream = synthetic_set.stream("train")
     seen = []
@@ -270,8 +270,9 @@ def test_tags_validation_and_registry():
     assert MAMLpp(first_order_epochs=100, total_epochs=100).tags.order == "first"
     with pytest.raises(ValueError, match="inner_steps must be >= 1"):
         small(inner_steps=0)
-    for family, way in (("omniglot", 5), ("omniglot", 20), ("miniimagenet", 5)):
-        d = registry.defaults("mamlpp", family, way)
+    for key in ("omniglot-5w", "omniglot-20w", "miniimagenet"):
+        p = registry.preset("mamlpp", key)
+        d = p.values
         assert d["inner_steps"] == 5 and d["msl_epochs"] in (10, 15)
-        assert registry.paper_steps("mamlpp", family, way) == d["epoch_steps"] * d["total_epochs"] == 50000
-    assert registry.defaults("mamlpp", "miniimagenet", 5)["hidden"] == 48
+        assert p.steps == d["epoch_steps"] * d["total_epochs"] == 50000
+    assert registry.preset("mamlpp", "miniimagenet").values["hidden"] == 48

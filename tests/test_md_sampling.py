@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import benchmarks
 from bench.benchmarks import Benchmark
 from bench.errors import MetabenchError
-from bench.md_sampling import MDConfig, MDEpisodeSet, SplitSampler, describe_md
+from bench.md_sampling import MDConfig, MDEpisodes, SplitSampler, describe_md
 from bench.sampling import EpisodeSpec
 from bench.sources.base import ArraySource
 from bench.sources.meta_dataset import OFFICIAL, TRAIN_ALL, load_spec, parse_spec, source_key, spanning_leaves
@@ -33,8 +34,8 @@ def specs(shared_data):
     return {name: load_spec(folder / f"{name}_dataset_spec.json") for name in OFFICIAL}
 
 
-def bench(source="md-aircraft", seed=11, sampler="md", way=50, shot=100, query=10, train=()) -> Benchmark:
-    return Benchmark("md-test", source, way, shot, query, 84, "meta-dataset", 1, seed, 600, 600, sampler, train)
+def bench(source="md-aircraft", seed=11, cfg=MDConfig(), train=()) -> Benchmark:
+    return Benchmark("md-test", source, MDEpisodes(cfg, train), 84, "meta-dataset", 1, seed, 600, 600)
 
 
 def sampler_table(specs, cfg=MDConfig()):
@@ -52,8 +53,8 @@ def sampler_table(specs, cfg=MDConfig()):
 
 def episodes(specs, source, split, n=N_EPISODES, **kw) -> list[EpisodeSpec]:
     b = bench(source, **kw)
-    get = sampler_table(specs, MDConfig.for_benchmark(b))
-    return [describe_md(b, get, split, i) for i in range(n)]
+    get = sampler_table(specs, b.protocol.config)
+    return [describe_md(b, b.protocol, get, split, i) for i in range(n)]
 
 
 # --- (1) the official functions, transcribed (RandomState calls -> the same Generator calls) -----
@@ -102,7 +103,7 @@ def test_default_constants():
     assert (c.min_ways, c.max_ways_upper_bound, c.max_num_query, c.max_support_set_size,
             c.max_support_size_contrib_per_class) == (5, 50, 10, 500, 100)
     assert math.isclose(c.min_log_weight, math.log(0.5)) and math.isclose(c.max_log_weight, math.log(2))
-    assert MDConfig.for_benchmark(bench()) == c
+    assert bench().protocol.config == c and bench().max_way == 50
 
 
 def test_reference_specs_match_the_protocol(specs):
@@ -219,7 +220,8 @@ def test_all_datasets_regime_picks_sources_uniformly(specs):
 
 
 def test_fixed_shape_option(specs):
-    eps = episodes(specs, "md-omniglot", "test", n=300, sampler="md-fixed", way=5, shot=5, query=15)
+    fixed = MDConfig(num_ways=5, num_support=5, num_query=15, use_hierarchy=False)
+    eps = episodes(specs, "md-omniglot", "test", n=300, cfg=fixed)
     spec = specs["omniglot"]
     alphabet = {int(c): k for k, ids in enumerate(spec.superclass_classes) for c in ids}
     assert {len(e.classes) for e in eps} == {5}
@@ -239,9 +241,9 @@ def test_splits_without_episodes_are_clear_errors(specs):
 def test_pure_function_of_index_and_source_in_hash(specs):
     b = bench("md-aircraft", train=tuple(source_key(n) for n in TRAIN_ALL))
     get = sampler_table(specs)
-    a = [describe_md(b, get, "train", i).hash for i in range(20)]
-    assert a == [describe_md(b, get, "train", i).hash for i in reversed(range(20))][::-1]
-    e = describe_md(b, get, "train", 3)
+    a = [describe_md(b, b.protocol, get, "train", i).hash for i in range(20)]
+    assert a == [describe_md(b, b.protocol, get, "train", i).hash for i in reversed(range(20))][::-1]
+    e = describe_md(b, b.protocol, get, "train", 3)
     assert '"source"' in e.to_json()
     assert EpisodeSpec("x", 1, "test", 0, (1,), ((0,),), ((1,),)).to_json() == (
         '{"benchmark":"x","classes":[1],"index":0,"query":[[1]],"split":"test","support":[[0]],"version":1}')
@@ -269,18 +271,18 @@ def test_multi_source_episode_set_offsets_and_channels():
     toys = {"md-a": _toy_source("a", _plain("a", (6, 6, 6), 12)),
             "md-b": _toy_source("b", _plain("b", (7, 5, 5), 30), channels=3),
             "md-c": _toy_source("c", _plain("c", (0, 6, 8), 25))}
-    b = Benchmark("md-toy", "md-c", 50, 100, 10, 8, "meta-dataset", 1, 5, 10, 10, "md", ("md-a", "md-b"), "md-b")
-    es = MDEpisodeSet(b, Path("/nonexistent"), loader=lambda name, root, size: toys[name])
+    b = Benchmark("md-toy", "md-c", MDEpisodes(MDConfig(), ("md-a", "md-b"), "md-b"), 8, "meta-dataset", 1, 5, 10, 10)
+    es = benchmarks.load(b, Path("/nonexistent"), loader=lambda name, root, size: toys[name])
     info = es.task_info()
     assert info.image_shape == (3, 8, 8) and info.max_way == 50 and info.variable_way
-    assert info.n_classes == 18 + 17 + 14 and es.offsets == {"md-a": 0, "md-b": 18, "md-c": 35}
+    assert info.n_classes == 18 + 17 + 14 and es.sampler.offsets == {"md-a": 0, "md-b": 18, "md-c": 35}
     seen = set()
     for i in range(40):
         ep = es.episode("train", i)
         spec = es.describe("train", i)
         seen.add(spec.source)
         assert ep.support_x.shape[1:] == (3, 8, 8) and ep.support_x.dtype.is_floating_point
-        assert ep.classes == tuple(es.offsets[spec.source] + c for c in spec.classes)
+        assert ep.classes == tuple(es.sampler.offsets[spec.source] + c for c in spec.classes)
         assert ep.query_y.bincount().tolist() == [len(spec.query[0])] * ep.way
     assert seen == {"md-a", "md-b"}
     assert {es.describe("val", i).source for i in range(5)} == {"md-b"}

@@ -18,7 +18,7 @@ import torch
 
 from bench import benchmarks, data
 from bench.errors import DataError
-from bench.md_sampling import MDEpisodeSet
+from bench.md_sampling import MDEpisodes
 from bench.sources import get_source
 from bench.sources import meta_dataset as md
 from bench.sources.tfrecord import parse_example, read_records
@@ -243,24 +243,25 @@ def test_meta_dataset_benchmarks_registered():
     for off in md.OFFICIAL.values():
         for regime in ("md-", "md-all-"):
             b = benchmarks.get_benchmark(regime + off.key)
-            assert b.sampler == "md" and b.test_episodes == 600 and b.family == "meta-dataset"
-            assert b.source == "md-" + off.key and b.val_source == "md-ilsvrc-2012"
-            assert b.train_sources == (("md-ilsvrc-2012",) if regime == "md-" else
-                                       tuple(md.source_key(s) for s in md.TRAIN_ALL))
+            assert isinstance(b.protocol, MDEpisodes) and b.protocol.variable_way
+            assert b.test_episodes == 600 and b.preset == "meta-dataset"
+            assert b.source == "md-" + off.key and b.protocol.val_source == "md-ilsvrc-2012"
+            assert b.protocol.train_sources == (("md-ilsvrc-2012",) if regime == "md-" else
+                                                tuple(md.source_key(s) for s in md.TRAIN_ALL))
     assert len(names) == 22 and len({benchmarks.get_benchmark(n).seed for n in names}) == 22
-    assert "md-traffic-sign" not in benchmarks.get_benchmark("md-all-aircraft").train_sources
+    assert "md-traffic-sign" not in benchmarks.get_benchmark("md-all-aircraft").protocol.train_sources
 
 
 @pytest.mark.parametrize("method", ["maml", "fomaml", "finetune"])
 def test_methods_run_on_variable_way_episodes(root, method):
     torch.manual_seed(0)
     b = dataclasses.replace(benchmarks.get_benchmark("md-omniglot-small"), image_size=28)  # CPU time
-    es = MDEpisodeSet(b, root)  # the 28 px cache is built from the shared records on first use
-    assert registry.defaults("fomaml", b.family, b.way)["inner_lr"] == 0.09915
+    es = benchmarks.load(b, root)  # the 28 px cache is built from the shared records on first use
+    assert registry.preset("fomaml", b.preset).values["inner_lr"] == 0.09915
     small = dict(hidden=4, meta_batch=2) | ({"head_steps": 3} if method == "finetune" else
                                            {"inner_steps": 1, "inner_steps_test": 1})
-    learner = registry.make(method, b.family, b.way, 0, **small)
-    learner.setup(b.task_info(es))
+    learner = registry.make(method, b.preset, 0, **small)
+    learner.setup(es.task_info())
     learner.fit(es.stream("train"), 1)
     eps = [es.episode("test", i) for i in range(3)]
     out = learner.evaluate(eps)

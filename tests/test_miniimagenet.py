@@ -281,7 +281,7 @@ def test_hdf5_without_h5py_says_what_to_install(tmp_path, monkeypatch):
 def test_full_ravi_split_passes_strict_validation_and_samples(tmp_path):
     """All 100 classes x 600 images (8x8 to stay small): the strict path end to end."""
     from bench.benchmarks import Benchmark
-    from bench.sampling import EpisodeSet
+    from bench.sampling import EpisodeSet, FixedEpisodes
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "npz"
@@ -294,7 +294,7 @@ def test_full_ravi_split_passes_strict_validation_and_samples(tmp_path):
     src = get_source("miniimagenet", tmp_path / "root", 8)
     assert {k: len(v) for k, v in src.splits.items()} == {"train": 64, "val": 16, "test": 20}
     assert mini.is_complete(src) and src.images.shape == (60000, 8, 8, 3)
-    episodes = EpisodeSet(Benchmark("mini-tiny", "miniimagenet", 5, 1, 15, 8, "miniimagenet"), src)
+    episodes = EpisodeSet(Benchmark("mini-tiny", "miniimagenet", FixedEpisodes(5, 1, 15), 8, "miniimagenet"), src)
     ep = episodes.episode("test", 0)
     assert tuple(ep.query_x.shape) == (75, 3, 8, 8)
     assert all(src.class_names[c] in mini.RAVI["test"] for c in ep.classes)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small(synthetic_set, cls=Mixture, **kw):
     params = dict(meta_batch=2, hidden=8, inner_steps_test=3, seed=1) | ({"n_components": 3} if cls is Mixture else {})
-    return cls(**(params | kw)).setup(synthetic_set.bench.task_info(synthetic_set))
+    return cls(**(params | kw)).setup(synthetic_set.task_info())
 
 
 def support_losses(m: Mixture, ep: Episode) -> torch.Tensor:

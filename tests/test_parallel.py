@@ -62,7 +62,7 @@ def meta_grads(m: GradientLearner, batch: list[Episode]) -> dict[str, torch.Tens
 
 
 def make_maml(synthetic_set, **kw) -> MAML:
-    return MAML(meta_batch=4, hidden=8, seed=1, inner_steps=2, **kw).setup(synthetic_set.bench.task_info(synthetic_set))
+    return MAML(meta_batch=4, hidden=8, seed=1, inner_steps=2, **kw).setup(synthetic_set.task_info())
 
 
 def test_parallel_outer_step_equals_the_task_by_task_loop_in_float64(synthetic_set, monkeypatch):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small(synthetic_set, **kw) -> ProtoMAML:
     params = dict(hidden=8, meta_batch=2, inner_lr=0.1, inner_steps=2, inner_steps_test=3, seed=1) | kw
-    return ProtoMAML(**params).setup(synthetic_set.bench.task_info(synthetic_set))
+    return ProtoMAML(**params).setup(synthetic_set.task_info())
 
 
 def to_double(m: ProtoMAML, ep: Episode) -> Episode:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(synthetic_set, **kw) -> ProtoNet:
-    return ProtoNet(**(dict(hidden=8, seed=1) | kw)).setup(synthetic_set.bench.task_info(synthetic_set))
+    return ProtoNet(**(dict(hidden=8, seed=1) | kw)).setup(synthetic_set.task_info())
 
 
 def test_logits_are_negative_squared_distances_to_prototypes_by_hand(synthetic_set):
@@ -98,6 +98,6 @@ def test_learning_rate_halves_every_lr_decay_every_updates(synthetic_set):
 
 
 def test_registry_trains_omniglot_with_60_way_tasks():
-    assert registry.defaults("protonet", "omniglot", 5)["episodes_per_task"] * 5 == 60
-    assert registry.defaults("protonet", "omniglot", 20)["episodes_per_task"] * 20 == 60
-    assert registry.defaults("protonet", "miniimagenet", 5)["episodes_per_task"] * 5 == 30
+    assert registry.preset("protonet", "omniglot-5w").values["episodes_per_task"] * 5 == 60
+    assert registry.preset("protonet", "omniglot-20w").values["episodes_per_task"] * 20 == 60
+    assert registry.preset("protonet", "miniimagenet").values["episodes_per_task"] * 5 == 30

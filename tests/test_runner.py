@@ -137,3 +137,21 @@ def test_unknown_method_fails_before_any_data_is_built(tmp_path):
     with pytest.raises(MetabenchError, match="unknown method 'nope'"):
         run(RunConfig("nope", "glyphs-5w1s", 0, 1), RunDirs(root, tmp_path / "results", root / "runs"))
     assert not root.exists()
+
+
+def test_a_checkpoint_narrower_than_the_benchmark_names_max_way(tmp_path):
+    """A benchmark redefined wider under the same name and version: the old checkpoint is refused."""
+    import dataclasses
+
+    from bench.benchmarks import SYNTHETIC
+    from bench.errors import MetabenchError
+    from bench.sampling import FixedEpisodes
+
+    small = dict(meta_batch=1, hidden=4, inner_steps_test=1)
+    narrow = dataclasses.replace(SYNTHETIC, protocol=FixedEpisodes(3, 1, 2))
+    run(RunConfig("fomaml", narrow, steps=1, chunk=1, val_episodes=2, test_episodes=2, overrides=small),
+        dirs_in(tmp_path), progress=False)
+    wide = dataclasses.replace(SYNTHETIC, protocol=FixedEpisodes(5, 1, 2))
+    with pytest.raises(MetabenchError, match="max_way=3.*synthetic-5w1s has episodes of up to 5 ways"):
+        run(RunConfig("fomaml", wide, steps=2, chunk=1, val_episodes=2, test_episodes=2, overrides=small),
+            dirs_in(tmp_path), progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.errors import MetabenchError
-from bench.sampling import EpisodeSet, EpisodeSpec, describe_fixed
+from bench.sampling import EpisodeSet, EpisodeSpec, FixedEpisodes, describe_fixed
 from bench.sources.synthetic import make_synthetic
 
 
@@ -33,7 +33,7 @@ def test_order_independence(synthetic_set):
 
 
 def test_episode_shapes_and_labels(synthetic_set):
-    b = synthetic_set.bench
+    b = synthetic_set.bench.protocol
     ep = synthetic_set.episode("val", 3)
     assert ep.support_x.shape == (b.way * b.shot, 1, 28, 28)
     assert ep.query_x.shape == (b.way * b.query, 1, 28, 28)
@@ -76,6 +76,6 @@ def test_seed_changes_episodes(synthetic_set):
 def test_impossible_way_or_shot_is_a_clear_error(synthetic_set):
     src = make_synthetic(n_classes=20, n_examples=6)
     with pytest.raises(MetabenchError, match="cannot sample 12-way"):
-        EpisodeSet(dataclasses.replace(synthetic_set.bench, way=12), src)
+        EpisodeSet(dataclasses.replace(synthetic_set.bench, protocol=FixedEpisodes(12, 1, 5)), src)
     with pytest.raises(MetabenchError, match="shot \\+ query"):
-        EpisodeSet(dataclasses.replace(synthetic_set.bench, shot=5, query=5), src)
+        EpisodeSet(dataclasses.replace(synthetic_set.bench, protocol=FixedEpisodes(5, 5, 5)), src)

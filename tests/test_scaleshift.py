@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small(synthetic_set, **kw) -> ScaleShift:
     params = dict(hidden=8, pretrain_steps=3, pretrain_batch=2, meta_batch=2, inner_steps=5, inner_steps_test=5,
                   inner_lr=0.1, outer_lr=0.01, head_lr=0.01, seed=1) | kw
-    return ScaleShift(**params).setup(synthetic_set.bench.task_info(synthetic_set))
+    return ScaleShift(**params).setup(synthetic_set.task_info())
 
 
 def snapshot(m: ScaleShift) -> dict[str, torch.Tensor]:
@@ -135,6 +135,7 @@ def test_phase_two_meta_gradient_matches_autograd_reference_float64(synthetic_se
 
 
 def test_registry_splits_the_paper_protocol():
-    d = registry.defaults("scale-shift", "miniimagenet", 5)
-    assert (d["pretrain_steps"], registry.paper_steps("scale-shift", "miniimagenet", 5)) == (30000, 40000)
+    p = registry.preset("scale-shift", "miniimagenet")
+    d = p.values
+    assert (p.values["pretrain_steps"], p.steps) == (30000, 40000)
     assert (d["inner_lr"], d["inner_steps"], d["outer_lr"], d["head_lr"], d["meta_batch"]) == (0.01, 50, 1e-4, 1e-3, 1)

@@ -30,7 +30,7 @@ def batch(synthetic_set, n: int = 3) -> list[Episode]:
 
 def make(cls, synthetic_set, **kw):
     params = dict(meta_batch=3, hidden=8, seed=3, inner_steps=2, task_batch=3) | kw
-    return cls(**params).setup(synthetic_set.bench.task_info(synthetic_set))
+    return cls(**params).setup(synthetic_set.task_info())
 
 
 def double(m) -> None:
@@ -72,7 +72,7 @@ def test_meta_gradient_matches_per_task_in_float64(synthetic_set, name):
     eps = double_batch(batch(synthetic_set))
     ref, fast = make(cls, synthetic_set, **kw), make(cls, synthetic_set, **kw)
     double(ref), double(fast)
-    assert fast.can_batch(same_shapes(eps))
+    assert fast.TASK_BATCHED and same_shapes(eps)
     g_ref, g_fast = meta_grads(ref, eps, False), meta_grads(fast, eps, True)
     assert set(g_ref) == set(g_fast)
     for k in g_ref:
@@ -136,8 +136,7 @@ def test_task_chunks_give_the_same_meta_gradient(synthetic_set, task_batch):
 
 def test_methods_with_their_own_computation_use_the_per_task_loop(synthetic_set):
     eps = batch(synthetic_set)
-    assert not make(CAVIA, synthetic_set).can_batch(same_shapes(eps))
-    assert make(MAML, synthetic_set).can_batch(same_shapes(eps))
+    assert same_shapes(eps) and not CAVIA.TASK_BATCHED and MAML.TASK_BATCHED
 
 
 def test_unequal_shapes_fall_back_to_the_per_task_loop(synthetic_set):

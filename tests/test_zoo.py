@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small(cls, synthetic_set, **kw):
     params = dict(meta_batch=2, hidden=8, seed=1) | kw
-    return cls(**params).setup(synthetic_set.bench.task_info(synthetic_set))
+    return cls(**params).setup(synthetic_set.task_info())
 
 
 def to_double(m, ep: Episode) -> Episode:
@@ -224,16 +224,19 @@ def test_reptile_state_dict_carries_the_inner_adam_state(synthetic_set):
 
 # --- registry -------------------------------------------------------------------------------
 def test_registry_entries_of_the_zoo():
-    assert registry.defaults("reptile", "omniglot", 5)["inner_lr"] == 0.00044
-    assert registry.defaults("reptile", "omniglot", 20)["inner_steps_test"] == 97
-    assert registry.defaults("reptile", "miniimagenet", 5)["outer_lr"] == 0.235
-    assert registry.paper_steps("reptile", "omniglot", 5) == 200000
-    assert registry.defaults("anil", "omniglot", 5) == registry.defaults("maml", "omniglot", 5)
-    assert registry.defaults("boil", "miniimagenet", 5)["inner_lr"] == 0.5
-    assert registry.paper_steps("boil", "miniimagenet", 5) == 30000
-    assert registry.defaults("metasgd", "omniglot", 5)["inner_steps"] == 1
-    assert registry.defaults("cavia", "miniimagenet", 5)["n_context"] == 100
+    def values(name, key):
+        return registry.preset(name, key).values
+
+    assert values("reptile", "omniglot-5w")["inner_lr"] == 0.00044
+    assert values("reptile", "omniglot-20w")["inner_steps_test"] == 97
+    assert values("reptile", "miniimagenet")["outer_lr"] == 0.235
+    assert registry.preset("reptile", "omniglot-5w").steps == 200000
+    assert values("anil", "omniglot-5w") == values("maml", "omniglot-5w")
+    assert values("boil", "miniimagenet")["inner_lr"] == 0.5
+    assert registry.preset("boil", "miniimagenet").steps == 30000
+    assert values("metasgd", "omniglot-5w")["inner_steps"] == 1
+    assert values("cavia", "miniimagenet")["n_context"] == 100
     for name in ("reptile", "metasgd", "anil", "boil", "cavia"):
-        cls = registry.import_target(registry.METHODS[name].target)
+        cls = registry.method_class(name)
         assert issubclass(cls, MAML) or cls is Reptile
-        assert registry.METHODS[name].citation
+        assert all(p.paper for p in cls.PRESETS.values())

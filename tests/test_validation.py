@@ -1,0 +1,265 @@
+"""Validation of bundles (bench.validation): valid, valid but unranked, and every way a bundle is rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import bench.bundle as bundle_format
+from bench import benchmarks
+from bench.bundle import MANIFEST, METADATA
+from bench.cli import main
+from bench.validation import RULES, validate_bundle
+from bench.verify import verify_bundle
+from bundlefixtures import BENCH, SEED0, edit_csv, edit_json, fresh_bundle, pristine_bundle, snapshot
+
+
+@pytest.fixture
+def bundle(tmp_path_factory, tmp_path) -> Path:
+    return fresh_bundle(tmp_path_factory, tmp_path)
+
+
+def test_pristine_bundle_is_valid_and_ranked(tmp_path_factory):
+    v = validate_bundle(pristine_bundle(tmp_path_factory))
+    assert v.ok and v.ranked and v.errors == [] and v.warnings == [] and v.failed == {}
+
+
+def test_few_seeds_or_partial_episodes_are_accepted_unranked(bundle):
+    for s in (1, 2):
+        for rel in (f"results/{BENCH}/fomaml/seed{s}.csv", f"results/{BENCH}/fomaml/seed{s}.json",
+                    f"checkpoints/{BENCH}/fomaml/seed{s}.pt"):
+            (bundle / rel).unlink()
+    edit_json(bundle, METADATA, lambda m: m.update(runs=m["runs"][:1], seeds={BENCH: [0]}), seal=False)
+    edit_csv(bundle, lambda f: f[f["episode"].astype(int) < 20], seal=False)
+    edit_json(bundle, SEED0 + ".json", lambda c: c.update(test_episodes=20))
+    v = validate_bundle(bundle)
+    assert v.ok and not v.ranked, v.errors
+    text = " ".join(v.warnings)
+    assert "1 training seed(s)" in text and "at least 3" in text
+    assert "20 of synthetic-5w1s's 50 test episodes" in text and "unranked" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# rejected bundles: each with a clear reason, nothing written, verify refuses too
+
+
+def _linked_folder(b):
+    real = b.parent / "real-bundle"
+    b.rename(real)
+    b.symlink_to(real)
+
+
+def _rename_column(b):
+    edit_csv(b, lambda f: f.rename(columns={"loss": "xent"}))
+
+
+def _drop_episode(b):
+    edit_csv(b, lambda f: f[f["episode"] != "7"])
+
+
+def _extra_episode(b):
+    def add(f):
+        row = f.iloc[[-1]].copy()
+        row["episode"] = "50"
+        return pd.concat([f, row])
+    edit_csv(b, add)
+
+
+def _extra_vs_card(b):
+    edit_json(b, SEED0 + ".json", lambda c: c.update(test_episodes=40))
+
+
+def _set(column, value, episode=None):
+    """A spoil that sets `column` of seed 0's results to `value`, in the row of `episode` (None: every row)."""
+    def spoil(b):
+        def change(f):
+            f.loc[f["episode"] == str(episode) if episode is not None else f.index, column] = value
+            return f
+        edit_csv(b, change)
+    return spoil
+
+
+def _unknown_benchmark(b):
+    def change(f):
+        f["benchmark"] = "synthetic-9w9s"
+        return f
+    edit_csv(b, change, seal=False)
+    edit_json(b, SEED0 + ".json", lambda c: c.update(benchmark="synthetic-9w9s"))
+
+
+def _traversal_in_manifest(b):
+    (b.parent / "x").write_text("outside")
+    edit_json(b, MANIFEST, lambda m: m["files"].append({"path": "../x", "sha256": "0" * 64, "size": 7}), seal=False)
+
+
+def _absolute_in_manifest(b):
+    edit_json(b, MANIFEST, lambda m: m["files"].append({"path": "/etc/hostname", "sha256": "0" * 64, "size": 1}),
+              seal=False)
+
+
+def _traversal_in_metadata(b):
+    edit_json(b, METADATA, lambda m: m["runs"][0].update(checkpoint="../../runs/best.pt"))
+
+
+def _metadata_format(b):
+    edit_json(b, METADATA, lambda m: m.update(format=2))
+
+
+def _seeds_disagree(b):
+    edit_json(b, METADATA, lambda m: m.update(seeds={BENCH: [0, 1, 5]}))
+
+
+def _symlink_file(b):
+    target = b.parent / "outside.csv"
+    shutil.copy(b / f"{SEED0}.csv", target)
+    (b / f"{SEED0}.csv").unlink()
+    (b / f"{SEED0}.csv").symlink_to(target)
+
+
+def _symlink_dir(b):
+    (b / "extra").symlink_to(b.parent)
+
+
+def _oversized_file(b, monkeypatch):
+    monkeypatch.setattr(bundle_format, "MAX_FILE_BYTES", 4000)  # the checkpoints are larger
+
+
+def _oversized_total(b, monkeypatch):
+    monkeypatch.setattr(bundle_format, "MAX_TOTAL_BYTES", 20000)
+
+
+def _manifest_mismatch(b):
+    path = b / f"{SEED0}.csv"
+    data = bytearray(path.read_bytes())
+    i = data.index(b"fomaml")
+    data[i:i + 6] = b"FOMAML"  # one changed field; the manifest is not updated
+    path.write_bytes(bytes(data))
+
+
+def _unlisted_file(b):
+    (b / "results" / "notes.txt").write_text("hello")
+
+
+def _missing_file(b):
+    (b / f"results/{BENCH}/fomaml/seed2.json").unlink()
+
+
+def _card_disagrees(b):
+    edit_json(b, SEED0 + ".json", lambda c: c.update(seed=7))
+
+
+def _params_tampered(b):
+    edit_json(b, SEED0 + ".json", lambda c: c["params"].update(hidden=64))
+
+
+BAD = {
+    "symlinked bundle folder": (_linked_folder, "the bundle folder is a symbolic link"),
+    "wrong columns": (_rename_column, "missing column(s) ['loss']"),
+    "missing episode": (_drop_episode, "missing test episode(s) [7]"),
+    "extra episode": (_extra_episode, "extra test episode(s) [50]"),
+    "extra episode vs card": (_extra_vs_card, "beyond the run card's test_episodes (40)"),
+    "tampered hash": (_set("episode_hash", "0123456789abcdef", episode=3),
+                      "episode hash mismatch at episode(s) [3]"),
+    "NaN": (_set("accuracy", "nan", episode=5), "column 'accuracy' is empty, NaN or not a number"),
+    "out of range": (_set("accuracy", "1.5", episode=5), "accuracy 1.5 is outside [0, 1]"),
+    "not the test split": (_set("split", "val"), "split must be 'test' (found ['val'])"),
+    "row off the protocol": (_set("n_query", "24", episode=4),
+                             "episode 4: n_query 24, but the protocol (5-way 1-shot 5 query) has 25"),
+    "unknown benchmark": (_unknown_benchmark, "unknown benchmark 'synthetic-9w9s'"),
+    "traversal in manifest": (_traversal_in_manifest, "path '../x' contains '..' (path traversal)"),
+    "absolute path in manifest": (_absolute_in_manifest, "'/etc/hostname' is an absolute path"),
+    "traversal in metadata": (_traversal_in_metadata, "contains '..' (path traversal)"),
+    "metadata format": (_metadata_format, "metadata.json: format 2, expected 1"),
+    "seeds disagree": (_seeds_disagree, "seeds of synthetic-5w1s [0, 1, 5] do not match the runs ([0, 1, 2])"),
+    "symlinked file": (_symlink_file, f"{SEED0}.csv: is a symbolic link"),
+    "symlinked folder": (_symlink_dir, "extra: is a symbolic link"),
+    "oversized file": (_oversized_file, "over the per-file limit of 4000"),
+    "oversized bundle": (_oversized_total, "over the limit of 20000"),
+    "manifest sha mismatch": (_manifest_mismatch, f"{SEED0}.csv: sha256 does not match MANIFEST.json"),
+    "unlisted file": (_unlisted_file, "results/notes.txt: not listed in MANIFEST.json"),
+    "missing file": (_missing_file, "seed2.json: listed in MANIFEST.json but missing"),
+    "card disagrees": (_card_disagrees, "seed 7 does not match the results (0)"),
+    "params tampered": (_params_tampered, "params_hash does not match its hyperparameters"),
+}
+
+# the broken bundle each validation rule must reject, with its reason (a case of BAD)
+RULE_CASES = {
+    "bundle_is_a_folder": "symlinked bundle folder",
+    "files_match_manifest": "manifest sha mismatch",
+    "metadata_is_well_formed": "metadata format",
+    "run_files_are_listed": "traversal in metadata",
+    "results_columns_are_valid": "wrong columns",
+    "card_matches_results": "card disagrees",
+    "params_hash_matches": "params tampered",
+    "rows_are_test_episodes": "not the test split",
+    "benchmark_is_known_and_current": "unknown benchmark",
+    "rows_fit_the_protocol": "row off the protocol",
+    "test_episodes_are_complete": "missing episode",
+    "episode_hashes_match": "tampered hash",
+    "seeds_are_distinct_and_enough": "seeds disagree",
+}
+
+
+def spoil(case, b, monkeypatch):
+    """Break bundle `b` the way BAD[case] says; its expected reason."""
+    fn, reason = BAD[case]
+    if "monkeypatch" in fn.__code__.co_varnames:
+        fn(b, monkeypatch)
+    else:
+        fn(b)
+    return reason
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_bundle_is_rejected_with_a_reason_and_nothing_written(case, bundle, monkeypatch, capsys):
+    monkeypatch.setenv("METABENCH_ROOT", str(bundle.parent / "root"))
+    reason = spoil(case, bundle, monkeypatch)
+    before = snapshot(bundle.parent)
+    v = validate_bundle(bundle)
+    assert not v.ok and not v.ranked
+    assert any(reason in e for e in v.errors), v.errors
+    r = verify_bundle(bundle, episodes=2)
+    assert not r.ok and not r.marked and any(reason in e for e in r.errors)
+    assert main(["validate", str(bundle)]) == 1
+    err = capsys.readouterr().err
+    assert "rejected" in err and reason in err
+    assert main(["verify", str(bundle), "--episodes", "1"]) == 1
+    assert snapshot(bundle.parent) == before
+
+
+def test_every_rule_has_a_broken_bundle():
+    assert list(RULE_CASES) == list(RULES)  # the rules, in the order they run
+    assert all(RULES.entry(name).about for name in RULES)  # each says what it requires
+
+
+@pytest.mark.parametrize("rule", list(RULE_CASES))
+def test_each_rule_rejects_its_broken_bundle_with_its_reason(rule, bundle, monkeypatch):
+    reason = spoil(RULE_CASES[rule], bundle, monkeypatch)
+    v = validate_bundle(bundle)
+    assert not v.ok and any(reason in e for e in v.failed.get(rule, [])), v.failed
+    assert [e for errors in v.failed.values() for e in errors] == v.errors  # each error, by its rule
+
+
+def test_stale_benchmark_version(bundle, monkeypatch):
+    current = benchmarks.get_benchmark(BENCH)
+    newer = dataclasses.replace(current, version=current.version + 1)
+    registered = benchmarks.get_benchmark  # BENCHMARKS is a Registry: replace what validation looks up
+    monkeypatch.setattr(benchmarks, "get_benchmark", lambda name: newer if name == BENCH else registered(name))
+    before = snapshot(bundle)
+    v = validate_bundle(bundle)
+    assert not v.ok
+    assert any(f"stale benchmark version {BENCH} v1; the current protocol is v2" in e for e in v.errors), v.errors
+    assert v.failed["benchmark_is_known_and_current"] == v.errors
+    assert snapshot(bundle) == before
+
+
+def test_not_a_bundle(tmp_path):
+    v = validate_bundle(tmp_path / "absent")
+    assert not v.ok and "not a folder" in v.errors[0]
+    (tmp_path / "empty").mkdir()
+    v = validate_bundle(tmp_path / "empty")
+    assert not v.ok and "MANIFEST.json is missing" in v.errors[0]
