@@ -144,34 +144,44 @@ class Dataset:
     obtain: Callable[[], str] | None = None
 
 
+def _build_once(req: Request, name: str, target: Path, opener: Callable[[], object], build: Callable[[], str]) -> Path:
+    """`target` when `opener` finds a complete cache there (unless --force); else run `build`
+    (which returns how the cache was made) and say so."""
+    if _cached(opener, req.force):
+        _say(f"{name}: cache up to date at {target} (--force rebuilds it)", req.quiet)
+        return target
+    how = build()
+    _say(f"{name}: {how}cache written to {target}", req.quiet)
+    return target
+
+
 def _omniglot(req: Request) -> Path:
     from bench.sources import omniglot as omni
 
     root, s = req.root, _size(req.image_size, omni.DEFAULT_SIZE)
-    target = omni.cache_dir(root, s)
-    if _cached(lambda: omni.open_cache(root, s), req.force):
-        _say(f"omniglot: cache up to date at {target} (--force rebuilds it)", req.quiet)
-        return target
-    paths = list(req.from_paths) or _fetch_archives(omni.OMNIGLOT_ARCHIVES, omni.data_dir(root), req.show_progress,
-                                                    req.opener, req.quiet)
-    omni.build_cache(paths, root, s, images_per_char=req.images_per_char, show_progress=req.show_progress)
-    _say(f"omniglot: cache written to {target}", req.quiet)
-    return target
+
+    def build() -> str:
+        paths = list(req.from_paths) or _fetch_archives(omni.OMNIGLOT_ARCHIVES, omni.data_dir(root),
+                                                        req.show_progress, req.opener, req.quiet)
+        omni.build_cache(paths, root, s, images_per_char=req.images_per_char, show_progress=req.show_progress)
+        return ""
+
+    return _build_once(req, "omniglot", omni.cache_dir(root, s), lambda: omni.open_cache(root, s), build)
 
 
 def _omniglot_small(req: Request) -> Path:
     from bench.sources import omniglot as omni
 
     root, s = req.root, _size(req.image_size, omni.DEFAULT_SIZE)
-    target = omni.small_cache_dir(root, s)
-    if _cached(lambda: omni.open_small_cache(root, s), req.force):
-        _say(f"omniglot-small: cache up to date at {target} (--force rebuilds it)", req.quiet)
-        return target
-    paths = list(req.from_paths) or omni.find_small_archives(root) or _fetch_archives(
-        omni.SMALL_ARCHIVES, omni.small_dir(root), req.show_progress, req.opener, req.quiet)
-    omni.build_small_cache(paths, root, s, show_progress=req.show_progress)
-    _say(f"omniglot-small: cache written to {target}", req.quiet)
-    return target
+
+    def build() -> str:
+        paths = list(req.from_paths) or omni.find_small_archives(root) or _fetch_archives(
+            omni.SMALL_ARCHIVES, omni.small_dir(root), req.show_progress, req.opener, req.quiet)
+        omni.build_small_cache(paths, root, s, show_progress=req.show_progress)
+        return ""
+
+    return _build_once(req, "omniglot-small", omni.small_cache_dir(root, s), lambda: omni.open_small_cache(root, s),
+                       build)
 
 
 def _miniimagenet(req: Request) -> Path:
@@ -180,15 +190,14 @@ def _miniimagenet(req: Request) -> Path:
     if len(req.from_paths) != 1:
         raise DataError(f"prepare miniimagenet needs exactly one --from PATH (got {len(req.from_paths)}). {mini.OBTAIN}")
     root, s = req.root, _size(req.image_size, mini.DEFAULT_SIZE)
-    target = mini.cache_dir(root, s)
-    if _cached(lambda: mini.open_cache(root, s), req.force):
-        _say(f"miniimagenet: cache up to date at {target} (--force rebuilds it)", req.quiet)
-        return target
-    fmt, folder = mini.detect(req.from_paths[0])
-    _say(f"miniimagenet: reading the {fmt} format from {folder}", req.quiet)
-    mini.prepare(req.from_paths[0], root, s, req.expected_per_class, req.require_all_classes, req.show_progress)
-    _say(f"miniimagenet: validated against the Ravi split, cache written to {target}", req.quiet)
-    return target
+
+    def build() -> str:
+        fmt, folder = mini.detect(req.from_paths[0])
+        _say(f"miniimagenet: reading the {fmt} format from {folder}", req.quiet)
+        mini.prepare(req.from_paths[0], root, s, req.expected_per_class, req.require_all_classes, req.show_progress)
+        return "validated against the Ravi split, "
+
+    return _build_once(req, "miniimagenet", mini.cache_dir(root, s), lambda: mini.open_cache(root, s), build)
 
 
 def _meta_dataset(req: Request) -> Path:
