@@ -218,7 +218,7 @@ class GradientLearner(MetaLearner):
     def setup(self, info: TaskInfo) -> "GradientLearner":
         self.info = info
         self.gen = new_generator(self.seed, 1)
-        self.meta = {k: v.requires_grad_(True) for k, v in self.init_meta(info, self.gen).items()}
+        self.meta = {k: v.to(self.device).requires_grad_(True) for k, v in self.init_meta(info, self.gen).items()}
         self.optimizer = self.make_optimizer()
         self.fit_episodes = 0
         self.fit_steps = 0

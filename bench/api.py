@@ -47,6 +47,11 @@ class Episode:
         """Number of classes in this episode."""
         return len(self.classes)
 
+    def to(self, device: torch.device | str) -> "Episode":
+        """The same episode with its tensors on `device`."""
+        return dataclasses.replace(self, support_x=self.support_x.to(device), support_y=self.support_y.to(device),
+                                   query_x=self.query_x.to(device), query_y=self.query_y.to(device))
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -126,6 +131,7 @@ class MetaLearner(abc.ABC):
     seed: int = 0
 
     # --- state set by setup / fit (class attributes, not hyperparameter fields) -----------
+    device = torch.device("cpu")  # where setup puts the meta-parameters (the runner's --device)
     info = None  # TaskInfo | None
     fit_episodes = 0  # episodes consumed by fit so far (the stream position)
     fit_steps = 0  # outer updates done so far

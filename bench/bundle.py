@@ -398,12 +398,16 @@ def make_bundle(method: str, results_dir: Path, runs_dir: Path, out: Path) -> Pa
     results_dir, runs_dir, out = Path(results_dir), Path(runs_dir), Path(out)
     if out.exists() or out.is_symlink():
         raise SubmissionError(f"{out}: already exists; give a new folder for the bundle")
-    identity = _method_identity(method)
+    runs = _collect(method, results_dir)
+    bases = sorted({str(card.get("base_method") or method) for _, _, card in runs})
+    if len(bases) > 1:
+        raise SubmissionError(f"{results_dir}: the runs labelled {method!r} come from several methods {bases}")
+    identity = _method_identity(bases[0])  # a variant label (METHOD+hash) bundles its base method's code
     plan: list[tuple[Path, str]] = []  # (source path, bundle-relative path)
     meta_runs = []
     seen: dict[tuple[str, int], Path] = {}
     slug = file_slug(method)
-    for csv_path, frame, card in _collect(method, results_dir):
+    for csv_path, frame, card in runs:
         key = (str(frame["benchmark"].iloc[0]), int(frame["seed"].iloc[0]))
         if key in seen:
             raise SubmissionError(f"{csv_path}: run {key[0]}/seed{key[1]} of {method} also in {seen[key]}")

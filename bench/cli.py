@@ -53,13 +53,14 @@ def parse_overrides(items: list[str]) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one method on one benchmark."""
-    from bench.runner import RunConfig, RunDirs, run
+    from bench.runner import RunConfig, RunDirs, run, warn_oversubscription
 
     root = resolve_root(args.root)
     cfg = RunConfig(args.method, args.benchmark, args.seed, args.steps, args.chunk, args.val_episodes,
-                    args.test_episodes, parse_overrides(args.set), args.patience)
+                    args.test_episodes, parse_overrides(args.set), args.patience, args.label, args.device)
     dirs = RunDirs(root, Path(args.results), Path(args.runs) if args.runs else root / "runs")
-    path = run(cfg, dirs, resume=args.resume)
+    warn_oversubscription()
+    path = run(cfg, dirs, restart=args.restart, overwrite=args.overwrite)
     print(f"results: {path}")
     return 0
 
@@ -96,9 +97,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for method, plan in DEMO_PLAN.items():
         cfg = RunConfig(method, DEMO_BENCHMARK, args.seed, plan["steps"], plan["chunk"], val_episodes=DEMO_VAL_EPISODES,
-                        overrides=plan["overrides"])
+                        overrides=plan["overrides"], label=method, device=args.device)
         print(f"[demo] {method} on {DEMO_BENCHMARK}: {plan['steps']} outer steps", flush=True)
-        run(cfg, dirs, resume=True)
+        run(cfg, dirs)
     index = build_site([dirs.results], out / "site")
     from bench.results import read_results
     from bench.stats import summarize
@@ -135,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop early after this many checkpoints without a better validation accuracy")
     s.add_argument("--results", default="results")
     s.add_argument("--runs", default=None, help="checkpoint folder (default: ROOT/runs)")
-    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.add_argument("--label", default=None,
+                   help="the method column and folder of the results (default: METHOD, or METHOD+<params hash> "
+                        "when --set overrides hyperparameters)")
+    s.add_argument("--restart", action="store_true",
+                   help="start from step 0, moving the old checkpoints aside (default: continue from them)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a result of other hyperparameters at the same path (default: an error)")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint (the default already)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_run)
 
@@ -146,12 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="train 3 methods briefly on the embedded glyphs data and build the page")
     s.add_argument("--out", default="metabench-demo")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_demo)
 
     for module in ("bench.data", "bench.checks", "bench.bundle", "bench.validation", "bench.verify",
-                   "bench.perf"):
+                   "bench.grid", "bench.perf"):
         if importlib.util.find_spec(module) is not None:  # command groups of optional modules
             importlib.import_module(module).add_cli(sub)
     return p
@@ -170,5 +180,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metabench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("metabench: interrupted (a resumable run continues with --resume)", file=sys.stderr)
+        print("metabench: interrupted (run the same command again to continue)", file=sys.stderr)
         return 130

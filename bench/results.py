@@ -2,13 +2,21 @@
 
 Layout of a results folder: `<dir>/<benchmark>/<method>/seed<N>.csv` and `seed<N>.json`.
 `read_results` validates everything it reads and names the file and row of any problem.
+
+A CSV and its card are one pair: the card records the CSV's sha256 (`csv_sha256`), and
+`write_run` replaces a pair in three steps (stage both as `.next`, keep the previous pair as
+`.prev` hard links, rename both into place), so a writer killed at any point leaves either the
+previous pair or the new one readable: `read_csv` / `read_card` read the pair whose hashes
+agree (the `.prev` pair while a replacement is half done) and refuse a torn pair.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -34,16 +42,66 @@ def run_paths(results_dir: Path, benchmark: str, method: str, seed: int) -> tupl
 
 
 def write_run(results_dir: Path, rows: list[Mapping[str, Any]], card: Mapping[str, Any]) -> Path:
-    """Write one run's rows and card atomically; returns the CSV path. Rows are validated first."""
+    """Write one run's rows and card as one pair (see the module docstring); returns the CSV path.
+
+    Rows are validated first; the card gets `csv_sha256`. Staged files of a killed earlier write
+    are replaced.
+    """
     frame = pd.DataFrame(list(rows), columns=COLUMNS)
     first = rows[0]
     csv_path, card_path = run_paths(results_dir, first["benchmark"], first["method"], int(first["seed"]))
     validate_frame(frame, str(csv_path))
     buf = io.StringIO()
     frame.to_csv(buf, index=False, float_format="%.6g")
-    atomic_write_text(card_path, json.dumps(card, indent=1, sort_keys=True))
-    atomic_write_text(csv_path, buf.getvalue())
+    text = buf.getvalue()
+    card = {**card, "csv_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    staged = {csv_path: text, card_path: json.dumps(card, indent=1, sort_keys=True)}
+    for path, content in staged.items():
+        atomic_write_text(_side(path, "next"), content)
+    if csv_path.exists() and card_path.exists() and _pair_ok(csv_path, card_path):
+        for path in staged:  # the previous pair stays readable until the new one is complete
+            prev = _side(path, "prev")
+            prev.unlink(missing_ok=True)
+            os.link(path, prev)
+    for path in staged:
+        os.replace(_side(path, "next"), path)
+    for path in staged:
+        _side(path, "prev").unlink(missing_ok=True)
     return csv_path
+
+
+def _side(path: Path, kind: str) -> Path:
+    """The staged ("next") or previous ("prev") copy of a result file."""
+    return path.with_name(f"{path.name}.{kind}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pair_ok(csv_path: Path, card_path: Path) -> bool:
+    """True when the card is absent, records no CSV hash (older cards), or records this CSV's hash."""
+    if not card_path.exists():
+        return True
+    try:
+        recorded = json.loads(card_path.read_text(encoding="utf-8")).get("csv_sha256")
+    except (ValueError, AttributeError):
+        return True  # a malformed card is reported by read_card
+    return recorded is None or (csv_path.exists() and recorded == _sha256(csv_path))
+
+
+def committed_pair(csv_path: Path) -> tuple[Path, Path]:
+    """The (csv, card) files to read for a result CSV: the pair itself, or its previous pair while a
+    replacement is half done; ResultsError for a torn pair (a CSV with another run's card)."""
+    csv_path = Path(csv_path)
+    card_path = csv_path.with_suffix(".json")
+    if _pair_ok(csv_path, card_path):
+        return csv_path, card_path
+    prev_csv, prev_card = _side(csv_path, "prev"), _side(card_path, "prev")
+    if prev_csv.exists() and prev_card.exists() and _pair_ok(prev_csv, prev_card):
+        return prev_csv, prev_card
+    raise ResultsError(f"{csv_path}: its run card {card_path.name} records another CSV (csv_sha256): a write was "
+                       "interrupted; re-run the same command to complete it")
 
 
 def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -105,8 +163,9 @@ def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
 def read_csv(path: Path) -> pd.DataFrame:
     """Read and validate one result CSV."""
     path = Path(path)
+    source = committed_pair(path)[0] if path.suffix == ".csv" else path
     try:
-        frame = pd.read_csv(path, dtype={c: str for c in STR_COLUMNS}, keep_default_na=True)
+        frame = pd.read_csv(source, dtype={c: str for c in STR_COLUMNS}, keep_default_na=True)
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise ResultsError(f"{path}: not a readable CSV ({e})") from e
     return validate_frame(frame, str(path))
@@ -114,7 +173,7 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 def read_card(csv_path: Path) -> dict:
     """The run card beside a result CSV ({} when absent); raise ResultsError if malformed."""
-    card_path = Path(csv_path).with_suffix(".json")
+    card_path = committed_pair(Path(csv_path))[1]
     if not card_path.exists():
         return {}
     try:

@@ -8,27 +8,30 @@ the same results as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
+import os
 import platform
-import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from bench import benchmarks
-from bench.api import EVAL_CHUNK, MetaLearner
+from bench.api import EVAL_CHUNK, Episode, MetaLearner
 from bench.errors import MetabenchError
 from bench.paths import atomic_path, atomic_write_text
-from bench.results import run_paths, write_run
+from bench.results import read_card, run_paths, write_run
 from bench.sampling import EpisodeSet
 from baselines import registry
 
@@ -39,7 +42,8 @@ class RunConfig:
     steps: outer updates (None: the method's preset for the benchmark); chunk: updates per checkpoint;
     val_episodes / test_episodes: None means the benchmark's numbers; overrides: hyperparameters;
     patience: stop fitting early once `patience` chunks in a row brought no new best validation
-    accuracy (None: never)."""
+    accuracy (None: never); label: the method column and folder of the results (default: the
+    method, plus "+<params hash>" when overrides are given); device: cpu, cuda, cuda:N or auto."""
 
     method: str
     benchmark: str | benchmarks.Benchmark
@@ -50,6 +54,8 @@ class RunConfig:
     test_episodes: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     patience: int | None = None
+    label: str | None = None
+    device: str = "cpu"
 
 
 def plateaued(curve: list[dict[str, Any]], patience: int | None) -> bool:
@@ -89,9 +95,54 @@ def code_rev() -> str:
     return f"v{__version__}"
 
 
-def device_name() -> str:
-    """A short description of the compute device, e.g. "cpu-x86_64-2t"."""
+def resolve_device(device: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto (cuda when available, else cpu); a clear error when CUDA is absent."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise MetabenchError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MetabenchError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}, "
+                                 "CUDA available: False); use --device cpu")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise MetabenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(name)
+
+
+def device_name(device: torch.device | None = None) -> str:
+    """A short description of the compute device, e.g. "cpu-x86_64-2t" or "cuda-NVIDIA_H200"."""
+    if device is not None and device.type == "cuda":
+        return "cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota (cpu.max)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path in ("/sys/fs/cgroup/cpu.max",):
+        try:
+            quota, period = Path(path).read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    return max(1, cores)
+
+
+def warn_oversubscription() -> None:
+    """Warn (stderr) when torch's threads exceed the cores this process may use."""
+    threads, cores = torch.get_num_threads(), available_cores()
+    if threads > cores:
+        print(f"metabench: warning: {threads} torch threads on {cores} usable core(s) oversubscribe the CPU "
+              f"(runs side by side slow down 20-50x); set OMP_NUM_THREADS={cores} or fewer", file=sys.stderr)
+
+
+def on_device(episodes: Iterator[Episode], device: torch.device) -> Iterator[Episode]:
+    """The episodes with their tensors on `device` (the CPU stream itself when device is the CPU)."""
+    return episodes if device.type == "cpu" else (ep.to(device) for ep in episodes)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -152,23 +203,155 @@ def run_dir(cfg: RunConfig, dirs: RunDirs, learner: MetaLearner) -> Path:
     return Path(dirs.runs) / bench.name / cfg.method.replace(":", "_") / f"seed{cfg.seed}-{key}"
 
 
-def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = True) -> Path:
-    """Fit, select, test and write the results of one run; returns the result CSV path.
+@dataclass(frozen=True)
+class Plan:
+    """A run resolved before any data is built: the benchmark, the learner (not set up), its
+    steps and episode counts, its label and result/checkpoint paths."""
 
-    With resume=False an existing checkpoint folder of the same run is discarded first.
-    """
-    rev = code_rev()  # the code this process loaded, even if the tree changes while it runs
-    learner, es = build(cfg, dirs.root)
-    bench = es.bench
+    cfg: RunConfig
+    bench: benchmarks.Benchmark
+    learner: MetaLearner
+    steps: int
+    n_val: int
+    n_test: int
+    label: str
+    params_hash: str
+    csv: Path
+    card: Path
+    folder: Path
+
+
+def run_label(cfg: RunConfig, ph: str) -> str:
+    """The method column and folder of a run: --label, else the method, with "+<params hash>" when
+    the run overrides hyperparameters (so runs of different hyperparameters never share a file)."""
+    if cfg.label:
+        return cfg.label
+    base = cfg.method.replace(":", "_") if ":" in cfg.method else cfg.method
+    return f"{base}+{ph[:6]}" if cfg.overrides else base
+
+
+def plan(cfg: RunConfig, dirs: RunDirs) -> Plan:
+    """Resolve a run without building data: bad names, steps or hyperparameters fail here."""
+    registry.method_class(cfg.method)
+    bench = benchmarks.get_benchmark(cfg.benchmark)
     steps = run_steps(cfg, bench)
+    learner = build_learner(cfg.method, bench, cfg.seed, cfg.overrides, steps)
+    ph = params_hash(learner.params())
+    label = run_label(cfg, ph)
+    csv, card = run_paths(dirs.results, bench.name, label, cfg.seed)
     n_val = cfg.val_episodes if cfg.val_episodes is not None else bench.val_episodes
     n_test = cfg.test_episodes if cfg.test_episodes is not None else bench.test_episodes
-    folder = run_dir(cfg, dirs, learner)
-    if not resume and folder.exists():
-        shutil.rmtree(folder)
+    return Plan(cfg, bench, learner, steps, n_val, n_test, label, ph, csv, card, run_dir(cfg, dirs, learner))
+
+
+def existing_identity(p: Plan) -> str | None:
+    """The params hash of the result already at the plan's path (None when there is none)."""
+    if not p.csv.exists():
+        return None
+    return str(read_card(p.csv).get("params_hash", "unknown"))
+
+
+def check_identity(p: Plan, overwrite: bool) -> None:
+    """Refuse to write over a result of another identity (unless overwrite), before any work."""
+    other = existing_identity(p)
+    if other is not None and other != p.params_hash and not overwrite:
+        raise MetabenchError(f"{p.csv}: holds a run with params_hash {other}; this run has params_hash "
+                             f"{p.params_hash} (other hyperparameters). Give it another --label, or pass "
+                             "--overwrite to replace it")
+
+
+def finished(p: Plan) -> bool:
+    """True when this exact run (identity, steps, test episodes) has already written its results."""
+    if existing_identity(p) != p.params_hash:
+        return False
+    card = read_card(p.csv)
+    return card.get("steps") == p.steps and card.get("test_episodes") == p.n_test
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """One writer per run folder: an exclusive lock on folder/lock (released by the OS if its holder
+    dies); a second process fails at once with a message naming the holder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise MetabenchError(f"{folder}: this run is in progress in {holder}; wait for it to finish "
+                                 "(re-running it afterwards does nothing) or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def move_aside(folder: Path) -> Path | None:
+    """--restart: rename a run's checkpoint folder to <folder>.old-<time> (nothing is deleted)."""
+    if not folder.exists():
+        return None
+    aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    folder.rename(aside)
+    return aside
+
+
+def run(cfg: RunConfig, dirs: RunDirs, restart: bool = False, overwrite: bool = False,
+        progress: bool = True) -> Path:
+    """Fit, select, test and write the results of one run; returns the result CSV path.
+
+    The run continues from its last checkpoint when one exists; a finished run does nothing.
+    restart: move the old checkpoints aside and start from step 0. overwrite: replace a result
+    of another identity at the same path (otherwise an error, before any work).
+    """
+    p = plan(cfg, dirs)
+    check_identity(p, overwrite)
+    resolve_device(cfg.device)
+    if not restart and finished(p):
+        if progress:
+            print(f"{p.label} {p.bench.name} seed {cfg.seed}: already finished ({p.csv}); nothing to do",
+                  file=sys.stderr)
+        return p.csv
+    with run_lock(p.folder):
+        if restart:
+            aside = move_aside(p.folder)
+            p.folder.mkdir(parents=True)
+            (p.folder / "lock").touch()
+            if aside and progress:
+                print(f"old checkpoints moved to {aside}", file=sys.stderr)
+        rows, card = execute(p, dirs, progress)
+        check_identity(p, overwrite)  # another identity may have been written while this one ran
+        csv_path = write_run(dirs.results, rows, card)
+        atomic_write_text(p.folder / "done.json", json.dumps({"csv": str(csv_path), "steps": p.steps,
+                                                               "test_episodes": p.n_test}))
+    return csv_path
+
+
+def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fit in chunks with checkpoints under p.folder, select by validation, test: the rows and the card.
+
+    The caller holds the run's lock and writes the results (the Ray executor returns them to the
+    driver, which writes them where the results live).
+    """
+    cfg, bench, learner, steps, n_test = p.cfg, p.bench, p.learner, p.steps, p.n_test
+    rev = code_rev()  # the code this process loaded, even if the tree changes while it runs
+    device = resolve_device(cfg.device)
+    es = bench.with_episodes(None, dirs.root)
+    learner.device = device
+    learner.setup(es.task_info())
+    folder = p.folder
     folder.mkdir(parents=True, exist_ok=True)
     last, best = folder / "last.pt", folder / "best.pt"
-    val = es.episodes("val", n_val)
+    val = list(on_device(iter(es.episodes("val", p.n_val)), device))
 
     if last.exists():
         ckpt = load_checkpoint(last)
@@ -186,16 +369,16 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
                              f"but {bench.name} has episodes of up to {bench.max_way} ways")
     if learner.fit_steps > steps:
         raise MetabenchError(f"{folder}: the checkpoint is at step {learner.fit_steps}, beyond the {steps} steps "
-                             "asked for; ask for at least as many steps, or start over without --resume")
-    bar = tqdm(total=steps, initial=learner.fit_steps, desc=f"fit {cfg.method} {bench.name}",
+                             "asked for; ask for at least as many steps, or pass --restart to start over")
+    bar = tqdm(total=steps, initial=learner.fit_steps, desc=f"fit {p.label} {bench.name}",
                unit="step", disable=not progress)
     while learner.fit_steps < steps and not plateaued(curve, cfg.patience):
         n = min(cfg.chunk, steps - learner.fit_steps)
         start = time.perf_counter()
-        learner.fit(es.stream("train", start=learner.fit_episodes), n)
+        learner.fit(on_device(es.stream("train", start=learner.fit_episodes), device), n)
         fit_seconds += time.perf_counter() - start
         acc = mean_accuracy(learner, val)
-        if acc > max(p["val_accuracy"] for p in curve):
+        if acc > max(q["val_accuracy"] for q in curve):
             save_checkpoint(best, {"learner": learner.state_dict(), "step": learner.fit_steps})
         curve.append({"step": learner.fit_steps, "fit_episodes": learner.fit_episodes,
                       "fit_seconds": fit_seconds, "val_accuracy": acc})
@@ -207,30 +390,29 @@ def run(cfg: RunConfig, dirs: RunDirs, resume: bool = True, progress: bool = Tru
     chosen = load_checkpoint(best)
     learner.load_state_dict(chosen["learner"])
     ph = params_hash(learner.params())
-    dev = device_name()
+    dev = device_name(device)
     rows = []
-    test_bar = tqdm(total=n_test, desc=f"test {cfg.method} {bench.name}", unit="ep", disable=not progress)
+    test_bar = tqdm(total=n_test, desc=f"test {p.label} {bench.name}", unit="ep", disable=not progress)
     for first in range(0, n_test, EVAL_CHUNK):
-        eps = [es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n_test))]
+        eps = list(on_device((es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n_test))), device))
         for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):
             rows.append({"benchmark": bench.name, "benchmark_version": bench.version, "split": "test",
-                         "episode": i, "episode_hash": ep.spec_hash, "method": cfg.method, "params_hash": ph,
+                         "episode": i, "episode_hash": ep.spec_hash, "method": p.label, "params_hash": ph,
                          "seed": cfg.seed, "code_rev": rev, "device": dev, **r,
                          "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
         test_bar.update(len(eps))
     test_bar.close()
     tags = learner.tags
     card = {
-        "method": cfg.method, "benchmark": bench.name, "benchmark_version": bench.version, "seed": cfg.seed,
+        "method": p.label, "base_method": cfg.method, "overrides": dict(cfg.overrides),
+        "benchmark": bench.name, "benchmark_version": bench.version, "seed": cfg.seed,
         "params": learner.params(), "params_hash": ph, "tags": dataclasses.asdict(tags),
         "backbone": learner.backbone,
         "inner_steps_train": learner.params().get("inner_steps"),
         "inner_steps_test": learner.params().get("inner_steps_test", learner.params().get("inner_steps")),
         "code_rev": rev, "device": dev, "torch_version": torch.__version__,
         "fit_steps": curve[-1]["step"], "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds,
-        "selected_step": int(chosen["step"]), "val_episodes": n_val, "test_episodes": n_test,
+        "selected_step": int(chosen["step"]), "steps": steps, "val_episodes": p.n_val, "test_episodes": n_test,
         "curve": curve, "checkpoint": best.relative_to(dirs.runs).as_posix(),
     }
-    csv_path = write_run(dirs.results, rows, card)
-    atomic_write_text(folder / "done.json", json.dumps({"csv": str(csv_path)}))
-    return csv_path
+    return rows, card

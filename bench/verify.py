@@ -84,7 +84,7 @@ def _rebuild(b: Bundle, run: Run) -> Any:
         raise _Unverifiable(f"{label}: no checkpoint in the bundle; cannot verify")
     params = {k: v for k, v in run.card["params"].items() if k != "seed"}
     try:
-        learner = build_learner(run.card["method"], run.bench, run.seed, params)
+        learner = build_learner(run.card.get("base_method", run.card["method"]), run.bench, run.seed, params)
         learner.setup(b.sets[run.benchmark].task_info())
     except Exception as e:  # noqa: BLE001 - a submitted method may fail in any way
         raise _Unverifiable(f"{label}: cannot build the method: {type(e).__name__}: {e}") from e

@@ -37,7 +37,7 @@ def main() -> None:
     start = time.perf_counter()
     cfg = RunConfig(args.method, "omniglot-small-5w1s", args.seed, chunk=args.chunk, val_episodes=args.val_episodes,
                     patience=args.patience)
-    path = run(cfg, RunDirs(root, Path(args.results), root / "runs"), resume=True)
+    path = run(cfg, RunDirs(root, Path(args.results), root / "runs"))
     frame, card = read_csv(path), read_card(path)
     acc = frame["accuracy"].to_numpy()
     print(f"{args.method} omniglot-small-5w1s: {100 * acc.mean():.2f}% ± {100 * ci95(acc):.2f}% "

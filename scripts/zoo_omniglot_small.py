@@ -42,6 +42,8 @@ PLAN = {
     "baseline++": dict(hidden=32),
     # scale-shift: 100 pre-training + 100 meta steps; inner lr 0.5 (the paper's 0.01 barely moves a 32-d head)
     "scale-shift": dict(hidden=32, pretrain_steps=100, inner_lr=0.5, head_lr=0.01),
+    "leo": dict(hidden=32, pretrain_steps=100, meta_batch=4),  # 100 pre-training + 100 LEO steps of 4 tasks
+    "mt-net": _SMALL,
     "chance": {},
 }
 
@@ -60,8 +62,8 @@ def main() -> None:
         start = time.perf_counter()
         steps = 0 if method == "chance" else args.steps
         cfg = RunConfig(method, "omniglot-small-5w1s", 0, steps, chunk=max(1, steps // 4), val_episodes=100,
-                        test_episodes=600, overrides=PLAN.get(method, {}))
-        run(cfg, dirs, resume=True)
+                        test_episodes=600, overrides=PLAN.get(method, {}), label=method)
+        run(cfg, dirs)
         print(f"{method}: {time.perf_counter() - start:.0f} s", flush=True)
     table = summarize(read_results(dirs.results))
     index = build_site([dirs.results], Path(args.site))

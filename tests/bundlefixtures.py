@@ -40,7 +40,8 @@ def _make_runs(base: Path) -> tuple[RunDirs, RunDirs]:
     torch.set_num_threads(1)
     dirs = RunDirs(base / "root", base / "results", base / "runs")
     for seed in (0, 1, 2):
-        run(RunConfig("fomaml", BENCH, seed, steps=2, chunk=1, val_episodes=2, overrides=TINY), dirs, progress=False)
+        run(RunConfig("fomaml", BENCH, seed, steps=2, chunk=1, val_episodes=2, overrides=TINY, label="fomaml"), dirs,
+            progress=False)
     run(RunConfig("chance", BENCH, 0, steps=0, val_episodes=2), dirs, progress=False)
     other = RunDirs(base / "root", base / "other", base / "runs")
     run(RunConfig("chance", BENCH, 1, steps=0, val_episodes=2), other, progress=False)

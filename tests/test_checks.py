@@ -314,7 +314,6 @@ def test_cli_check_exit_codes(tmp_path, monkeypatch, capsys):
     module = tmp_path / "my_broken_method.py"
     module.write_text(textwrap.dedent("""
         from dataclasses import dataclass, field
-from typing import ClassVar
         import torch
         from baselines.maml import MAML
 

@@ -27,9 +27,9 @@ def test_run_then_leaderboard(tmp_path, capsys):
     res = tmp_path / "res"
     args = ["--steps", "2", "--chunk", "1", "--val-episodes", "3", "--test-episodes", "5", "--results", str(res),
             "--runs", str(tmp_path / "runs"), "--root", str(tmp_path / "root"),
-            "--set", "meta_batch=2", "--set", "hidden=8", "--set", "inner_steps_test=1"]
+            "--set", "meta_batch=2", "--set", "hidden=8", "--set", "inner_steps_test=1", "--label", "fomaml"]
     assert main(["run", "fomaml", "synthetic-5w1s", *args]) == 0
-    assert main(["run", "chance", "synthetic-5w1s", *args[:-6]]) == 0
+    assert main(["run", "chance", "synthetic-5w1s", *args[:-8]]) == 0
     assert (res / "synthetic-5w1s" / "fomaml" / "seed0.csv").exists()
     out = tmp_path / "site" / "index.html"
     assert main(["leaderboard", str(res), "-o", str(out)]) == 0

@@ -52,6 +52,9 @@ PLANS = {
     # features and 10000 meta steps that shrink the head init; on 32-d features 50 steps at 0.01 barely move
     # the head (test accuracy ~0.22), 10x head lr like the checks
     "scale-shift": (100, 100, dict(hidden=32, pretrain_steps=70, inner_lr=0.5, head_lr=0.01)),
+    # LEO: 70 pre-training + 30 LEO steps of 4 tasks (paper: 12), paper settings otherwise
+    "leo": (100, 100, dict(hidden=32, pretrain_steps=70, meta_batch=4)),
+    "mt-net": (100, 100, _MAML_CI),
 }
 
 

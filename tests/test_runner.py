@@ -13,7 +13,7 @@ from bench.results import COLUMNS, read_card, read_csv
 from bench.runner import RunConfig, RunDirs, run
 
 CFG = RunConfig("fomaml", "synthetic-5w1s", seed=3, steps=6, chunk=2, val_episodes=6, test_episodes=12,
-                overrides=dict(meta_batch=2, inner_steps_test=2, hidden=8))
+                overrides=dict(meta_batch=2, inner_steps_test=2, hidden=8), label="fomaml")
 TIMING = ["adapt_seconds", "fit_seconds", "code_rev"]
 
 
@@ -65,23 +65,26 @@ def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, kill_at)
         run(CFG, dirs_in(tmp_path / "killed"), progress=False)
     monkeypatch.undo()
     assert not list((tmp_path / "killed").rglob("*.csv"))
-    resumed = read_csv(run(CFG, dirs_in(tmp_path / "killed"), resume=True, progress=False))
+    resumed = read_csv(run(CFG, dirs_in(tmp_path / "killed"), progress=False))
     pd.testing.assert_frame_equal(whole.drop(columns=TIMING), resumed.drop(columns=TIMING))
-    a = read_card(run(CFG, dirs_in(tmp_path / "whole"), resume=True, progress=False))
+    a = read_card(run(CFG, dirs_in(tmp_path / "whole"), progress=False))
     b = read_card(resumed_path := runner.run_paths(tmp_path / "killed" / "results", "synthetic-5w1s", "fomaml", 3)[0])
     assert [p["val_accuracy"] for p in a["curve"]] == [p["val_accuracy"] for p in b["curve"]]
     assert resumed_path.exists()
 
 
-def test_resume_false_starts_over(tmp_path):
+def test_restart_moves_the_old_checkpoints_aside(tmp_path):
     d = dirs_in(tmp_path)
-    run(CFG, d, progress=False)
+    first = read_csv(run(CFG, d, progress=False))
     folder = runner.run_dir(CFG, d, runner.build(CFG, d.root)[0])
     ckpt = torch.load(folder / "last.pt", weights_only=True)
     assert ckpt["learner"]["fit_steps"] == 6
     (folder / "marker").write_text("x")
-    run(CFG, d, resume=False, progress=False)
+    again = read_csv(run(CFG, d, restart=True, progress=False))
     assert not (folder / "marker").exists()
+    (aside,) = folder.parent.glob(folder.name + ".old-*")
+    assert (aside / "marker").read_text() == "x" and (aside / "last.pt").exists()  # nothing deleted
+    pd.testing.assert_frame_equal(first.drop(columns=TIMING), again.drop(columns=TIMING))
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
@@ -155,3 +158,115 @@ def test_a_checkpoint_narrower_than_the_benchmark_names_max_way(tmp_path):
     with pytest.raises(MetabenchError, match="max_way=3.*synthetic-5w1s has episodes of up to 5 ways"):
         run(RunConfig("fomaml", wide, steps=2, chunk=1, val_episodes=2, test_episodes=2, overrides=small),
             dirs_in(tmp_path), progress=False)
+
+
+# --- run identity and safety -----------------------------------------------------------------------
+SMALL = dict(meta_batch=2, inner_steps_test=1, hidden=4)
+
+
+def small_cfg(**kw):
+    return RunConfig(**{**dict(method="fomaml", benchmark="synthetic-5w1s", seed=0, steps=2, chunk=1, val_episodes=2,
+                               test_episodes=4, overrides=dict(SMALL)), **kw})
+
+
+def snapshot(*folders):
+    return {p: p.read_bytes() for f in folders if f.exists() for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def test_overrides_give_variant_labels_and_separate_files(tmp_path):
+    d = dirs_in(tmp_path)
+    a = run(small_cfg(), d, progress=False)
+    b = run(small_cfg(overrides={**SMALL, "inner_lr": 0.05}), d, progress=False)
+    assert a != b and a.parent.name.startswith("fomaml+") and b.parent.name.startswith("fomaml+")
+    card = read_card(b)
+    assert card["base_method"] == "fomaml" and card["overrides"]["inner_lr"] == 0.05
+    assert set(read_csv(b)["method"]) == {b.parent.name} and card["method"] == b.parent.name
+    plain = run(RunConfig("chance", "synthetic-5w1s", 0, 0, val_episodes=2, test_episodes=4), d, progress=False)
+    assert plain.parent.name == "chance"  # no overrides: the method's own name
+
+
+def test_a_clash_of_identities_is_an_error_naming_both_hashes_and_changes_nothing(tmp_path):
+    d = dirs_in(tmp_path)
+    run(small_cfg(label="mine"), d, progress=False)
+    before = snapshot(d.results, d.runs)
+    other = small_cfg(label="mine", overrides={**SMALL, "inner_lr": 0.05})
+    with pytest.raises(runner.MetabenchError, match="params_hash .* this run has params_hash") as e:
+        run(other, d, progress=False)
+    first = read_card(d.results / "synthetic-5w1s" / "mine" / "seed0.csv")["params_hash"]
+    assert first in str(e.value) and "--overwrite" in str(e.value)
+    assert snapshot(d.results, d.runs) == before
+    path = run(other, d, overwrite=True, progress=False)
+    assert read_card(path)["params_hash"] != first and read_card(path)["overrides"]["inner_lr"] == 0.05
+
+
+def test_rerunning_a_finished_run_does_nothing_and_an_interrupted_one_continues(tmp_path, capsys):
+    d = dirs_in(tmp_path)
+    run(small_cfg(), d)
+    before = snapshot(d.results, d.runs)
+    run(small_cfg(), d)
+    assert "already finished" in capsys.readouterr().err and snapshot(d.results, d.runs) == before
+
+
+def test_a_second_writer_of_the_same_run_fails_cleanly_and_the_results_equal_a_single_run(tmp_path, monkeypatch):
+    """Force the interleaving that lost results before: B starts while A holds the run."""
+    d = dirs_in(tmp_path)
+    real_execute = runner.execute
+    outcome = {}
+
+    def a_then_b(p, dirs, progress=True):
+        if "b" not in outcome:
+            outcome["b"] = "running"
+            try:
+                run(small_cfg(), d, progress=False)  # B: the same identity while A holds the lock
+            except runner.MetabenchError as e:
+                outcome["b"] = str(e)
+        return real_execute(p, dirs, progress)
+
+    monkeypatch.setattr(runner, "execute", a_then_b)
+    a = read_csv(run(small_cfg(), d, progress=False))
+    assert "in progress in pid" in outcome["b"]
+    single = read_csv(run(small_cfg(), dirs_in(tmp_path / "single"), progress=False))
+    pd.testing.assert_frame_equal(a.drop(columns=TIMING), single.drop(columns=TIMING))
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 4])
+def test_a_write_killed_between_csv_and_card_leaves_a_whole_pair(tmp_path, monkeypatch, kill_after):
+    """write_run's renames are interrupted after `kill_after` file operations: readers see the old pair
+    or the new one, never a CSV with another run's card."""
+    import os
+
+    import bench.results as results
+
+    d = dirs_in(tmp_path)
+    old_path = run(small_cfg(label="x"), d, progress=False)
+    old = (read_csv(old_path), read_card(old_path))
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] > kill_after:
+            raise Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        run(small_cfg(label="x", overrides={**SMALL, "inner_lr": 0.05}), d, overwrite=True, progress=False)
+    monkeypatch.setattr(results.os, "replace", real_replace)
+    frame, card = read_csv(old_path), read_card(old_path)
+    is_old = frame.equals(old[0]) and card["params_hash"] == old[1]["params_hash"]
+    is_new = card["overrides"].get("inner_lr") == 0.05 and set(frame["params_hash"]) == {card["params_hash"]}
+    assert is_old or is_new
+    assert set(frame["params_hash"]) == {card["params_hash"]}
+
+
+def test_cuda_without_cuda_is_one_clear_error_and_writes_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    d = dirs_in(tmp_path)
+    with pytest.raises(runner.MetabenchError, match="no CUDA device"):
+        run(small_cfg(device="cuda"), d, progress=False)
+    assert not tmp_path.joinpath("results").exists() and not tmp_path.joinpath("runs").exists()
+    with pytest.raises(runner.MetabenchError, match="use cpu, cuda, cuda:N or auto"):
+        runner.resolve_device("gpu")
+    assert runner.resolve_device("auto").type == "cpu"

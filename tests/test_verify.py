@@ -121,7 +121,8 @@ def test_variable_way_meta_dataset_bundle_validates_and_verifies(shared_data, tm
     records = shared_data / "meta_dataset" / "omniglot_small"
     assert data.main(["prepare", "meta-dataset", "--records", str(records), "--root", str(dirs.root),
                       "--no-progress"]) == 0
-    run(RunConfig("fomaml", MD_BENCH, 0, steps=2, chunk=2, val_episodes=2, test_episodes=5, overrides=MD_TINY),
+    run(RunConfig("fomaml", MD_BENCH, 0, steps=2, chunk=2, val_episodes=2, test_episodes=5, overrides=MD_TINY,
+                  label="fomaml"),
         dirs, progress=False)
     out = make_bundle("fomaml", dirs.results, dirs.runs, tmp_path / "bundle")
     rows = json.loads((out / METADATA).read_text())["runs"]

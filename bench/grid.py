@@ -1,0 +1,421 @@
+"""`metabench grid`: methods x benchmarks x seeds, each cell one `run`, on local worker processes or Ray.
+
+    metabench grid --methods maml,fomaml --benchmarks glyphs-5w1s --seeds 0-2 --results DIR [--steps N]
+        [--set k=v ...] [--workers N] [--ray [ADDRESS]] [--device cuda] [--retries 2]
+    metabench grid GRID.toml          # the same fields, plus per-method overrides and per-benchmark steps
+
+Every cell is exactly one run (bench.runner: same identity, files and rows as `metabench run`), so a
+grid is idempotent: finished cells are skipped, interrupted ones continue from their checkpoints.
+A failing cell is retried `retries` times, then reported; the other cells go on.
+
+Executors:
+- local (default): each cell attempt is a `metabench run` worker process; `workers` cells at a
+  time with `threads` torch threads each, so that workers x threads never exceeds the cores this
+  process may use (affinity and cgroup quota): the oversubscription guard.
+- Ray (`--ray`, `--ray auto`, `--ray HOST:PORT`): each cell is a Ray task with num_cpus = its
+  threads (num_gpus = 1 on CUDA), retried on worker or node loss. Rows and cards come back to
+  this driver, which writes them under --results, so results need no shared file system;
+  checkpoints go to --runs, which every node must reach for a cell to resume on another node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.errors import MetabenchError
+from bench.paths import resolve_root
+
+GRID_KEYS = {"methods", "benchmarks", "seeds", "steps", "chunk", "val_episodes", "test_episodes", "patience",
+             "results", "runs", "root", "device", "retries", "workers", "threads", "set", "method_set",
+             "benchmark_steps", "label"}
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """One run of a grid: method, benchmark, seed, steps (None: the method's preset), overrides, label."""
+
+    method: str
+    benchmark: str
+    seed: int
+    steps: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.label or self.method} {self.benchmark} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A grid: its cells and how every cell runs (chunk, episodes, patience, device, folders, executor)."""
+
+    cells: tuple[Cell, ...]
+    results: Path
+    runs: Path
+    root: Path
+    run_args: dict[str, Any] = field(default_factory=dict)  # chunk, val_episodes, test_episodes, patience
+    device: str = "cpu"
+    retries: int = 2
+    workers: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class Outcome:
+    """What happened to one cell: ok, the CSV, attempts, seconds, and the error of the last attempt."""
+
+    cell: Cell
+    ok: bool
+    csv: Path | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def parse_seeds(text: str | int | list) -> list[int]:
+    """"0-2" -> [0, 1, 2]; "0,3,5" -> [0, 3, 5]; a list or one int as is."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return [text]
+    if isinstance(text, list):
+        items = text
+    else:
+        items = []
+        for part in str(text).split(","):
+            part = part.strip()
+            lo, sep, hi = part.partition("-")
+            if sep and lo.strip().isdigit() and hi.strip().isdigit():
+                items += list(range(int(lo), int(hi) + 1))
+            else:
+                items.append(part)
+    seeds = []
+    for s in items:
+        if isinstance(s, bool) or not str(s).isdigit():
+            raise MetabenchError(f"--seeds: {s!r} is not a seed (whole numbers, ranges like 0-2, commas)")
+        seeds.append(int(s))
+    if not seeds:
+        raise MetabenchError("--seeds: no seeds given")
+    return seeds
+
+
+def make_cells(methods: list[str], benchmarks: list[str], seeds: list[int], spec: dict[str, Any]) -> tuple[Cell, ...]:
+    """The cells of methods x benchmarks x seeds, with spec's steps, benchmark_steps, set, method_set, label."""
+    cells = []
+    for b in benchmarks:
+        steps = spec.get("benchmark_steps", {}).get(b, spec.get("steps"))
+        for m in methods:
+            overrides = {**spec.get("set", {}), **spec.get("method_set", {}).get(m, {})}
+            for seed in seeds:
+                cells.append(Cell(m, b, seed, steps, overrides, spec.get("label", {}).get(m)))
+    return tuple(cells)
+
+
+def load_grid_file(path: Path) -> dict[str, Any]:
+    """The fields of a GRID.toml (relative folders are relative to the file); every error names the file."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise MetabenchError(f"{path}: cannot read the grid file ({e})") from e
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown:
+        raise MetabenchError(f"{path}: unknown key(s) {unknown}; a grid file has {sorted(GRID_KEYS)}")
+    for key in ("methods", "benchmarks"):
+        if not isinstance(data.get(key), list) or not data[key]:
+            raise MetabenchError(f"{path}: {key!r} must be a non-empty list")
+    for key in ("results", "runs", "root"):
+        if key in data:
+            data[key] = str((Path(path).parent / data[key]).resolve())
+    data["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
+                          for b in data["benchmarks"]]
+    return data
+
+
+def spec_from(fields: dict[str, Any]) -> GridSpec:
+    """A GridSpec from grid fields (a GRID.toml's or the command line's)."""
+    for key in ("results",):
+        if not fields.get(key):
+            raise MetabenchError(f"a grid needs --{key}")
+    root = resolve_root(fields.get("root"))
+    cells = make_cells(list(fields["methods"]), list(fields["benchmarks"]), parse_seeds(fields.get("seeds", "0")),
+                       fields)
+    run_args = {k: fields[k] for k in ("chunk", "val_episodes", "test_episodes", "patience") if fields.get(k) is not None}
+    return GridSpec(cells, Path(fields["results"]), Path(fields.get("runs") or root / "runs"), root, run_args,
+                    fields.get("device", "cpu"), int(fields.get("retries", 2)), fields.get("workers"),
+                    fields.get("threads"))
+
+
+def cell_config(cell: Cell, spec: GridSpec) -> Any:
+    """The bench.runner.RunConfig of a cell."""
+    from bench.runner import RunConfig
+
+    return RunConfig(cell.method, cell.benchmark, cell.seed, cell.steps, overrides=dict(cell.overrides),
+                     label=cell.label, device=spec.device, **spec.run_args)
+
+
+def check_cells(spec: GridSpec) -> dict[Cell, str]:
+    """Resolve every cell before any work; returns the cells that cannot run, with their error."""
+    from bench.runner import RunDirs, check_identity, plan
+
+    dirs = RunDirs(spec.root, spec.results, spec.runs)
+    bad = {}
+    for cell in spec.cells:
+        try:
+            check_identity(plan(cell_config(cell, spec), dirs), overwrite=False)
+        except MetabenchError as e:
+            bad[cell] = str(e)
+    return bad
+
+
+def slots(spec: GridSpec) -> tuple[int, int]:
+    """(parallel cells, torch threads per cell) with cells x threads <= usable cores."""
+    from bench.runner import available_cores
+
+    cores = available_cores()
+    workers = max(1, min(int(spec.workers or cores), len(spec.cells) or 1, cores))
+    threads = max(1, int(spec.threads or cores // workers))
+    if workers * threads > cores:
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+# --- the local executor ---------------------------------------------------------------------------------
+def run_args_cli(cell: Cell, spec: GridSpec) -> list[str]:
+    """The `metabench run` arguments of a cell."""
+    args = ["run", cell.method, cell.benchmark, "--seed", str(cell.seed), "--results", str(spec.results),
+            "--runs", str(spec.runs), "--root", str(spec.root), "--device", spec.device]
+    if cell.steps is not None:
+        args += ["--steps", str(cell.steps)]
+    if cell.label:
+        args += ["--label", cell.label]
+    for key, value in spec.run_args.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in cell.overrides.items():
+        args += ["--set", f"{key}={value!r}"]
+    return args
+
+
+def local_attempt(cell: Cell, spec: GridSpec, threads: int) -> tuple[bool, str]:
+    """One attempt of a cell as a `metabench run` worker process; (ok, error line or CSV path)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "METABENCH_TASK_WORKERS": str(threads), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench", *run_args_cli(cell, spec)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode == 0:
+        return True, proc.stdout.strip().rsplit("results: ", 1)[-1]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    why = lines[-1] if lines else f"exit status {proc.returncode}"
+    return False, why.removeprefix("metabench: error: ") + (f" (exit status {proc.returncode})"
+                                                          if proc.returncode < 0 or proc.returncode > 2 else "")
+
+
+def run_local(spec: GridSpec, report: Callable[[Outcome], None]) -> list[Outcome]:
+    """Every cell on local worker processes, `slots(spec)` at a time."""
+    workers, threads = slots(spec)
+
+    def one(cell: Cell) -> Outcome:
+        start, out = time.perf_counter(), Outcome(cell, False)
+        for attempt in range(spec.retries + 1):
+            out.attempts = attempt + 1
+            ok, text = local_attempt(cell, spec, threads)
+            if ok:
+                out.ok, out.csv, out.error = True, Path(text), ""
+                break
+            out.error = text
+        out.seconds = time.perf_counter() - start
+        return out
+
+    outcomes = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for fut in as_completed([pool.submit(one, c) for c in spec.cells]):
+            outcomes.append(fut.result())
+            report(outcomes[-1])
+    return outcomes
+
+
+# --- the Ray executor -----------------------------------------------------------------------------------
+def ray_cell(cfg: Any, root: str, runs: str, threads: int) -> tuple[list[dict], dict]:
+    """A cell on a Ray worker: fit and test under the run's lock; the rows and card go back to the driver."""
+    import torch
+
+    from bench.runner import RunDirs, execute, plan, run_lock
+
+    torch.set_num_threads(threads)
+    os.environ["METABENCH_TASK_WORKERS"] = str(threads)
+    dirs = RunDirs(Path(root), Path(runs) / ".ray-results-unused", Path(runs))
+    p = plan(cfg, dirs)
+    with run_lock(p.folder):
+        return execute(p, dirs, progress=False)
+
+
+def run_ray(spec: GridSpec, address: str | None, report: Callable[[Outcome], None]) -> list[Outcome]:
+    """Every cell as a Ray task (connecting to `address`, or starting a local cluster when None)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise MetabenchError("--ray needs Ray: pip install 'metabench[ray]'") from e
+    from bench.results import write_run
+    from bench.runner import RunDirs, check_identity, finished, plan
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    threads = int(spec.threads or 1)
+    gpus = 1 if spec.device.startswith("cuda") or spec.device == "auto" and _has_cuda() else 0
+    task = ray.remote(ray_cell).options(num_cpus=threads, num_gpus=gpus, max_retries=spec.retries,
+                                        retry_exceptions=True)
+    dirs = RunDirs(spec.root, spec.results, spec.runs)
+    pending, outcomes, starts = {}, [], {}
+    try:
+        for cell in spec.cells:
+            p = plan(cell_config(cell, spec), dirs)
+            if finished(p):
+                outcomes.append(Outcome(cell, True, p.csv, 0, 0.0))
+                report(outcomes[-1])
+                continue
+            starts[cell] = time.perf_counter()
+            pending[task.remote(p.cfg, str(spec.root), str(spec.runs), threads)] = (cell, p)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            cell, p = pending.pop(done[0])
+            out = Outcome(cell, False, attempts=1, seconds=time.perf_counter() - starts[cell])
+            try:
+                rows, card = ray.get(done[0])
+                check_identity(p, overwrite=False)
+                out.csv, out.ok = write_run(spec.results, rows, card), True
+            except Exception as e:  # noqa: BLE001 - a cell may fail in any way; the others go on
+                cause = getattr(e, "cause", None) or e
+                out.error = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            outcomes.append(out)
+            report(out)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return outcomes
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- the command ------------------------------------------------------------------------------------------
+def summary_table(results: Path, outcomes: list[Outcome]) -> str:
+    """method x benchmark: mean accuracy +- 95% CI over the runs' episodes, seeds done."""
+    import pandas as pd
+
+    from bench.results import read_csv
+    from bench.stats import summarize
+
+    frames = [read_csv(o.csv) for o in outcomes if o.ok and o.csv]
+    if not frames:
+        return "no finished cells"
+    table = summarize(pd.concat(frames, ignore_index=True))
+    lines = [f"{'method':24s} {'benchmark':22s} {'accuracy':>18s} seeds"]
+    for _, row in table.iterrows():
+        lines.append(f"{row['method']:24s} {row['benchmark']:22s} {100 * row['mean']:7.2f}% +- {100 * row['ci95']:5.2f}% "
+                     f"{int(row['n_seeds']) if 'n_seeds' in row else '?'}")
+    return "\n".join(lines)
+
+
+def run_grid(spec: GridSpec, ray_address: str | None = None, use_ray: bool = False, quiet: bool = False
+             ) -> list[Outcome]:
+    """Run a grid; cells that cannot even be planned are reported as failed, the others run."""
+    from tqdm.auto import tqdm
+
+    unplannable = check_cells(spec)
+    runnable = replace(spec, cells=tuple(c for c in spec.cells if c not in unplannable))
+    outcomes = [Outcome(c, False, error=e) for c, e in unplannable.items()]
+    bar = tqdm(total=len(spec.cells), unit="cell", desc="grid", disable=quiet)
+    bar.update(len(outcomes))
+
+    def report(o: Outcome) -> None:
+        status = "ok" if o.ok else f"FAILED after {o.attempts} attempt(s): {o.error}"
+        bar.write(f"{o.cell.name}: {status} ({o.seconds:.0f} s)")
+        bar.update(1)
+
+    for o in outcomes:
+        bar.write(f"{o.cell.name}: FAILED: {o.error}")
+    if runnable.cells:
+        outcomes += run_ray(runnable, ray_address, report) if use_ray else run_local(runnable, report)
+    bar.close()
+    return outcomes
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """`metabench grid`: run the cells, print a table, build the site; exit 1 if any cell failed."""
+    if args.file:
+        fields = load_grid_file(Path(args.file))
+    else:
+        from bench.cli import parse_overrides
+
+        if not args.methods or not args.benchmarks:
+            raise MetabenchError("a grid needs --methods and --benchmarks (or a GRID.toml)")
+        fields = {"methods": _split(args.methods), "benchmarks": _split(args.benchmarks), "seeds": args.seeds,
+                  "steps": args.steps, "set": parse_overrides(args.set)}
+    for key in ("results", "runs", "root", "device", "workers", "threads", "chunk", "val_episodes",
+                "test_episodes", "patience"):
+        if getattr(args, key, None) is not None:
+            fields[key] = getattr(args, key)
+    if args.retries is not None:
+        fields["retries"] = args.retries
+    spec = spec_from(fields)
+    from bench.runner import resolve_device
+
+    resolve_device(spec.device)  # fail at once on a machine without CUDA
+    start = time.perf_counter()
+    outcomes = run_grid(spec, None if args.ray in (None, "local") else args.ray, args.ray is not None, args.quiet)
+    failed = [o for o in outcomes if not o.ok]
+    print(f"\ngrid: {len(outcomes) - len(failed)} of {len(outcomes)} cells done in {time.perf_counter() - start:.0f} s")
+    print(summary_table(spec.results, outcomes))
+    if failed:
+        print(f"\n{len(failed)} cell(s) failed:", file=sys.stderr)
+        for o in failed:
+            print(f"  {o.cell.name}: {o.error}", file=sys.stderr)
+    if not args.no_site and len(failed) < len(outcomes):
+        from leaderboard.build import build_site
+
+        print(f"leaderboard: {build_site([spec.results], spec.results / 'site')}")
+    return 1 if failed else 0
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register `metabench grid`."""
+    s = sub.add_parser("grid", help="run methods x benchmarks x seeds (local processes or a Ray cluster)",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("file", nargs="?", default=None, help="a GRID.toml (the flags below override its fields)")
+    s.add_argument("--methods", help="comma-separated methods")
+    s.add_argument("--benchmarks", help="comma-separated benchmarks (names, pkg.module:NAME or .toml files)")
+    s.add_argument("--seeds", default="0", help="seeds: 0-2, or 0,3,5")
+    s.add_argument("--steps", type=int, default=None, help="outer steps of every cell (default: the presets)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    s.add_argument("--results", default=None, help="results folder (the site goes to RESULTS/site)")
+    s.add_argument("--runs", default=None, help="checkpoint folder, reachable from every node (default: ROOT/runs)")
+    s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
+    s.add_argument("--chunk", type=int, default=None, help="outer steps between checkpoints (run's default: 100)")
+    s.add_argument("--val-episodes", type=int, default=None, help="validation episodes (default: the benchmark's)")
+    s.add_argument("--test-episodes", type=int, default=None, help="test episodes (default: the benchmark's)")
+    s.add_argument("--patience", type=int, default=None, help="early stop after this many chunks without gain")
+    s.add_argument("--workers", type=int, default=None, help="cells at a time (default: usable cores)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / workers)")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: a local cluster, 'auto' (a running one) or HOST:PORT")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
+    s.add_argument("--retries", type=int, default=None, help="retries of a failing cell (default: 2)")
+    s.add_argument("--no-site", action="store_true", help="do not build the leaderboard site")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_grid)

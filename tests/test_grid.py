@@ -1,0 +1,176 @@
+"""`metabench grid`: cells are runs; local processes and a real Ray cluster give the same numbers as
+sequential runs; failures are retried or reported; a finished grid does nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import grid
+from bench.cli import main
+from bench.results import read_csv
+from bench.runner import RunConfig, RunDirs, run
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(meta_batch=2, hidden=4, inner_steps_test=1)
+NUMBERS = ["episode", "episode_hash", "accuracy", "loss", "params_hash", "fit_episodes"]
+
+KILLER = '''
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+from baselines.maml import FOMAML
+
+
+@dataclass
+class KillOnce(FOMAML):
+    """First-order MAML whose process dies once, in its second outer step (test-only)."""
+
+    PARALLEL_TASKS: ClassVar[bool] = True
+    TASK_BATCHED: ClassVar[bool] = True
+
+    def outer_step(self, batch):
+        marker = os.environ["KILL_MARKER"]
+        if self.fit_steps == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(17)
+        super().outer_step(batch)
+'''
+
+
+def spec_for(tmp: Path, methods: list[str], seeds: str = "0-1", **extra) -> grid.GridSpec:
+    fields = {"methods": methods, "benchmarks": ["synthetic-5w1s"], "seeds": seeds, "steps": 3, "chunk": 1,
+              "val_episodes": 2, "test_episodes": 6, "set": TINY, "results": str(tmp / "results"),
+              "runs": str(tmp / "runs"), "root": str(tmp / "root"), "threads": 1, **extra}
+    return grid.spec_from(fields)
+
+
+def numbers(results: Path) -> pd.DataFrame:
+    frames = [read_csv(p) for p in sorted(results.rglob("seed*.csv"))]
+    return pd.concat(frames).sort_values(["method", "seed", "episode"])[["method", "seed", *NUMBERS]].reset_index(drop=True)
+
+
+@pytest.fixture()
+def killer(tmp_path, monkeypatch):
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "killer_method.py").write_text(textwrap.dedent(KILLER))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mods"), str(REPO)]))
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.setenv("KILL_MARKER", str(tmp_path / "killed-once"))
+    return tmp_path / "killed-once"
+
+
+def sequential(tmp: Path, methods: list[str]) -> pd.DataFrame:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dirs = RunDirs(tmp / "root", tmp / "results", tmp / "runs")
+        for m in methods:
+            for seed in (0, 1):
+                run(RunConfig(m, "synthetic-5w1s", seed, 3, chunk=1, val_episodes=2, test_episodes=6,
+                              overrides=dict(TINY)), dirs, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return numbers(tmp / "results")
+
+
+@pytest.mark.slow
+def test_local_grid_equals_sequential_runs_and_survives_a_killed_worker(tmp_path, killer):
+    spec = spec_for(tmp_path / "grid", ["fomaml", "killer_method:KillOnce"], workers=2)
+    outcomes = grid.run_grid(spec, quiet=True)
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert killer.exists()  # the KillOnce cell died once and was retried, resuming from its checkpoint
+    assert max(o.attempts for o in outcomes) == 2
+    got = numbers(tmp_path / "grid" / "results")
+    want = sequential(tmp_path / "seq", ["fomaml", "killer_method:KillOnce"])
+    got["method"] = got["method"].str.replace("killer_method_KillOnce", "K").str.split("+").str[0]
+    want["method"] = want["method"].str.replace("killer_method_KillOnce", "K").str.split("+").str[0]
+    pd.testing.assert_frame_equal(got, want)
+
+    # a finished grid does no training: no checkpoint is written, nothing changes
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").rglob("*") if p.is_file()}
+    again = grid.run_grid(spec, quiet=True)
+    assert all(o.ok for o in again)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").rglob("*") if p.is_file()}
+    assert before == after
+
+
+@pytest.mark.slow
+def test_ray_cluster_grid_equals_local_and_retries_a_dead_worker(tmp_path, killer):
+    pytest.importorskip("ray")
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    port = "6391"
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
+    try:
+        spec = spec_for(tmp_path / "ray", ["fomaml", "killer_method:KillOnce"])
+        outcomes = grid.run_grid(spec, ray_address=f"127.0.0.1:{port}", use_ray=True, quiet=True)
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+        assert killer.exists()  # Ray retried the task whose worker died
+        local = spec_for(tmp_path / "local", ["fomaml", "killer_method:KillOnce"], workers=2)
+        assert all(o.ok for o in grid.run_grid(local, quiet=True))
+        pd.testing.assert_frame_equal(numbers(tmp_path / "ray" / "results"), numbers(tmp_path / "local" / "results"))
+        assert not (tmp_path / "ray" / "runs" / ".ray-results-unused").exists()  # results only on the driver
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_a_bad_cell_is_reported_and_the_others_finish(tmp_path, capsys):
+    args = ["grid", "--methods", "fomaml,chance", "--benchmarks", "synthetic-5w1s", "--seeds", "0", "--steps", "1",
+            "--chunk", "1", "--val-episodes", "2", "--test-episodes", "4", "--set", "hidden=4",
+            "--set", "meta_batch=1", "--results", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"),
+            "--root", str(tmp_path / "root"), "--threads", "1", "--retries", "0", "--quiet", "--no-site"]
+    assert main(args) == 1  # chance has no hidden/meta_batch hyperparameters: its cell fails
+    err = capsys.readouterr().err
+    assert "1 cell(s) failed" in err and "chance" in err and "bad hyperparameters" in err
+    assert list((tmp_path / "res" / "synthetic-5w1s").iterdir())[0].name.startswith("fomaml+")
+
+
+def test_seeds_and_grid_files(tmp_path):
+    assert grid.parse_seeds("0-2") == [0, 1, 2] and grid.parse_seeds("0,3,5") == [0, 3, 5]
+    assert grid.parse_seeds([4]) == [4]
+    with pytest.raises(grid.MetabenchError, match="not a seed"):
+        grid.parse_seeds("a-b")
+    path = tmp_path / "GRID.toml"
+    path.write_text(textwrap.dedent("""
+        methods = ["maml", "fomaml"]
+        benchmarks = ["synthetic-5w1s", "glyphs-5w1s"]
+        seeds = "0-1"
+        steps = 10
+        results = "out"
+        [benchmark_steps]
+        "glyphs-5w1s" = 20
+        [set]
+        hidden = 8
+        [method_set.maml]
+        hidden = 16
+        [label]
+        maml = "maml-small"
+    """))
+    spec = grid.spec_from(grid.load_grid_file(path))
+    assert len(spec.cells) == 8 and spec.results == tmp_path / "out"
+    maml_glyphs = [c for c in spec.cells if c.method == "maml" and c.benchmark == "glyphs-5w1s"]
+    assert {c.steps for c in maml_glyphs} == {20} and maml_glyphs[0].overrides == {"hidden": 16}
+    assert maml_glyphs[0].label == "maml-small"
+    path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\nresult = "x"\n')
+    with pytest.raises(grid.MetabenchError, match="unknown key"):
+        grid.load_grid_file(path)
+
+
+def test_workers_times_threads_never_exceed_the_cores(monkeypatch):
+    monkeypatch.setattr("bench.runner.available_cores", lambda: 4)
+    spec = grid.GridSpec(tuple(grid.Cell("maml", "synthetic-5w1s", s) for s in range(9)), Path("r"), Path("u"),
+                         Path("o"))
+    assert grid.slots(spec) == (4, 1)
+    assert grid.slots(grid.GridSpec(spec.cells, spec.results, spec.runs, spec.root, workers=2)) == (2, 2)
+    assert grid.slots(grid.GridSpec(spec.cells, spec.results, spec.runs, spec.root, workers=2, threads=8)) == (2, 2)
