@@ -194,6 +194,7 @@ class GradientLearner(MetaLearner):
     # then run many tasks as one task-batched network (baselines/maml.py).
     PARALLEL_TASKS: ClassVar[bool] = False
     TASK_BATCHED: ClassVar[bool] = False
+    LIMITS: ClassVar[dict[str, str]] = {"hidden": ">=1", "meta_batch": ">=1", "outer_lr": ">0"}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -46,7 +46,9 @@ in two groups (each phase leaves the other's gradients empty, which Adam skips),
 depends only on the step counter, so fit(a) + fit(b) equals fit(a + b) across the boundary. The
 random draws of a meta-training task (dropout, code and weight samples) come from a generator
 seeded by (seed, outer step, episode index), so the tasks of a meta-batch can run side by side
-and a run resumes exactly. Omniglot is not in the paper: its presets are our choice.
+and a run resumes exactly; the first fine-tuning gradient is taken with a fresh prediction dropout
+mask (the reference reuses the last latent step's loss: the same weights, another mask). Omniglot
+is not in the paper: its presets are our choice.
 """
 
 from __future__ import annotations

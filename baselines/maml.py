@@ -61,6 +61,7 @@ class MAML(GradientLearner):
 
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
     TASK_BATCHED: ClassVar[bool] = True
+    LIMITS: ClassVar[dict[str, str]] = {"inner_steps": ">=1", "task_batch": ">=1"}
     PRESETS: ClassVar[Mapping[str, Preset]] = {
         "omniglot-5w": Preset(dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, meta_batch=32, outer_lr=1e-3,
                                    hidden=64), 40000, _FINN, "cbfinn/maml", "main.py (usage)"),

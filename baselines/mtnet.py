@@ -30,7 +30,8 @@ reference's adapted weight dict, so it is meta-learned only, like T).
 
 Our choices, stated: the shared Conv-4 (2x2 max-pool after every block and a flattened head:
 the reference's miniImageNet network, also for Omniglot, where the reference uses strided
-convs and a spatial mean), with the shared Conv-4 initialisation; the mask of a meta-training
+convs and a spatial mean), with the shared Conv-4 initialisation and its batch norm (scale and
+shift; the reference's tf.contrib batch norm learns a shift only); the mask of a meta-training
 task is drawn from a generator seeded by (seed, outer step, episode index), so tasks can run
 side by side and a run resumes exactly; at test the reference samples masks as well, and here
 each adaptation draws them from a generator seeded by (seed, the support set's content), so

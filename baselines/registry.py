@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.api import MetaLearner, Preset
 from bench.errors import MetabenchError
+from bench.hparams import validate
 from bench.registry import Registry
 
 PACKAGE = Path(__file__).parent
@@ -71,7 +72,8 @@ def make(name: str, key: str, seed: int = 0, **overrides: Any) -> MetaLearner:
     cls = method_class(name)
     found = preset(name, key)
     params = {**(found.values if found else {}), **overrides, "seed": seed}
+    validate(cls, params, name)
     try:
         return cls(**params)
-    except TypeError as e:
-        raise MetabenchError(f"method {name!r}: bad hyperparameters {sorted(params)}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise MetabenchError(f"method {name!r}: bad hyperparameters: {e}") from e

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 
 import torch
 
-from bench.errors import MetabenchError
+from bench.errors import MetabenchError, MethodError
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """query_x [n_query, C, H, W] -> logits [n_query, way]."""
@@ -189,36 +189,41 @@ class MetaLearner(abc.ABC):
     def evaluate(self, episodes: Iterable[Episode]) -> list[dict[str, float]]:
         """Adapt on each support set, predict its query set, and score it.
 
-        Episodes are adapted EVAL_CHUNK at a time through `adapt_many`. Returns one dict per
-        episode: accuracy, loss (cross-entropy of the logits), way, n_support, n_query,
-        adapt_seconds (adaptation plus prediction; the chunk's time divided by its episodes).
+        Returns one dict per episode: accuracy, loss (cross-entropy of the logits), way, n_support,
+        n_query, adapt_seconds and adapt_batch. A method with its own `adapt_many` adapts EVAL_CHUNK
+        episodes per call (e.g. one task-batched inner loop): its adapt_seconds is that call's time
+        plus prediction, divided by its episodes, and adapt_batch says how many shared it. Any other
+        method is adapted and timed one episode at a time (adapt_batch 1), with the same results.
         """
         out: list[dict[str, float]] = []
         it = iter(episodes)
-        while chunk := list(itertools.islice(it, EVAL_CHUNK)):
+        batched = type(self).adapt_many is not MetaLearner.adapt_many
+        while chunk := list(itertools.islice(it, EVAL_CHUNK if batched else 1)):
             for ep in chunk:
                 self.check_way(ep)
             start = time.perf_counter()
-            predictors = self.adapt_many([(ep.support_x, ep.support_y) for ep in chunk])
+            predictors = self.adapt_many([(ep.support_x, ep.support_y) for ep in chunk]) if batched else \
+                [self.adapt(chunk[0].support_x, chunk[0].support_y)]
             with torch.no_grad():
                 logits = [predict(ep.query_x) for predict, ep in zip(predictors, chunk)]
             seconds = (time.perf_counter() - start) / len(chunk)
-            out.extend(score(lg, ep) | {"adapt_seconds": seconds} for lg, ep in zip(logits, chunk))
+            out.extend(score(lg, ep) | {"adapt_seconds": seconds, "adapt_batch": len(chunk)}
+                       for lg, ep in zip(logits, chunk))
         return out
 
 
 EVAL_CHUNK = 32
-"""Episodes adapted together by `MetaLearner.evaluate` (one `adapt_many` call)."""
+"""Episodes adapted together by `MetaLearner.evaluate` (one `adapt_many` call) for a method with its own adapt_many."""
 
 
 def score(logits: torch.Tensor, ep: Episode) -> dict[str, float]:
     """Accuracy and cross-entropy of logits [n_query, way] on an episode's query labels."""
     if logits.shape != (len(ep.query_y), ep.way):
-        raise ValueError(f"predictor returned logits of shape {tuple(logits.shape)}, "
-                         f"expected [n_query, way] = {[len(ep.query_y), ep.way]}")
+        raise MethodError(f"predictor returned logits of shape {list(logits.shape)}, "
+                          f"expected [n_query, way] = {[len(ep.query_y), ep.way]}")
     logits = logits.detach().to(torch.float64)
     if not torch.isfinite(logits).all():
-        raise ValueError("predictor returned non-finite logits")
+        raise MethodError("predictor returned non-finite logits (NaN or inf)")
     acc = (logits.argmax(dim=1) == ep.query_y).double().mean().item()
     loss = torch.nn.functional.cross_entropy(logits, ep.query_y).item()
     return {"accuracy": acc, "loss": loss, "way": ep.way, "n_support": len(ep.support_y),

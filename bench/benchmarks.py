@@ -58,18 +58,31 @@ class Benchmark:
     def with_episodes(self, loader: Callable[[str, Path, int], ArraySource] | None, root: Path) -> EpisodeSet:
         """This benchmark's episodes on its sources, each loaded with `loader(name, root, image_size)`."""
         load = loader or get_source
+        if loader is None:
+            check_root(root)
         sources, missing = {}, []
         for n in self.protocol.source_names(self):
             try:
                 sources[n] = load(n, Path(root), self.image_size)
             except DataError as e:
                 missing.append((n, e))
+            except OSError as e:  # a read-only or full data folder while a cache is built
+                missing.append((n, DataError(f"{root}: cannot build the {n} cache there ({e.strerror or e}); "
+                                             "give a writable --root")))
         if len(missing) == 1:
             raise missing[0][1]
         if missing:
             raise DataError(f"{self.name} needs {len(missing)} sources that are not usable in {root}: "
                             + "; ".join(f"{n}: {e}" for n, e in missing))
         return EpisodeSet(self, sources)
+
+
+def check_root(root: Path) -> None:
+    """Create the data folder, or raise one clear DataError (before anything is rendered or decoded)."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{root}: not usable as the data folder ({e.strerror or e}); give a writable --root") from e
 
 
 def _check_benchmark(obj: Any, name: str) -> None:

@@ -6,19 +6,24 @@ A bundle is a folder:
 BUNDLE/
   metadata.json                                  method, registry target, environment, runs
   MANIFEST.json                                  sha256 and size of every other file
+  conformance.json                               the conformance suite's report (bench.checks)
   results/<benchmark>/<method>/seed<N>.csv       per-episode rows (bench.results columns)
   results/<benchmark>/<method>/seed<N>.json      run cards, as written by the runner
   checkpoints/<benchmark>/<method>/seed<N>.pt    the selected checkpoint (best.pt) of each run
+  code/...                                       optional: the method's source (.py), declared in
+                                                 metadata.json "method_source"
 ```
 
 (`<method>` is the method name made file-safe.) `make_bundle` collects the files of one method
-from a results folder and a runs folder and writes the bundle atomically (built in a temporary
-folder, renamed at the end). `check_integrity` is the file-level half of validation: manifest
-hashes and sizes, no symlinks or special files, no path traversal, size limits. What the files
-must say is `bench.validation`; re-running the checkpoints is `bench.verify`.
+from a results folder and a runs folder, runs the conformance suite on the method and writes the
+bundle atomically (built in a temporary folder, renamed at the end). `check_integrity` is the
+file-level half of validation: manifest hashes and sizes, no symlinks or special files, no path
+traversal, size limits. What the files must say is `bench.validation`; re-running the
+checkpoints is `bench.verify`. A bundle is never changed after it is made: the hash of its
+manifest (`manifest_sha256`) names its content, and a verification is a record kept apart from it.
 
-CLI: `metabench submit METHOD --results DIR [--runs DIR] -o BUNDLE` (bundles, then validates;
-a bundle that does not validate exits with status 1).
+CLI: `metabench submit METHOD --results DIR [--runs DIR] [--source PATH] -o BUNDLE` (bundles,
+then validates; a bundle that does not validate exits with status 1).
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ MANIFEST = "MANIFEST.json"
 METADATA = "metadata.json"
 RESULTS_DIR = "results"
 CHECKPOINTS_DIR = "checkpoints"
+CONFORMANCE = "conformance.json"
+CODE_DIR = "code"
+"""The folder of a bundle's declared method source; put on sys.path only when the code is trusted."""
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dylib", ".dll", ".pth", ".sh", ".bash", ".zsh",
+                 ".bat", ".cmd", ".ps1", ".exe", ".ipynb", ".egg", ".whl", ".jar", ".js")
+"""Files that are code: a bundle may hold them only as its declared method source (.py under code/)."""
 
 MAX_FILE_BYTES = 200 * 2**20
 """Largest accepted file in a bundle (checkpoints included)."""
@@ -124,16 +135,10 @@ def manifest_of(folder: Path) -> dict:
     return {"format": BUNDLE_FORMAT, "files": files}
 
 
-def update_manifest(folder: Path, changed: Iterable[str]) -> None:
-    """Refresh the sha256 and size of the files `changed` (relative paths) in the bundle's manifest."""
-    folder = Path(folder)
-    changed = set(changed)
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    for entry in manifest["files"]:
-        if entry["path"] in changed:
-            p = folder / entry["path"]
-            entry["sha256"], entry["size"] = sha256_file(p), p.stat().st_size
-    atomic_write_text(folder / MANIFEST, json_text(manifest))
+def manifest_sha256(folder: Path) -> str:
+    """The sha256 of a bundle's MANIFEST.json: it names the bundle's whole content (the manifest
+    holds the sha256 of every other file). Verification records and the leaderboard key on it."""
+    return sha256_file(Path(folder) / MANIFEST)
 
 
 def unsafe_path(name: Any) -> str | None:
@@ -278,6 +283,38 @@ def check_integrity(folder: Path) -> Integrity:
 
 
 # ---------------------------------------------------------------------------------------------
+# conformance
+
+
+_CONFORMANCE: dict[str, dict] = {}
+
+
+def conformance_report(method: str) -> dict:
+    """The conformance suite's report on `method` (a registered name or "pkg.module:Class"), as stored
+    in a bundle's conformance.json: method, ok, failed (the names of failed checks), excepted, checks
+    (check, status, message). Run once per method per process (with one torch thread, like
+    `metabench check`); a method that cannot be imported is a MetabenchError."""
+    if method not in _CONFORMANCE:
+        import torch
+
+        from bench.checks import run_checks
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = run_checks(method)
+        finally:
+            torch.set_num_threads(threads)
+        _CONFORMANCE[method] = {
+            "format": BUNDLE_FORMAT, "method": method, "ok": all(r.ok for r in results),
+            "failed": [r.check for r in results if r.status == "failed"],
+            "excepted": [r.check for r in results if r.status == "excepted"],
+            "checks": [{"check": r.check, "status": r.status, "message": r.message} for r in results],
+        }
+    return _CONFORMANCE[method]
+
+
+# ---------------------------------------------------------------------------------------------
 # make
 
 
@@ -365,6 +402,25 @@ def _metadata(method: str, identity: dict[str, str], meta_runs: list[dict]) -> d
     }
 
 
+def _source_plan(sources: Iterable[Path]) -> list[tuple[Path, str]]:
+    """(file, bundle path) of the method source: each .py file as code/<name>, each folder's .py files
+    as code/<folder name>/... (so `import <folder name>.module` finds them under code/)."""
+    plan = []
+    for src in map(Path, sources):
+        if src.is_file() and src.suffix == ".py":
+            plan.append((src, f"{CODE_DIR}/{src.name}"))
+        elif src.is_dir():
+            plan += [(f, f"{CODE_DIR}/{src.name}/{f.relative_to(src).as_posix()}") for f in sorted(src.rglob("*.py"))
+                     if "__pycache__" not in f.parts]
+        else:
+            raise SubmissionError(f"{src}: --source takes .py files or package folders")
+    for _, rel in plan:
+        why = unsafe_path(rel)
+        if why:
+            raise SubmissionError(f"{rel}: bad method source path ({why})")
+    return plan
+
+
 def _write(plan: list[tuple[Path, str]], metadata: dict, out: Path) -> None:
     """Copy `plan` and write metadata and manifest into a temporary folder beside `out`; rename it onto `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +431,7 @@ def _write(plan: list[tuple[Path, str]], metadata: dict, out: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
         (tmp / METADATA).write_text(json_text(metadata), encoding="utf-8")
+        (tmp / CONFORMANCE).write_text(json_text(conformance_report(metadata["base_method"])), encoding="utf-8")
         (tmp / MANIFEST).write_text(json_text(manifest_of(tmp)), encoding="utf-8")
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -386,12 +443,15 @@ def _write(plan: list[tuple[Path, str]], metadata: dict, out: Path) -> None:
             shutil.rmtree(tmp)
 
 
-def make_bundle(method: str, results_dir: Path, runs_dir: Path, out: Path) -> Path:
+def make_bundle(method: str, results_dir: Path, runs_dir: Path, out: Path, sources: Iterable[Path] = ()) -> Path:
     """Bundle every result of `method` in `results_dir` with its run cards and checkpoints into `out`.
 
     Checkpoints are the files named by each card's "checkpoint" field, resolved under `runs_dir`.
     Writes metadata.json (method, registry target, hyperparameters per run, code revision,
-    environment, seeds per benchmark) and MANIFEST.json (sha256 and size of every file).
+    environment, seeds per benchmark, the declared method source), conformance.json (the
+    conformance suite run on the method now, `conformance_report`) and MANIFEST.json (sha256 and
+    size of every file). `sources`: .py files or package folders of the method, copied under
+    code/ and declared as its method source (verify imports them only when trusted).
     The bundle is built in a temporary folder beside `out` and renamed onto `out` at the end;
     `out` must not exist. Returns `out`.
     """
@@ -415,10 +475,14 @@ def make_bundle(method: str, results_dir: Path, runs_dir: Path, out: Path) -> Pa
         files, entry = _plan_run(csv_path, frame, card, runs_dir, slug)
         plan += files
         meta_runs.append(entry)
+    code = _source_plan(sources)
+    plan += code
     total = sum(src.stat().st_size for src, _ in plan)
     if total > MAX_TOTAL_BYTES:
         raise SubmissionError(f"the bundle would hold {total} bytes, over the limit of {MAX_TOTAL_BYTES}")
-    _write(plan, _metadata(method, identity, meta_runs), out)
+    metadata = {**_metadata(method, identity, meta_runs), "base_method": bases[0],
+                "method_source": [rel for _, rel in code]}
+    _write(plan, metadata, out)
     return out
 
 
@@ -442,11 +506,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     root = resolve_root(args.root)
     runs = Path(args.runs) if args.runs else root / "runs"
-    out = make_bundle(args.method, Path(args.results), runs, Path(args.output))
+    out = make_bundle(args.method, Path(args.results), runs, Path(args.output), [Path(p) for p in args.source])
     meta = json.loads((out / METADATA).read_text(encoding="utf-8"))
+    report = json.loads((out / CONFORMANCE).read_text(encoding="utf-8"))
     print(f"bundle: {out} ({len(meta['runs'])} run(s) of {args.method} on "
-          f"{', '.join(f'{b} (seeds {s})' for b, s in meta['seeds'].items())})")
-    v = validate_bundle(out, root)
+          f"{', '.join(f'{b} (seeds {s})' for b, s in meta['seeds'].items())}); conformance suite: "
+          f"{'passed' if report['ok'] else 'FAILED ' + ', '.join(report['failed'])}")
+    v = validate_bundle(out, root, trust_code=True)  # the submitter's own code, just run by the suite
     print_report("the new bundle does not validate:", v.errors, v.warnings)
     return 0 if v.ok else 1
 
@@ -458,5 +524,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--results", required=True, help="results folder")
     s.add_argument("--runs", default=None, help="checkpoint folder (default: ROOT/runs)")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
+    s.add_argument("--source", action="append", default=[], metavar="PATH",
+                   help="the method's source: a .py file or package folder copied under code/ (repeatable); "
+                        "verify imports it only with --trust-code")
     s.add_argument("-o", "--output", required=True, help="the bundle folder to create")
     s.set_defaults(func=cmd_submit)

@@ -60,18 +60,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                     args.test_episodes, parse_overrides(args.set), args.patience, args.label, args.device)
     dirs = RunDirs(root, Path(args.results), Path(args.runs) if args.runs else root / "runs")
     warn_oversubscription()
-    path = run(cfg, dirs, restart=args.restart, overwrite=args.overwrite)
-    print(f"results: {path}")
-    return 0
+    from bench.report import preset_note, run_summary
 
-
-def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """Build the static leaderboard site from results folders."""
-    from leaderboard.build import build_site
-
-    out = Path(args.output)
-    index = build_site([Path(p) for p in args.results], out.parent if out.suffix == ".html" else out)
-    print(f"leaderboard: {index}")
+    note = None if args.quiet or args.restart else preset_note(cfg, dirs)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    path = run(cfg, dirs, restart=args.restart, overwrite=args.overwrite, progress=not args.quiet)
+    print(run_summary(path))
     return 0
 
 
@@ -114,9 +109,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless its help text already names one or it has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `metabench`."""
-    p = argparse.ArgumentParser(prog="metabench", description="Benchmark and leaderboard for meta-initialization methods.")
+    from bench import __version__
+
+    p = argparse.ArgumentParser(prog="metabench", description="Benchmark and leaderboard for meta-initialization methods.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"metabench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ls", help="list methods, benchmarks and sources")
@@ -125,16 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run METHOD on BENCHMARK and write per-episode results")
     s.add_argument("method", help="a registered method or pkg.module:Class")
     s.add_argument("benchmark", help="a registered benchmark, pkg.module:NAME, or a benchmark .toml file")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="training seed (seeds 0, 1, 2 for a ranked leaderboard row)")
     s.add_argument("--steps", type=int, default=None,
-                   help="outer updates (default: the method's preset for the benchmark)")
+                   help="outer updates (default: the method's preset for the benchmark, announced with an estimate "
+                        "of its time before starting)")
     s.add_argument("--chunk", type=int, default=100, help="outer updates between checkpoints")
-    s.add_argument("--val-episodes", type=int, default=None)
-    s.add_argument("--test-episodes", type=int, default=None)
+    s.add_argument("--val-episodes", type=int, default=None, help="validation episodes (default: the benchmark's)")
+    s.add_argument("--test-episodes", type=int, default=None,
+                   help="test episodes (default: the benchmark's; fewer make an unranked row)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     s.add_argument("--patience", type=int, default=None,
                    help="stop early after this many checkpoints without a better validation accuracy")
-    s.add_argument("--results", default="results")
+    s.add_argument("--results", default="results", help="results folder (CSV and run card per run)")
     s.add_argument("--runs", default=None, help="checkpoint folder (default: ROOT/runs)")
     s.add_argument("--label", default=None,
                    help="the method column and folder of the results (default: METHOD, or METHOD+<params hash> "
@@ -145,25 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a result of other hyperparameters at the same path (default: an error)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint (the default already)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or announcements; only the final summary")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("leaderboard", help="build the static leaderboard page")
-    s.add_argument("results", nargs="+", help="results folders or submission bundles")
-    s.add_argument("-o", "--output", default="site/index.html")
-    s.set_defaults(func=cmd_leaderboard)
-
     s = sub.add_parser("demo", help="train 3 methods briefly on the embedded glyphs data and build the page")
-    s.add_argument("--out", default="metabench-demo")
+    s.add_argument("--out", default="metabench-demo", help="folder of the demo's results, checkpoints and site")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="training seed of the three runs")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_demo)
 
-    for module in ("bench.data", "bench.checks", "bench.bundle", "bench.validation", "bench.verify",
-                   "bench.grid", "bench.perf"):
+    for module in ("leaderboard.build", "bench.data", "bench.checks", "bench.bundle", "bench.validation",
+                   "bench.verify", "bench.report", "bench.grid", "bench.perf"):
         if importlib.util.find_spec(module) is not None:  # command groups of optional modules
             importlib.import_module(module).add_cli(sub)
+    for parser in sub.choices.values():
+        parser.formatter_class = HelpFormatter
     return p
 
 

@@ -27,3 +27,7 @@ def unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(known))}")
+
+
+class MethodError(MetabenchError, ValueError):
+    """A method broke the contract while running (logits of the wrong shape, NaN, a bad state_dict)."""

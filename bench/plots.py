@@ -101,6 +101,28 @@ def _as_summary(table: pd.DataFrame) -> pd.DataFrame:
     return stats.summarize(table) if "episode" in table.columns else table
 
 
+def _accuracy_limits(low: np.ndarray, high: np.ndarray, min_span: float = 4.0) -> tuple[float, float]:
+    """Axis limits (percent) around the intervals [low, high]: padded, at least `min_span` points wide
+    (one method, or a CI of zero, still gets a readable axis), within [0, 100]."""
+    lo, hi = float(np.nanmin(low)), float(np.nanmax(high))
+    pad = max(0.1 * (hi - lo), (min_span - (hi - lo)) / 2, 0.5)
+    lo, hi = lo - pad, hi + pad
+    if lo < 0:
+        lo, hi = 0.0, min(100.0, hi - lo)
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
+def _time_limits(values: np.ndarray) -> tuple[float, float] | None:
+    """Axis limits for times that are all one value (one method): 0 to twice it (None otherwise)."""
+    finite = values[np.isfinite(values)]
+    if finite.size and np.ptp(finite) == 0:
+        v = float(finite[0])
+        return (0.0, 2 * v) if v > 0 else (-1.0, 1.0)
+    return None
+
+
 def _empty(fig: Figure, ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     ax.set_axis_off()
@@ -134,6 +156,9 @@ def plot_accuracy(table: pd.DataFrame, benchmarks: Sequence[str] | None = None,
                             color=colors[str(row["method"])])
             ax.set_yticks(y, [_label(m) for m in sub["method"]])
             ax.set_ylim(-0.7, len(sub) - 0.3)
+            means = sub["mean"].to_numpy(dtype=float) * 100.0
+            ax.set_xlim(*_accuracy_limits(means - err, means + err))
+            ax.ticklabel_format(axis="x", useOffset=False)
             ax.set_xlabel("accuracy (%) ± 95% CI")
             ax.set_title(_label(bench))
             ax.grid(axis="x", alpha=0.3)
@@ -274,7 +299,8 @@ def plot_compute(table: pd.DataFrame, benchmark: str | None = None,
 
     `table` is a `stats.summarize` table or a raw result table; `benchmark` restricts it to one
     benchmark (otherwise every benchmark is drawn with its own marker). Log-scaled x axes when all
-    times are positive and span more than a factor of 3.
+    times are positive and span more than a factor of 3; one figure legend names the methods (and
+    the benchmarks' markers).
     """
     summary = _as_summary(table)
     if benchmark is not None:
@@ -282,38 +308,42 @@ def plot_compute(table: pd.DataFrame, benchmark: str | None = None,
     colors = method_colors(summary["method"])
     benches = sorted(summary["benchmark"].astype(str).unique())
     markers = "osD^v<>ph*"
-    marker_names = ["circle", "square", "diamond", "triangle", "down triangle", "left triangle",
-                    "right triangle", "pentagon", "hexagon", "star"]
     with _rc():
-        fig = _new_figure(9.0, 3.6)
+        fig = _new_figure(9.0 if len(benches) < 2 else 10.0, 3.6)
         axes = fig.subplots(1, 2, squeeze=False).ravel()
-        for ax, col, xlabel in ((axes[0], "fit_seconds", "meta-training time (s)"),
+        for ax, col, xlabel in ((axes[0], "fit_seconds", "meta-training time per seed (s)"),
                                 (axes[1], "adapt_seconds", "adaptation time per episode (s)")):
             if summary.empty:
                 _empty(fig, ax, "no results")
                 continue
-            seen: set[str] = set()
             for bi, bench in enumerate(benches):
                 sub = summary[summary["benchmark"] == bench].sort_values("method", kind="mergesort")
                 for _, row in sub.iterrows():
-                    method = str(row["method"])
-                    label = None if method in seen else _label(method)
-                    seen.add(method)
                     err = float(row["ci95"]) * 100.0 if np.isfinite(row["ci95"]) else 0.0
                     ax.errorbar(float(row[col]), float(row["mean"]) * 100.0, yerr=err,
-                                fmt=markers[bi % len(markers)], capsize=2, color=colors[method], label=label)
-            if (summary[col] > 0).all() and summary[col].max() > 3 * summary[col].min():
+                                fmt=markers[bi % len(markers)], capsize=2, color=colors[str(row["method"])])
+            times = summary[col].to_numpy(dtype=float)
+            if (times > 0).all() and times.max() > 3 * times.min():
                 ax.set_xscale("log")
+            elif _time_limits(times) is not None:
+                ax.set_xlim(*_time_limits(times))
+            means = summary["mean"].to_numpy(dtype=float) * 100.0
+            errs = np.nan_to_num(summary["ci95"].to_numpy(dtype=float) * 100.0)
+            ax.set_ylim(*_accuracy_limits(means - errs, means + errs))
+            ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("accuracy (%) ± 95% CI")
             ax.grid(alpha=0.3)
-        if not summary.empty:
-            axes[1].legend(fontsize=7)
+        if not summary.empty:  # one legend for both panels: methods by colour, benchmarks by marker
+            from matplotlib.lines import Line2D
+
+            handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=_label(m)) for m in sorted(colors)]
+            if len(benches) > 1:
+                handles += [Line2D([], [], color="0.4", marker=markers[i % len(markers)], ls="", label=_label(b))
+                            for i, b in enumerate(benches)]
+            fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
         title = benchmark if benchmark is not None else (benches[0] if len(benches) == 1 else None)
         if title is not None:
             fig.suptitle(_label(title))
-        elif len(benches) > 1:
-            fig.suptitle("markers: " + ", ".join(f"{marker_names[i % len(markers)]} {_label(b)}"
-                                                  for i, b in enumerate(benches)), fontsize=8)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.8 if not summary.empty else 1, 1))
     return _maybe_save(fig, path)

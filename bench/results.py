@@ -27,12 +27,23 @@ from bench.paths import atomic_write_text
 
 COLUMNS = [
     "benchmark", "benchmark_version", "split", "episode", "episode_hash", "method", "params_hash",
-    "seed", "code_rev", "device", "way", "n_support", "n_query", "accuracy", "loss",
-    "adapt_seconds", "fit_episodes", "fit_seconds",
+    "seed", "code_rev", "device", "way", "shot", "n_support", "n_query", "inner_steps_test", "accuracy", "loss",
+    "adapt_seconds", "adapt_batch", "fit_episodes", "fit_seconds",
 ]
-INT_COLUMNS = ["benchmark_version", "episode", "seed", "way", "n_support", "n_query", "fit_episodes"]
+"""The columns of a result file. shot: support examples per class of the benchmark's protocol (0 when it
+varies per episode, as in Meta-Dataset); inner_steps_test: the run's test-time inner steps (-1 for a method
+without them); adapt_seconds: adaptation plus prediction time of the episode, measured alone when
+adapt_batch is 1, else the time of the adapt_many call that adapted adapt_batch episodes together,
+divided by them."""
+ADDED_COLUMNS = ("shot", "inner_steps_test", "adapt_batch")
+"""Columns added after the first result files were written: files without them are read with them
+filled in (`fill_added_columns`)."""
+INT_COLUMNS = ["benchmark_version", "episode", "seed", "way", "shot", "n_support", "n_query", "inner_steps_test",
+               "adapt_batch", "fit_episodes"]
 FLOAT_COLUMNS = ["accuracy", "loss", "adapt_seconds", "fit_seconds"]
 STR_COLUMNS = ["benchmark", "split", "episode_hash", "method", "params_hash", "code_rev", "device"]
+OLD_EVAL_CHUNK = 32
+"""Episodes adapted together by every method when files without adapt_batch were written."""
 
 
 def run_paths(results_dir: Path, benchmark: str, method: str, seed: int) -> tuple[Path, Path]:
@@ -47,10 +58,11 @@ def write_run(results_dir: Path, rows: list[Mapping[str, Any]], card: Mapping[st
     Rows are validated first; the card gets `csv_sha256`. Staged files of a killed earlier write
     are replaced.
     """
-    frame = pd.DataFrame(list(rows), columns=COLUMNS)
     first = rows[0]
     csv_path, card_path = run_paths(results_dir, first["benchmark"], first["method"], int(first["seed"]))
+    frame = fill_added_columns(pd.DataFrame(list(rows)), card)
     validate_frame(frame, str(csv_path))
+    frame = frame[COLUMNS]
     buf = io.StringIO()
     frame.to_csv(buf, index=False, float_format="%.6g")
     text = buf.getvalue()
@@ -104,6 +116,65 @@ def committed_pair(csv_path: Path) -> tuple[Path, Path]:
                        "interrupted; re-run the same command to complete it")
 
 
+def protocol_shot(protocol: Any) -> int:
+    """Support examples per class of a benchmark protocol: its `shot`, a fixed Meta-Dataset
+    `config.num_support`, else 0 (the shot varies per episode)."""
+    for value in (getattr(protocol, "shot", None), getattr(getattr(protocol, "config", None), "num_support", None)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def inner_steps_of(params: Mapping[str, Any]) -> int:
+    """A run's test-time inner steps from its hyperparameters (inner_steps_test, else inner_steps; -1 without)."""
+    value = params.get("inner_steps_test", params.get("inner_steps"))
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def _filled_shot(frame: pd.DataFrame) -> Any:
+    """`shot` for a file without it: the registered benchmark's protocol, else n_support / way when
+    that is whole on every row, else 0."""
+    from bench.errors import MetabenchError
+
+    try:
+        from bench.benchmarks import get_benchmark
+
+        return protocol_shot(get_benchmark(str(frame["benchmark"].iloc[0])).protocol)
+    except (MetabenchError, KeyError, IndexError):
+        pass
+    way = pd.to_numeric(frame["way"], errors="coerce")
+    support = pd.to_numeric(frame["n_support"], errors="coerce")
+    whole = (way > 0).all() and ((support % way) == 0).all()
+    return (support // way).astype("Int64") if whole else 0
+
+
+def _old_chunk_sizes(frame: pd.DataFrame) -> Any:
+    """`adapt_batch` of a file without it: the runner adapted episodes 0..n-1 OLD_EVAL_CHUNK at a time."""
+    episode = pd.to_numeric(frame["episode"], errors="coerce").fillna(0).astype(int)
+    n = len(frame)
+    return (n - (episode // OLD_EVAL_CHUNK) * OLD_EVAL_CHUNK).clip(lower=1, upper=OLD_EVAL_CHUNK)
+
+
+def fill_added_columns(frame: pd.DataFrame, card: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """`frame` with the ADDED_COLUMNS it lacks filled in (a file written before they existed).
+
+    shot: see `_filled_shot`; inner_steps_test: the run card's, else -1; adapt_batch: the chunk of
+    OLD_EVAL_CHUNK episodes each row was adapted in. A frame that has them is returned unchanged.
+    """
+    missing = [c for c in ADDED_COLUMNS if c not in frame.columns]
+    if not missing or frame.empty or not {"way", "n_support", "episode", "benchmark"} <= set(frame.columns):
+        return frame
+    frame = frame.copy()
+    if "shot" in missing:
+        frame["shot"] = _filled_shot(frame)
+    if "inner_steps_test" in missing:
+        steps = (card or {}).get("inner_steps_test")
+        frame["inner_steps_test"] = steps if isinstance(steps, int) and not isinstance(steps, bool) else -1
+    if "adapt_batch" in missing:
+        frame["adapt_batch"] = _old_chunk_sizes(frame)
+    return frame
+
+
 def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
     """Check columns, types and ranges of a results table; raise ResultsError naming `where`.
 
@@ -153,11 +224,14 @@ def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
                                f"{sorted(map(str, frame[col].unique()))}")
     versions = frame.groupby("benchmark")["benchmark_version"].nunique()
     if (versions > 1).any():
-        raise ResultsError(f"{where}: mixed benchmark versions {sorted(frame['benchmark_version'].unique())}")
+        raise ResultsError(f"{where}: mixed benchmark versions {sorted(frame['benchmark_version'].unique().tolist())}")
+    if (frame["episode"] < 0).any():
+        row = int((frame["episode"] < 0).to_numpy().nonzero()[0][0])
+        raise ResultsError(f"{where}: row {row + 2}: episode {int(frame['episode'].iloc[row])} is negative")
     dup = frame["episode"].duplicated()
     if dup.any():
         raise ResultsError(f"{where}: episode {int(frame['episode'][dup].iloc[0])} appears twice")
-    return frame
+    return frame[COLUMNS]
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -168,6 +242,9 @@ def read_csv(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(source, dtype={c: str for c in STR_COLUMNS}, keep_default_na=True)
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise ResultsError(f"{path}: not a readable CSV ({e})") from e
+    if any(c not in frame.columns for c in ADDED_COLUMNS):
+        card = read_card(path) if path.suffix == ".csv" and path.with_suffix(".json").exists() else {}
+        frame = fill_added_columns(frame, card)
     return validate_frame(frame, str(path))
 
 

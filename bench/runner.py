@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from tqdm.auto import tqdm
 
 from bench import benchmarks
 from bench.api import EVAL_CHUNK, Episode, MetaLearner
-from bench.errors import MetabenchError
+from bench.errors import MetabenchError, MethodError
+from bench.hparams import plain
 from bench.paths import atomic_path, atomic_write_text
-from bench.results import read_card, run_paths, write_run
+from bench.results import inner_steps_of, protocol_shot, read_card, run_paths, write_run
 from bench.sampling import EpisodeSet
 from baselines import registry
 
@@ -56,6 +58,52 @@ class RunConfig:
     patience: int | None = None
     label: str | None = None
     device: str = "cpu"
+
+
+SEED_MAX = 2**63 - 1
+"""Largest seed: seeds go into int64 CSV columns and numpy's SeedSequence."""
+
+
+def check_config(cfg: RunConfig) -> None:
+    """One clear error for any impossible RunConfig field (before any data is built)."""
+    def whole(name: str, value: Any, lo: int, hi: int = SEED_MAX, optional: bool = True) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise MetabenchError(f"--{name.replace('_', '-')} {plain(value)}: must be a whole number from {lo}"
+                                 f"{'' if hi == SEED_MAX else f' to {hi}'}" + (" (fits numpy's and torch's seeding)"
+                                                                               if name == "seed" else ""))
+
+    whole("seed", cfg.seed, 0, optional=False)
+    whole("steps", cfg.steps, 0)
+    whole("chunk", cfg.chunk, 1, optional=False)
+    whole("val_episodes", cfg.val_episodes, 1)
+    whole("test_episodes", cfg.test_episodes, 1)
+    whole("patience", cfg.patience, 1)
+    if not isinstance(cfg.overrides, dict):
+        raise MetabenchError(f"overrides must be a dict of hyperparameters (got {type(cfg.overrides).__name__})")
+    if cfg.label is not None and (not cfg.label or "/" in cfg.label or cfg.label.startswith(".") or "\\" in cfg.label):
+        raise MetabenchError(f"--label {cfg.label!r}: must be a non-empty name without '/' that does not start with '.'")
+
+
+def ensure_writable(folder: Path, what: str) -> None:
+    """Create `folder` and test-write a file in it; one clear error (read-only, a file, a full disk)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".metabench-write-test-", suffix=".tmp") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise MetabenchError(f"{folder}: the {what} folder is not writable ({e.strerror or e}); nothing was run") from e
+
+
+def clean_stale_temps(folder: Path) -> None:
+    """Remove temporary files (.*.tmp) that a killed writer left in `folder` (the caller holds its lock)."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def plateaued(curve: list[dict[str, Any]], patience: int | None) -> bool:
@@ -146,19 +194,36 @@ def on_device(episodes: Iterator[Episode], device: torch.device) -> Iterator[Epi
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """torch.save atomically; a failed write (a full disk) is one clear error and leaves the old file."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as e:
+        raise MetabenchError(f"{path}: cannot write the checkpoint ({e}); the previous one is kept") from e
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """torch.load with weights_only=True (tensors and primitives only)."""
-    return torch.load(path, weights_only=True)
+    """torch.load with weights_only=True (tensors and primitives only); one clear error otherwise."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for unloadable files
+        raise MethodError(f"{path}: cannot load the checkpoint with weights_only=True ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}); a method's state_dict must hold tensors and primitives "
+                          "only (`metabench check` tests this)") from e
 
 
-def mean_accuracy(learner: MetaLearner, episodes: list) -> float:
-    """Mean query accuracy of `learner` over `episodes`."""
-    return float(np.mean([r["accuracy"] for r in learner.evaluate(episodes)]))
+def mean_accuracy(learner: MetaLearner, episodes: list, desc: str | None = None) -> float:
+    """Mean query accuracy of `learner` over `episodes`; with `desc`, a progress bar of that title.
+
+    Episodes are evaluated EVAL_CHUNK at a time, the chunks `evaluate` makes itself, so the bar
+    changes nothing in the results.
+    """
+    rows = []
+    with tqdm(total=len(episodes), desc=desc, unit="ep", leave=False, disable=desc is None) as bar:
+        for first in range(0, len(episodes), EVAL_CHUNK):
+            rows += learner.evaluate(episodes[first:first + EVAL_CHUNK])
+            bar.update(len(episodes[first:first + EVAL_CHUNK]))
+    return float(np.mean([r["accuracy"] for r in rows]))
 
 
 def run_steps(cfg: RunConfig, bench: benchmarks.Benchmark) -> int:
@@ -178,6 +243,8 @@ def build_learner(method: str, bench: benchmarks.Benchmark, seed: int, overrides
     """
     cls = registry.method_class(method)
     overrides = dict(overrides)
+    if "seed" in overrides:
+        raise MetabenchError("seed is not a hyperparameter to --set: give the run's seed with --seed")
     if steps is not None and "total_steps" in {f.name for f in dataclasses.fields(cls)} and "total_steps" not in overrides:
         overrides["total_steps"] = max(1, steps)
     return registry.make(method, bench.preset, seed, **overrides)
@@ -232,6 +299,7 @@ def run_label(cfg: RunConfig, ph: str) -> str:
 
 def plan(cfg: RunConfig, dirs: RunDirs) -> Plan:
     """Resolve a run without building data: bad names, steps or hyperparameters fail here."""
+    check_config(cfg)
     registry.method_class(cfg.method)
     bench = benchmarks.get_benchmark(cfg.benchmark)
     steps = run_steps(cfg, bench)
@@ -241,6 +309,8 @@ def plan(cfg: RunConfig, dirs: RunDirs) -> Plan:
     csv, card = run_paths(dirs.results, bench.name, label, cfg.seed)
     n_val = cfg.val_episodes if cfg.val_episodes is not None else bench.val_episodes
     n_test = cfg.test_episodes if cfg.test_episodes is not None else bench.test_episodes
+    if n_test > bench.test_episodes:
+        raise MetabenchError(f"--test-episodes {n_test}: {bench.name} has {bench.test_episodes} test episodes")
     return Plan(cfg, bench, learner, steps, n_val, n_test, label, ph, csv, card, run_dir(cfg, dirs, learner))
 
 
@@ -316,12 +386,17 @@ def run(cfg: RunConfig, dirs: RunDirs, restart: bool = False, overwrite: bool = 
     p = plan(cfg, dirs)
     check_identity(p, overwrite)
     resolve_device(cfg.device)
+    ensure_writable(dirs.results, "results")
+    ensure_writable(dirs.runs, "checkpoint (--runs)")
+    benchmarks.check_root(dirs.root)
     if not restart and finished(p):
         if progress:
             print(f"{p.label} {p.bench.name} seed {cfg.seed}: already finished ({p.csv}); nothing to do",
                   file=sys.stderr)
         return p.csv
     with run_lock(p.folder):
+        clean_stale_temps(p.folder)
+        clean_stale_temps(p.csv.parent)
         if restart:
             aside = move_aside(p.folder)
             p.folder.mkdir(parents=True)
@@ -352,6 +427,7 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
     folder.mkdir(parents=True, exist_ok=True)
     last, best = folder / "last.pt", folder / "best.pt"
     val = list(on_device(iter(es.episodes("val", p.n_val)), device))
+    val_desc = f"validate {p.label} {bench.name}" if progress else None
 
     if last.exists():
         ckpt = load_checkpoint(last)
@@ -359,7 +435,7 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
         curve, fit_seconds = ckpt["curve"], float(ckpt["fit_seconds"])
     else:
         curve, fit_seconds = [], 0.0
-        acc = mean_accuracy(learner, val)
+        acc = mean_accuracy(learner, val, val_desc)
         curve.append({"step": 0, "fit_episodes": 0, "fit_seconds": 0.0, "val_accuracy": acc})
         save_checkpoint(best, {"learner": learner.state_dict(), "step": 0})
         save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": 0.0})
@@ -375,15 +451,16 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
     while learner.fit_steps < steps and not plateaued(curve, cfg.patience):
         n = min(cfg.chunk, steps - learner.fit_steps)
         start = time.perf_counter()
-        learner.fit(on_device(es.stream("train", start=learner.fit_episodes), device), n)
+        for _ in range(n):  # one outer step per call, so the bar moves every step: fit(a) + fit(b) == fit(a + b)
+            learner.fit(on_device(es.stream("train", start=learner.fit_episodes), device), 1)
+            bar.update(1)
         fit_seconds += time.perf_counter() - start
-        acc = mean_accuracy(learner, val)
+        acc = mean_accuracy(learner, val, val_desc)
         if acc > max(q["val_accuracy"] for q in curve):
             save_checkpoint(best, {"learner": learner.state_dict(), "step": learner.fit_steps})
         curve.append({"step": learner.fit_steps, "fit_episodes": learner.fit_episodes,
                       "fit_seconds": fit_seconds, "val_accuracy": acc})
         save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": fit_seconds})
-        bar.update(n)
         bar.set_postfix(val=f"{acc:.3f}")
     bar.close()
 
@@ -398,7 +475,8 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
         for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):
             rows.append({"benchmark": bench.name, "benchmark_version": bench.version, "split": "test",
                          "episode": i, "episode_hash": ep.spec_hash, "method": p.label, "params_hash": ph,
-                         "seed": cfg.seed, "code_rev": rev, "device": dev, **r,
+                         "seed": cfg.seed, "code_rev": rev, "device": dev, "shot": protocol_shot(bench.protocol),
+                         "inner_steps_test": inner_steps_of(learner.params()), **r,
                          "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
         test_bar.update(len(eps))
     test_bar.close()
@@ -414,5 +492,6 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
         "fit_steps": curve[-1]["step"], "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds,
         "selected_step": int(chosen["step"]), "steps": steps, "val_episodes": p.n_val, "test_episodes": n_test,
         "curve": curve, "checkpoint": best.relative_to(dirs.runs).as_posix(),
+        "data_fingerprints": {n: src.content_fingerprint() for n, src in es.sources.items()},
     }
     return rows, card

@@ -215,6 +215,30 @@ def paired(frame: pd.DataFrame, benchmark: str, a: str, b: str, n_boot: int = 20
                   ci_high=high, p_value=wilcoxon_p(d), n=int(d.size))
 
 
+def compare(frame: pd.DataFrame, a: str, b: str, benchmark: str | None = None, n_boot: int = 2000,
+            seed: int = 0) -> pd.DataFrame:
+    """`paired(a, b)` on `benchmark`, or on every benchmark both methods have (sorted): columns PAIR_COLUMNS.
+
+    Raises ResultsError naming the known methods when `a` or `b` has no results (on `benchmark`),
+    and when the two share no benchmark.
+    """
+    _require(frame, ["benchmark", "method"])
+    sub = frame if benchmark is None else frame[frame["benchmark"] == benchmark]
+    if benchmark is not None and sub.empty:
+        raise ResultsError(f"no results on benchmark {benchmark!r} (benchmarks: "
+                           f"{', '.join(sorted(frame['benchmark'].astype(str).unique()))})")
+    for m in (a, b):
+        if not (sub["method"] == m).any():
+            where = f" on {benchmark}" if benchmark else ""
+            raise ResultsError(f"no results of method {m!r}{where} (methods: "
+                               f"{', '.join(sorted(sub['method'].astype(str).unique()))})")
+    shared = sorted(set(sub.loc[sub["method"] == a, "benchmark"]) & set(sub.loc[sub["method"] == b, "benchmark"]))
+    if not shared:
+        raise ResultsError(f"methods {a!r} and {b!r} share no benchmark")
+    rows = [paired(sub, bench, a, b, n_boot=n_boot, seed=seed).as_dict() for bench in shared]
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
 def method_order(frame: pd.DataFrame, benchmark: str) -> list[str]:
     """Methods on `benchmark` by mean accuracy, best first (ties broken by name)."""
     sub = frame[frame["benchmark"] == benchmark]

@@ -10,23 +10,36 @@ from the later rules, so one problem is reported once, not again by every rule a
     v = validate_bundle(Path("bundle"), root)   # Validation(ok, ranked, errors, warnings)
     print(", ".join(RULES))                     # the rule names, in order
 
-A bundle can be valid but unranked: fewer than `MIN_RANKED_SEEDS` seeds on a benchmark, or
-fewer test episodes than the benchmark's.
+A bundle can be valid but unranked: fewer than `MIN_RANKED_SEEDS` seeds on a benchmark, fewer
+test episodes than the benchmark's, or a method that fails the conformance suite (re-run here;
+the suite's report is `Validation.conformance`).
 
-CLI: `metabench validate BUNDLE [--root DIR]`; a rejected bundle exits with status 1.
+Validation writes nothing, anywhere: episode hashes are recomputed from episode descriptions,
+which need a source's class split and per-class counts but no pixels (`describe_loader`); a
+source that cannot give them without building its data cache is reported, not built.
+
+Code: validation imports a bundle's method (to re-run the conformance suite) only when it is a
+registered or installed method (baselines.registry.METHODS, entry points included), or with
+`trust_code`; code files in a bundle must be its declared method source.
+
+CLI: `metabench validate BUNDLE [--root DIR] [--trust-code]`; a rejected bundle exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from bench.bundle import (BUNDLE_FORMAT, MANIFEST, METADATA, SubmissionError, check_integrity, print_report,
-                          read_json, unsafe_path)
-from bench.errors import MetabenchError, ResultsError
+import numpy as np
+
+from bench.bundle import (BUNDLE_FORMAT, CODE_DIR, CODE_SUFFIXES, CONFORMANCE, MANIFEST, METADATA, SubmissionError,
+                          check_integrity, conformance_report, manifest_sha256, print_report, read_json, unsafe_path)
+from bench.errors import DataError, MetabenchError, ResultsError
 from bench.paths import resolve_root
 from bench.registry import Registry
 
@@ -48,6 +61,42 @@ class Validation:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     failed: dict[str, list[str]] = field(default_factory=dict)
+    conformance: dict | None = None
+    """The conformance suite re-run here (`bench.bundle.conformance_report`); None when not re-run."""
+    manifest_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class MethodCode:
+    """Where the code of a bundle's method comes from.
+
+    name: what the harness builds (a registered name, or "pkg.module:Class"); target: the
+    "pkg.module:Class" that is imported; registered: a registered or installed method, whose code
+    is this installation's; bundled: an unregistered method whose module is in the bundle's code/.
+    """
+
+    name: str
+    target: str
+    registered: bool
+    bundled: bool = False
+
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
+
+    def describe(self) -> str:
+        """What importing the method runs, in words."""
+        if self.registered:
+            return f"method {self.name!r}: registered, imports {self.target} (this installation's code)"
+        where = "the bundle's code/ folder" if self.bundled else "this Python environment"
+        return f"method {self.name!r}: not registered or installed, imports module {self.module!r} from {where}"
+
+    def untrusted(self, trust_code: bool) -> str | None:
+        """Why the method may not be imported (None: it may)."""
+        if self.registered or trust_code:
+            return None
+        return (f"{self.describe()}; importing it runs that code: install the method's package "
+                "(entry point metabench.methods), or pass --trust-code if you trust it")
 
 
 @dataclass
@@ -106,6 +155,8 @@ class Bundle:
     stopped: bool = False
     failed: dict[str, list[str]] = field(default_factory=dict)
     rule: str = ""
+    trust_code: bool = False
+    conformance: dict | None = None
 
     def error(self, msg: str) -> None:
         """Reject the bundle for `msg`."""
@@ -152,17 +203,113 @@ class Bundle:
         return rel in self.intact  # integrity problems were reported already
 
     def episode_set(self, name: str) -> Any:
-        """The EpisodeSet of benchmark `name` on the data root (None, with an error, when it cannot load)."""
+        """The EpisodeSet of benchmark `name` for describing episodes, read from the data root without
+        pixels or writes (`describe_loader`); None, with an error, when it cannot be described."""
         if name not in self.sets:
             from bench import benchmarks
 
             try:
-                self.sets[name] = benchmarks.load(name, resolve_root(self.root))
+                self.sets[name] = benchmarks.load(name, resolve_root(self.root), loader=describe_loader)
             except MetabenchError as e:
-                self.error(f"benchmark {name}: cannot load its data to recompute the episode hashes ({e}); "
-                           "pass --root with the data folder")
+                self.error(f"benchmark {name}: cannot recompute its episode hashes: {e}")
                 self.sets[name] = None
         return self.sets[name]
+
+    def method_code(self) -> MethodCode | None:
+        """Where the bundle's method comes from (None, with an error, when its runs name several methods)."""
+        from baselines.registry import METHODS
+
+        names = sorted({str(r.card.get("base_method") or r.card.get("method") or "") for r in self.live()} - {""})
+        if not names:
+            names = [str(self.metadata.get("base_method") or self.metadata.get("method") or "")]
+        if len(names) > 1:
+            self.error(f"the runs come from several methods {names}; a bundle holds one method's runs")
+            return None
+        name = names[0]
+        if name in METHODS:
+            return MethodCode(name, str(METHODS.entry(name).target), True)
+        target = name if ":" in name else str(self.metadata.get("target") or name)
+        declared = self.metadata.get("method_source") or []
+        bundled = any(str(p).startswith(f"{CODE_DIR}/") for p in declared if isinstance(p, str))
+        return MethodCode(target, target, False, bundled)
+
+    @contextlib.contextmanager
+    def importable(self, code: MethodCode) -> Iterator[None]:
+        """While inside, a bundled method's code/ folder is on sys.path (only ever for trusted code)."""
+        folder = str(self.path.resolve() / CODE_DIR)
+        added = code.bundled and not code.registered and folder not in sys.path
+        if added:
+            sys.path.insert(0, folder)
+        try:
+            yield
+        finally:
+            if added:
+                sys.path.remove(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# episode descriptions without pixels or writes
+
+
+def _glyphs_classes(root: Path, image_size: int) -> Any:
+    """The glyphs source without pixels: its classes, splits and counts are the checked-in class table."""
+    from bench.sources import glyphs
+    from bench.sources.base import ArraySource
+
+    table = glyphs.read_class_table()
+    ids = np.arange(len(table.code_points), dtype=np.int64)
+    return ArraySource(name="glyphs", images=np.zeros((0, image_size, image_size), dtype=np.uint8),
+                       class_start=ids * glyphs.N_EXAMPLES,
+                       class_count=np.full(len(ids), glyphs.N_EXAMPLES, dtype=np.int64),
+                       class_names=table.class_names, splits={k: v.copy() for k, v in table.splits.items()},
+                       groups=list(table.groups), meta={"describe_only": True})
+
+
+def _omniglot_cached(root: Path, image_size: int) -> bool:
+    from bench.sources import omniglot
+
+    return omniglot.open_cache(root, image_size) is not None
+
+
+def _omniglot_small_cached(root: Path, image_size: int) -> bool:
+    from bench.sources import omniglot
+
+    return omniglot.open_small_cache(root, image_size) is not None
+
+
+def _md_omniglot_small_cached(root: Path, image_size: int) -> bool:
+    from bench.sources import meta_dataset
+
+    return (meta_dataset.cache_dir(root, "omniglot_small", image_size) / "index.json").is_file()
+
+
+DESCRIBERS: dict[str, Callable[[Path, int], Any]] = {"glyphs": _glyphs_classes}
+"""Sources described without their loader (which would render or decode a cache)."""
+BUILT_ON_LOAD: dict[str, Callable[[Path, int], bool]] = {
+    "omniglot": _omniglot_cached, "omniglot-md": _omniglot_cached, "omniglot-small": _omniglot_small_cached,
+    "md-omniglot-small": _md_omniglot_small_cached,
+}
+"""Sources whose loader builds their cache when it is missing: name -> "the cache is there" (then the
+loader only reads it). Every other built-in loader only reads (synthetic is in memory; miniimagenet
+and the official Meta-Dataset sources refuse when not prepared)."""
+
+
+def describe_loader(name: str, root: Path, image_size: int) -> Any:
+    """A source loader for describing episodes (class splits and counts) that writes nothing.
+
+    The glyphs come from their class table (no rendering); a source whose loader would build a
+    missing cache is loaded only when the cache is there, else DataError says how to prepare it.
+    """
+    from bench.sources import get_source
+
+    if name in DESCRIBERS:
+        return DESCRIBERS[name](Path(root), image_size)
+    prepared = BUILT_ON_LOAD.get(name)
+    if prepared is not None and not prepared(Path(root), image_size):
+        raise DataError(f"source {name!r} is not prepared at {image_size}px in {root}, and describing its episodes "
+                        "needs its decoded class table; validation writes no data cache: prepare it first "
+                        "(`metabench data status` says how) or pass --root with a data folder that has it")
+    return get_source(name, Path(root), image_size)
 
 
 def short_list(items: list[int], limit: int = 10) -> str:
@@ -261,6 +408,24 @@ def run_files_are_listed(b: Bundle) -> None:
         run = _listed_run(b, i, entry)
         if run is not None:
             b.runs.append(run)
+
+
+@rule
+def code_files_are_declared(b: Bundle) -> None:
+    """Code files (.py, .so, .pth, ...) appear only as the method source metadata.json declares: .py files under code/."""
+    declared = b.metadata.get("method_source", [])
+    if not isinstance(declared, list) or not all(isinstance(p, str) for p in declared):
+        b.error(f"{METADATA}: 'method_source' must be a list of paths")
+        declared = []
+    for rel in declared:
+        if not (rel.startswith(f"{CODE_DIR}/") and rel.endswith(".py")):
+            b.error(f"{METADATA}: method source {rel!r} must be a .py file under {CODE_DIR}/")
+        else:
+            b.usable(rel, "method source", METADATA)  # unsafe or unlisted paths are errors
+    for name in sorted(b.listed):
+        if name.lower().endswith(CODE_SUFFIXES) and name not in declared:
+            b.error(f"{name}: a code file the bundle does not declare as its method source ({METADATA} "
+                    "'method_source'); a bundle carries code only as its declared method source")
 
 
 @rule
@@ -421,16 +586,62 @@ def seeds_are_distinct_and_enough(b: Bundle) -> None:
                    f"{MIN_RANKED_SEEDS}: accepted, but unranked", unranked=True)
 
 
+def _submitted_conformance(b: Bundle) -> dict | None:
+    """The bundle's conformance.json (None when absent or unreadable, with a warning or an error)."""
+    if CONFORMANCE not in b.listed:
+        b.warn(f"{CONFORMANCE} is missing: the bundle was made before submissions carried the conformance "
+               "report (the suite is re-run here either way)")
+        return None
+    if CONFORMANCE not in b.intact:
+        return None  # files_match_manifest said why
+    report = b.read_json(CONFORMANCE)
+    if report is None:
+        return None
+    if not (isinstance(report, dict) and isinstance(report.get("ok"), bool) and isinstance(report.get("checks"), list)):
+        b.error(f"{CONFORMANCE}: not a conformance report (a JSON object with 'ok' and 'checks')")
+        return None
+    return report
+
+
+@rule
+def method_conforms(b: Bundle) -> None:
+    """The method passes the conformance suite (bench.checks), re-run here on trusted code (failing: unranked)."""
+    submitted = _submitted_conformance(b)
+    if b.errors or not b.live():
+        return  # rejected already: no reason to import and run the method
+    code = b.method_code()
+    if code is None:
+        return
+    why = code.untrusted(b.trust_code)
+    if why:
+        b.warn(f"the conformance suite was not re-run: {why}: accepted, but unranked", unranked=True)
+        return
+    try:
+        with b.importable(code):
+            report = conformance_report(code.name)
+    except MetabenchError as e:
+        b.error(f"cannot import the method to re-run the conformance suite: {e}")
+        return
+    b.conformance = report
+    if not report["ok"]:
+        b.warn(f"method {code.name!r} fails the conformance suite (bench.checks): {', '.join(report['failed'])}: "
+               "accepted, but unranked", unranked=True)
+    if submitted is not None and submitted["ok"] != report["ok"]:
+        b.warn(f"{CONFORMANCE} says the suite {'passed' if submitted['ok'] else 'failed'}, but it "
+               f"{'passes' if report['ok'] else 'fails'} when re-run here")
+
+
 # ---------------------------------------------------------------------------------------------
 # running the rules
 
 
-def validate(path: Path, root: Path | None = None) -> Bundle:
+def validate(path: Path, root: Path | None = None, trust_code: bool = False) -> Bundle:
     """Run every rule of RULES in order on the bundle at `path`; the context they filled in.
 
-    bench.verify reuses it (the runs read, the loaded episode sets).
+    trust_code: import an unregistered method (to re-run the conformance suite). bench.verify
+    reuses the context (the runs read, the method's code).
     """
-    b = Bundle(Path(path), root)
+    b = Bundle(Path(path), root, trust_code=trust_code)
     for name in RULES:
         b.rule = name
         RULES.get(name)(b)
@@ -440,7 +651,7 @@ def validate(path: Path, root: Path | None = None) -> Bundle:
     return b
 
 
-def validate_bundle(path: Path, root: Path | None = None) -> Validation:
+def validate_bundle(path: Path, root: Path | None = None, trust_code: bool = False) -> Validation:
     """Check a bundle without writing anything; `root` is the data folder (for the episode hashes).
 
     Rejects (errors): files changed after bundling (manifest sha256 or size), files not in the
@@ -450,11 +661,15 @@ def validate_bundle(path: Path, root: Path | None = None) -> Validation:
     rows that the benchmark's protocol cannot produce, missing or extra test episodes, episode
     hashes that differ from the benchmark's, cards that disagree with their results. Accepts but
     marks unranked (warnings): fewer than MIN_RANKED_SEEDS seeds on a benchmark, or a contiguous
-    prefix 0..n-1 of the test episodes shorter than the benchmark's. The rules: `RULES`.
+    prefix 0..n-1 of the test episodes shorter than the benchmark's, or a method that fails the
+    conformance suite (or whose suite could not be re-run: an unregistered method without
+    `trust_code`). Code files other than the declared method source are rejected. The rules: `RULES`.
     """
-    b = validate(path, root)
+    b = validate(path, root, trust_code)
     ok = not b.errors
-    return Validation(ok=ok, ranked=ok and not b.unranked, errors=b.errors, warnings=b.warnings, failed=b.failed)
+    sha = manifest_sha256(b.path) if (b.path / MANIFEST).is_file() and not b.path.is_symlink() else ""
+    return Validation(ok=ok, ranked=ok and not b.unranked, errors=b.errors, warnings=b.warnings, failed=b.failed,
+                      conformance=b.conformance, manifest_sha256=sha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,16 +678,22 @@ def validate_bundle(path: Path, root: Path | None = None) -> Validation:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a submission bundle."""
-    v = validate_bundle(Path(args.bundle), resolve_root(args.root))
+    v = validate_bundle(Path(args.bundle), resolve_root(args.root), args.trust_code)
     print_report(f"rejected: {args.bundle}: {len(v.errors)} problem(s)", v.errors, v.warnings)
     if v.ok:
-        print(f"valid: {args.bundle} ({'ranked' if v.ranked else 'unranked'})")
+        suite = ("conformance suite passed" if v.conformance and v.conformance["ok"] else
+                 "conformance suite FAILED" if v.conformance else "conformance suite not re-run")
+        print(f"valid: {args.bundle} ({'ranked' if v.ranked else 'unranked'}; {suite})")
     return 0 if v.ok else 1
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register the `validate` command."""
-    s = sub.add_parser("validate", help="check a submission bundle (files, columns, episodes, versions, seeds)")
-    s.add_argument("bundle")
-    s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
+    s = sub.add_parser("validate", help="check a submission bundle (files, columns, episodes, versions, seeds, "
+                                        "conformance); writes nothing")
+    s.add_argument("bundle", help="the bundle folder")
+    s.add_argument("--root", default=None, help="data folder (default: per-user cache); read, never written")
+    s.add_argument("--trust-code", action="store_true",
+                   help="import an unregistered method (the bundle's code/ or this environment) to re-run the "
+                        "conformance suite; without it only registered or installed methods are imported")
     s.set_defaults(func=cmd_validate)

@@ -1,20 +1,32 @@
-"""Verification of a submission bundle: re-run test episodes from its checkpoints, compare accuracies.
+"""Verification of a submission bundle: re-run test episodes from its checkpoints, keep a record.
 
 `verify_bundle` first validates the bundle (bench.validation), then, for every run, builds the
 method like the runner does (`bench.runner.build_learner` with the card's hyperparameters, set
-up with the episode set's `task_info()`), loads the run's checkpoint and re-runs a seeded
-sample of its test episodes (`choose_episodes`); the per-episode accuracies must equal the
-submitted ones. On success it marks the run cards `"verified": true` (and updates the
-manifest), which the leaderboard shows as a badge.
+up with the episode set's `task_info()`), loads the run's checkpoint and re-runs a random sample
+of its test episodes; the per-episode accuracies must equal the submitted ones.
 
-CLI: `metabench verify BUNDLE [--episodes K] [--seed S] [--no-mark]`; a failure exits with status 1.
+- The episodes are chosen from a fresh random seed (`choose_episodes`), recorded, so nobody can
+  know in advance which episodes are checked; `episodes="all"` re-runs every one. At least one
+  episode is compared, and the report says how many.
+- Only a registered or installed method is imported (baselines.registry.METHODS, entry points
+  included), unless `trust_code`; the report says what is imported.
+- A bundle is never changed. A successful verification is a record, a JSON file written into a
+  folder the maintainer keeps (`record_to`): the bundle's manifest hash, code revision, torch
+  version, device, the episodes re-run, the largest differences found and the date. The
+  leaderboard shows a bundle as verified only when given a record of its manifest hash
+  (`metabench leaderboard ... --verified DIR`).
+
+CLI: `metabench verify BUNDLE [--episodes K|all] [--seed S] [--record-to DIR] [--trust-code]`;
+a failure exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import secrets
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,47 +34,68 @@ from typing import Any
 
 import numpy as np
 
-from bench.bundle import MANIFEST, print_report, update_manifest
+from bench.bundle import file_slug, json_text, manifest_sha256, print_report
+from bench.errors import MetabenchError
 from bench.paths import atomic_write_text, resolve_root
-from bench.validation import Bundle, Run, short_list, validate
+from bench.validation import Bundle, MethodCode, Run, short_list, validate
 
 NONDETERMINISTIC_TOLERANCE = 0.02
 """For methods tagged non-deterministic: largest accepted |mean accuracy difference| in verify."""
 RESULT_FORMAT = "%.6g"
 """The float format of result CSVs (bench.results.write_run); verify compares at this precision."""
+LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-5
+"""Re-run losses further than this from the submitted ones are reported (as warnings: accuracy is what is ranked)."""
+RECORD_FORMAT = 1
+RECORD_KIND = "metabench-verification"
 
 
 @dataclass
 class Verification:
     """The outcome of `verify_bundle`.
 
-    ok: every checked episode reproduced; checked: (benchmark, seed, episode indices) per run;
-    mismatches: dicts with benchmark, seed, episode, submitted and recomputed accuracy;
-    marked: the run cards were marked verified.
+    ok: every checked episode reproduced; seed: the seed of the choice of episodes; imports: what
+    was imported to build the method; checked: (benchmark, seed, episode indices) per run;
+    n_compared: episodes compared in all; max_accuracy_diff / max_loss_diff: the largest
+    |re-run - submitted| found; mismatches: dicts with benchmark, seed, episode, submitted and
+    recomputed accuracy; record: the record file written (None when none was).
     """
 
     ok: bool
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    seed: int = 0
+    imports: str = ""
     checked: list[dict] = field(default_factory=list)
+    n_compared: int = 0
+    max_accuracy_diff: float = 0.0
+    max_loss_diff: float = 0.0
     mismatches: list[dict] = field(default_factory=list)
-    marked: bool = False
+    record: Path | None = None
 
 
 class _Unverifiable(Exception):
     """A run cannot be re-run (the message says why); verification goes on with the next run."""
 
 
-def choose_episodes(n: int, k: int, seed: int, benchmark: str, run_seed: int) -> list[int]:
-    """A deterministic, seeded choice of min(k, n) distinct episode indices out of 0..n-1, sorted.
+def fresh_seed() -> int:
+    """A seed nobody can predict (63 random bits from the operating system)."""
+    return secrets.randbits(63)
 
-    Depends only on (seed, benchmark, run seed), so a verification can be repeated exactly;
-    a maintainer may pass a private seed so submitters cannot know which episodes are checked.
+
+def choose_episodes(n: int, k: int | str, seed: int, benchmark: str, run_seed: int) -> list[int]:
+    """A seeded choice of min(k, n) distinct episode indices out of 0..n-1, sorted; k="all": every one.
+
+    Depends only on (seed, benchmark, run seed), so a verification recorded with its seed can be
+    repeated exactly. k must be at least 1.
     """
-    k = max(0, min(int(k), int(n)))
+    if k == "all":
+        return list(range(int(n)))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MetabenchError(f"episodes to re-run must be at least 1 or 'all' (got {k!r})")
+    k = min(k, int(n))
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        [int(seed) & 0xFFFFFFFF, zlib.crc32(benchmark.encode()), int(run_seed) & 0xFFFFFFFF])))
-    return sorted(int(i) for i in rng.choice(int(n), size=k, replace=False)) if k else []
+        [int(seed) & 0xFFFFFFFFFFFFFFFF, zlib.crc32(benchmark.encode()), int(run_seed) & 0xFFFFFFFF])))
+    return sorted(int(i) for i in rng.choice(int(n), size=k, replace=False))
 
 
 def _rounded(x: float) -> float:
@@ -73,7 +106,24 @@ def _label(run: Run) -> str:
     return f"{run.benchmark}/seed{run.seed}"
 
 
-def _rebuild(b: Bundle, run: Run) -> Any:
+class _Sets:
+    """The episode sets (with pixels) of the benchmarks being verified, loaded once each."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root, self.sets = resolve_root(root), {}
+
+    def __call__(self, name: str) -> Any:
+        from bench import benchmarks
+
+        if name not in self.sets:
+            try:
+                self.sets[name] = benchmarks.load(name, self.root)
+            except MetabenchError as e:
+                raise _Unverifiable(f"benchmark {name}: cannot load its data to re-run episodes: {e}") from e
+        return self.sets[name]
+
+
+def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any) -> Any:
     """The run's method built from its card, set up, with its checkpoint loaded and its params_hash checked."""
     import torch
 
@@ -84,8 +134,9 @@ def _rebuild(b: Bundle, run: Run) -> Any:
         raise _Unverifiable(f"{label}: no checkpoint in the bundle; cannot verify")
     params = {k: v for k, v in run.card["params"].items() if k != "seed"}
     try:
-        learner = build_learner(run.card.get("base_method", run.card["method"]), run.bench, run.seed, params)
-        learner.setup(b.sets[run.benchmark].task_info())
+        with b.importable(code):
+            learner = build_learner(code.name, run.bench, run.seed, params)
+        learner.setup(es.task_info())
     except Exception as e:  # noqa: BLE001 - a submitted method may fail in any way
         raise _Unverifiable(f"{label}: cannot build the method: {type(e).__name__}: {e}") from e
     rel = run.checkpoint.relative_to(b.path).as_posix()
@@ -103,37 +154,46 @@ def _rebuild(b: Bundle, run: Run) -> Any:
     return learner
 
 
-def _rerun(b: Bundle, run: Run, learner: Any, chosen: list[int]) -> dict[int, dict]:
-    """The learner's result row of each chosen test episode."""
-    es = b.sets[run.benchmark]
+def _rerun(run: Run, learner: Any, es: Any, chosen: list[int]) -> dict[int, dict]:
+    """The learner's result row of each chosen test episode (evaluated together, as the runner does)."""
     try:
-        return {i: learner.evaluate([es.episode("test", i)])[0] for i in chosen}
+        return dict(zip(chosen, learner.evaluate([es.episode("test", i) for i in chosen])))
     except Exception as e:  # noqa: BLE001
         raise _Unverifiable(f"{_label(run)}: re-running the test episodes failed: {type(e).__name__}: {e}") from e
 
 
 def _compare(run: Run, rows: dict[int, dict], deterministic: bool, result: Verification) -> None:
-    """Judge the re-run rows against the submitted ones; add errors, warnings and mismatches to `result`."""
+    """Judge the re-run rows against the submitted ones; add errors, warnings, mismatches and the
+    largest differences to `result`."""
     label = _label(run)
     frame = run.frame.set_index("episode")
-    diffs = []
-    mismatched = []
+    diffs, mismatched, losses = [], [], []
     for i, r in rows.items():
         submitted = float(frame.loc[i, "accuracy"])
         recomputed = float(r["accuracy"])
         diffs.append(recomputed - submitted)
+        result.max_accuracy_diff = max(result.max_accuracy_diff, abs(_rounded(recomputed) - submitted))
+        loss, submitted_loss = _rounded(float(r["loss"])), float(frame.loc[i, "loss"])
+        result.max_loss_diff = max(result.max_loss_diff, abs(loss - submitted_loss))
         if _rounded(recomputed) != submitted:
             mismatched.append({"benchmark": run.benchmark, "seed": run.seed, "episode": i,
                                "submitted": submitted, "recomputed": recomputed})
-        elif not math.isclose(_rounded(float(r["loss"])), float(frame.loc[i, "loss"]), rel_tol=1e-3, abs_tol=1e-5):
-            result.warnings.append(f"{label}: episode {i}: loss {r['loss']:.6g} differs from the submitted "
-                                   f"{float(frame.loc[i, 'loss']):.6g} (accuracy matches)")
+        elif not math.isclose(loss, submitted_loss, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL):
+            losses.append((i, loss, submitted_loss))
+    result.n_compared += len(rows)
+    if losses:
+        i, loss, submitted_loss = max(losses, key=lambda x: abs(x[1] - x[2]))
+        result.warnings.append(
+            f"{label}: the re-run loss differs from the submitted one beyond the tolerance (relative {LOSS_RTOL:g}, "
+            f"absolute {LOSS_ATOL:g}) on {len(losses)} of {len(rows)} episode(s) {short_list([x[0] for x in losses])}, "
+            f"most on episode {i}: re-run {loss:.6g}, submitted {submitted_loss:.6g}; accuracy matches")
     if not mismatched:
         return
     eps = [m["episode"] for m in mismatched]
     first = mismatched[0]
     text = (f"{label}: accuracy differs on {len(eps)} of {len(rows)} checked episode(s) {short_list(eps)} "
-            f"(episode {first['episode']}: submitted {first['submitted']:.6g}, re-run {first['recomputed']:.6g})")
+            f"(episode {first['episode']}: submitted {first['submitted']:.6g}, re-run {first['recomputed']:.6g}; "
+            f"compared at the result files' precision, {RESULT_FORMAT})")
     if deterministic:
         result.mismatches += mismatched
         result.errors.append(text)
@@ -142,16 +202,19 @@ def _compare(run: Run, rows: dict[int, dict], deterministic: bool, result: Verif
         result.errors.append(text + f"; mean difference {np.mean(diffs):+.4f} exceeds "
                                     f"{NONDETERMINISTIC_TOLERANCE} for a non-deterministic method")
     else:
-        result.warnings.append(text + " (non-deterministic method; mean within tolerance)")
+        result.warnings.append(text + f" (non-deterministic method; mean within the tolerance "
+                                      f"{NONDETERMINISTIC_TOLERANCE})")
 
 
-def _verify_run(b: Bundle, run: Run, episodes: int, seed: int, result: Verification) -> None:
-    """Re-run a seeded choice of `episodes` test episodes of `run`; record the outcome in `result`."""
+def _verify_run(b: Bundle, run: Run, code: MethodCode, sets: _Sets, episodes: int | str,
+                result: Verification) -> None:
+    """Re-run the seeded choice of `episodes` test episodes of `run`; record the outcome in `result`."""
     try:
-        learner = _rebuild(b, run)
+        es = sets(run.benchmark)
+        learner = _rebuild(b, run, code, es)
         index = sorted(int(e) for e in run.frame["episode"])
-        chosen = [index[i] for i in choose_episodes(len(index), episodes, seed, run.benchmark, run.seed)]
-        rows = _rerun(b, run, learner, chosen)
+        chosen = [index[i] for i in choose_episodes(len(index), episodes, result.seed, run.benchmark, run.seed)]
+        rows = _rerun(run, learner, es, chosen)
     except _Unverifiable as e:
         result.errors.append(str(e))
         return
@@ -159,75 +222,147 @@ def _verify_run(b: Bundle, run: Run, episodes: int, seed: int, result: Verificat
     _compare(run, rows, bool(learner.tags.deterministic), result)
 
 
-def verify_bundle(path: Path, root: Path | None = None, episodes: int = 20, *, seed: int = 0,
-                  mark: bool = True) -> Verification:
-    """Re-run `episodes` test episodes of every run from its checkpoint; require the same accuracies.
+def verify_bundle(path: Path, root: Path | None = None, episodes: int | str = 20, *, seed: int | None = None,
+                  trust_code: bool = False, record_to: Path | None = None) -> Verification:
+    """Re-run `episodes` test episodes ("all": every one) of every run from its checkpoint.
 
-    The bundle must validate first. For each run the method is built with the card's
-    hyperparameters (bench.runner.build_learner), the checkpoint is loaded with
-    torch.load(weights_only=True), and a seeded choice of episodes (`choose_episodes(n, episodes,
-    seed, ...)`) is evaluated. Accuracies must equal the submitted ones at the precision of the
-    result files; for methods tagged non-deterministic, per-episode differences are warnings and
-    the mean over the checked episodes must agree within NONDETERMINISTIC_TOLERANCE. With `mark`
-    and on success, every run card in the bundle gets `"verified": true` and a `"verification"`
-    record, and the manifest is updated (all writes atomic). Nothing is written on failure.
+    The bundle must validate first (`trust_code` as in validation). The method is imported only
+    when registered or installed, or with `trust_code`. For each run the method is built with the
+    card's hyperparameters (bench.runner.build_learner), the checkpoint is loaded with
+    torch.load(weights_only=True), and `choose_episodes(n, episodes, seed, ...)` are evaluated;
+    `seed` None draws a fresh one (`fresh_seed`), kept in the result and the record. Accuracies
+    must equal the submitted ones at the precision of the result files; for methods tagged
+    non-deterministic, per-episode differences are warnings and the mean over the checked
+    episodes must agree within NONDETERMINISTIC_TOLERANCE. Losses further apart than LOSS_RTOL /
+    LOSS_ATOL are warnings that name the tolerance. The bundle is never written; on success and
+    with `record_to`, the verification record is written there (`write_record`).
     """
-    import torch
-
-    from bench.runner import code_rev
-
-    b = validate(path, root)
-    result = Verification(ok=False)
+    choose_episodes(1, episodes, 0, "", 0)  # a bad count fails before any work
+    result = Verification(ok=False, seed=fresh_seed() if seed is None else int(seed))
+    b = validate(path, root, trust_code)
     if b.errors:
         result.errors = ["the bundle does not validate:"] + b.errors
         return result
     result.warnings += b.warnings
+    code = b.method_code()
+    if code is None:
+        result.errors = b.errors
+        return result
+    result.imports = code.describe()
+    why = code.untrusted(trust_code)
+    if why:
+        result.errors.append(why)
+        return result
+    sets = _Sets(root)
     for run in b.live():
-        _verify_run(b, run, episodes, seed, result)
+        _verify_run(b, run, code, sets, episodes, result)
+    if not result.errors and result.n_compared == 0:
+        result.errors.append("no episode was compared")
     result.ok = not result.errors
-    if result.ok and mark:
-        _mark_verified(b, result, {"episodes_per_run": int(episodes), "seed": int(seed),
-                                   "code_rev": code_rev(), "torch_version": torch.__version__})
-        result.marked = True
+    if result.ok and record_to is not None:
+        result.record = write_record(Path(record_to), b, result, episodes)
     return result
 
 
-def _mark_verified(b: Bundle, result: Verification, record: dict) -> None:
-    """Set "verified": true (and the verification record) in every run card; update the manifest."""
-    checked = {(c["benchmark"], c["seed"]): c["episodes"] for c in result.checked}
-    runs = b.live()
-    for run in runs:
-        card = dict(run.card)
-        card["verified"] = True
-        card["verification"] = {**record, "episodes": checked[(run.benchmark, run.seed)]}
-        atomic_write_text(b.path / run.card_rel, json.dumps(card, indent=1, sort_keys=True))
-    update_manifest(b.path, [run.card_rel for run in runs])
-    for p in [b.path / MANIFEST, *(b.path / run.card_rel for run in runs)]:
-        p.chmod(0o644)
+def write_record(folder: Path, b: Bundle, result: Verification, episodes: int | str) -> Path:
+    """Write the verification record of bundle `b` into `folder`; returns its path.
+
+    The file, `<method>-<manifest sha256[:16]>.json`, holds: kind, format, method, bundle (the
+    folder's name when verified), manifest_sha256, ok, date (UTC), code_rev, torch_version,
+    device, seed, episodes_per_run (as asked), runs (benchmark, seed, episodes), n_compared,
+    max_accuracy_difference, max_loss_difference, the tolerances used, imports and warnings.
+    """
+    import torch
+
+    from bench.runner import code_rev, device_name
+
+    sha = manifest_sha256(b.path)
+    record = {
+        "kind": RECORD_KIND, "format": RECORD_FORMAT, "method": str(b.metadata.get("method")),
+        "bundle": b.path.name, "manifest_sha256": sha, "ok": result.ok,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_rev": code_rev(), "torch_version": torch.__version__, "device": device_name(),
+        "seed": result.seed, "episodes_per_run": episodes, "runs": result.checked, "n_compared": result.n_compared,
+        "max_accuracy_difference": result.max_accuracy_diff, "max_loss_difference": result.max_loss_diff,
+        "tolerance": {"accuracy": f"equal at {RESULT_FORMAT}", "loss_rtol": LOSS_RTOL, "loss_atol": LOSS_ATOL,
+                      "nondeterministic_mean_accuracy": NONDETERMINISTIC_TOLERANCE},
+        "imports": result.imports, "warnings": result.warnings,
+    }
+    path = Path(folder) / f"{file_slug(record['method'])}-{sha[:16]}.json"
+    atomic_write_text(path, json_text(record))
+    path.chmod(0o644)
+    return path
+
+
+def read_records(folder: Path) -> dict[str, dict]:
+    """The successful verification records in `folder`, by manifest sha256 (the newest per bundle).
+
+    A file that is not a record of this kind is an error naming it (a maintainer's folder holds
+    records only).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MetabenchError(f"{folder}: verification records folder not found")
+    out: dict[str, dict] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise MetabenchError(f"{path}: not a readable verification record ({e})") from e
+        if not (isinstance(record, dict) and record.get("kind") == RECORD_KIND
+                and isinstance(record.get("manifest_sha256"), str)):
+            raise MetabenchError(f"{path}: not a metabench verification record")
+        sha = record["manifest_sha256"]
+        if record.get("ok") is True and str(record.get("date", "")) >= str(out.get(sha, {}).get("date", "")):
+            out[sha] = record
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
 
 
+def episodes_arg(text: str) -> int | str:
+    """--episodes: a positive count or "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 episode must be re-run (got {k}); or 'all'")
+    return k
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a submission bundle by re-running test episodes from its checkpoints."""
     r = verify_bundle(Path(args.bundle), resolve_root(args.root), args.episodes, seed=args.seed,
-                      mark=not args.no_mark)
+                      trust_code=args.trust_code, record_to=Path(args.record_to) if args.record_to else None)
+    if r.imports:
+        print(f"verify: {r.imports}")
     print_report(f"verification failed: {args.bundle}", r.errors, r.warnings)
     if r.ok:
-        n = sum(len(c["episodes"]) for c in r.checked)
-        print(f"verified: {args.bundle} ({n} episode(s) in {len(r.checked)} run(s) reproduced"
-              f"{'; run cards marked verified' if r.marked else ''})")
+        print(f"verified: {args.bundle}: {r.n_compared} episode(s) compared in {len(r.checked)} run(s), chosen "
+              f"with seed {r.seed}; largest accuracy difference {r.max_accuracy_diff:.6g}, largest loss "
+              f"difference {r.max_loss_diff:.6g}")
+        print(f"record: {r.record}" if r.record else
+              "no --record-to: nothing recorded (the leaderboard shows a bundle verified only with a record)")
     return 0 if r.ok else 1
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register the `verify` command."""
-    s = sub.add_parser("verify", help="re-run test episodes from a bundle's checkpoints and mark it verified")
-    s.add_argument("bundle")
-    s.add_argument("--episodes", type=int, default=20, help="test episodes re-run per run (default 20)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the choice of episodes")
-    s.add_argument("--no-mark", action="store_true", help="do not mark the run cards verified")
+    s = sub.add_parser("verify", help="re-run test episodes from a bundle's checkpoints; record the verification")
+    s.add_argument("bundle", help="the bundle folder (never modified)")
+    s.add_argument("--episodes", type=episodes_arg, default=20,
+                   help="test episodes re-run per run: a positive number or 'all'")
+    s.add_argument("--seed", type=int, default=None,
+                   help="seed of the choice of episodes (default: a fresh random seed, recorded)")
+    s.add_argument("--record-to", default=None, metavar="DIR",
+                   help="on success, write the verification record into this folder (the maintainer's)")
+    s.add_argument("--trust-code", action="store_true",
+                   help="import a method that is not registered or installed (the bundle's code/ or this "
+                        "environment); without it only registered or installed methods are imported")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
     s.set_defaults(func=cmd_verify)

@@ -1,21 +1,37 @@
-"""Build the static leaderboard site from result folders.
+"""Build the static leaderboard site from result folders and submission bundles.
 
-`build_site(results_dirs, out, reference_csv=None)` writes into `out`:
+`build_site(results_dirs, out, reference_csv=None, verified_dir=None)` writes into `out`:
 
-- `index.html`: the main table (rows = methods, columns = benchmarks, cell = mean ± 95% CI in
-  percent, rank-1 cells in bold, an average-rank column), sortable by clicking a header (inline
-  vanilla JavaScript), a protocol card and a verified / self-reported badge per row, the
-  accuracy figure, and the published reference numbers in a separate table;
-- `<benchmark>.html` per benchmark: its table with seed spread and timings, plots (accuracy,
-  paired difference to the best method, training curves, compute) and every paired comparison.
+- `index.html` (or the name given): the main table (rows = methods, columns = benchmarks, cell =
+  mean ± 95% CI in percent with the seeds and the fit time beside it, rank-1 cells in bold, an
+  average-rank column), sortable by clicking a header (inline vanilla JavaScript), a protocol
+  card (opening over the table, not pushing it aside) and a verified / self-reported badge per
+  row; then the unranked section; the accuracy figure; the published reference numbers apart;
+- `<benchmark>.html` per benchmark: its ranked and unranked tables with seed spread and timings,
+  plots (accuracy, paired difference to the best method, training curves, compute) and every
+  paired comparison;
+- `figures/*.svg` and `figures/*.png`: every figure of the pages as files.
+
+What the page claims, it checks:
+
+- Ranked: a (benchmark, method) row is ranked only with at least MIN_RANKED_SEEDS seeds, every
+  test episode of the benchmark (its registered count; for an unregistered benchmark the most
+  any method has) and, for a bundle, a method that passes the conformance suite. Other rows go
+  in the "unranked" sections, with their reason, without rank or bold.
+- Published: every bundle given is re-validated first (bench.validation); one that does not
+  validate stops the build with its first problem.
+- Verified: a row is verified only when every run comes from a bundle whose manifest hash has a
+  successful record in `verified_dir` (written by `metabench verify --record-to DIR`); what a run
+  card says about verification is ignored.
 
 Pages are self-contained (inline CSS/JS, figures as base64 SVG data URIs; no network). Every
 string from result files, run cards and the reference file goes through jinja2 autoescaping.
 Output is deterministic: no timestamps, sorted inputs, fixed float formats, deterministic plots
 and a fixed bootstrap seed, so two builds from the same inputs are byte-identical.
 
-Browser-test hooks: the main table is `table#leaderboard`, benchmark tables `table#benchmark-table`,
-pair tables `table#pairs`, reference tables `table#reference`; every sortable table has class
+Browser-test hooks: the main table is `table#leaderboard`, its unranked rows `table#unranked`,
+benchmark tables `table#benchmark-table` and `table#benchmark-unranked`, pair tables
+`table#pairs`, reference tables `table#reference`; every sortable table has class
 `sortable`, its sortable headers carry `data-key` (`method`, `bench:<name>`, `avg-rank`, ...) and
 `data-type` (`number` or `text`); body rows carry `data-method` (and `data-a`/`data-b` for pairs);
 cells carry the raw sort key in `data-value`. Clicking a header sorts (first click in the
@@ -24,6 +40,7 @@ header's `data-default-order`, then toggles) and sets `aria-sort` on that header
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import importlib.resources
@@ -38,9 +55,11 @@ import jinja2
 import pandas as pd
 
 from bench import plots, stats
-from bench.errors import ResultsError
+from bench.bundle import is_bundle
+from bench.errors import MetabenchError, ResultsError
 from bench.paths import atomic_write_text
 from bench.results import check_consistent, find_csvs, read_card, read_csv
+from bench.validation import MIN_RANKED_SEEDS, Validation
 
 TEMPLATE_PACKAGE = "leaderboard"
 TEMPLATE_DIR = "templates"
@@ -109,7 +128,8 @@ def render_value(value: Any) -> str:
 
 @dataclass
 class Run:
-    """One (benchmark, method, seed) run: where it came from and its run card ({} if absent)."""
+    """One (benchmark, method, seed) run: where it came from and its run card ({} if absent);
+    bundle: the submission bundle it came from (None for a results folder)."""
 
     benchmark: str
     method: str
@@ -117,6 +137,7 @@ class Run:
     csv: Path
     card: dict
     code_rev: str
+    bundle: Path | None = None
 
 
 @dataclass
@@ -136,7 +157,7 @@ def load_results(results_dirs: Sequence[Path]) -> Loaded:
     """Read and validate every result CSV (and run card) under the given folders.
 
     A folder may also be a submission bundle (bench.bundle; it holds metadata.json or
-    MANIFEST.json): its `results/` subfolder is read, and its run cards say whether it is verified.
+    MANIFEST.json): its `results/` subfolder is read (validate it first: `check_bundles`).
 
     Raises ResultsError when a folder has no results, when one (benchmark, method, seed) appears
     twice, or when runs of one benchmark disagree on its version or episode hashes.
@@ -146,9 +167,11 @@ def load_results(results_dirs: Sequence[Path]) -> Loaded:
     runs: list[Run] = []
     seen: dict[tuple[str, str, int], Path] = {}
     for results_dir in results_dirs:
-        results_dir = Path(results_dir)
-        if (results_dir / "metadata.json").is_file() or (results_dir / "MANIFEST.json").is_file():
-            results_dir = results_dir / "results"  # a submission bundle (bench.bundle): its CSVs live here
+        results_dir = bundle = Path(results_dir)
+        if is_bundle(bundle):
+            results_dir = bundle / "results"  # a submission bundle (bench.bundle): its CSVs live here
+        else:
+            bundle = None
         paths = find_csvs(results_dir)
         if not paths:
             raise ResultsError(f"{results_dir}: no result CSVs found")
@@ -162,7 +185,7 @@ def load_results(results_dirs: Sequence[Path]) -> Loaded:
             frames.append(frame)
             names.append(str(path))
             runs.append(Run(benchmark=key[0], method=key[1], seed=key[2], csv=path, card=card,
-                            code_rev=str(frame["code_rev"].iloc[0])))
+                            code_rev=str(frame["code_rev"].iloc[0]), bundle=bundle))
     if not frames:
         raise ResultsError("no result folders given")
     frame = check_consistent(frames, names)
@@ -248,9 +271,28 @@ def page_name(benchmark: str) -> str:
     return f"{slug}-{hashlib.sha256(benchmark.encode('utf-8')).hexdigest()[:8]}.html"
 
 
-def figure_uri(fig) -> str:
-    """A figure as a `data:image/svg+xml;base64,...` URI (deterministic SVG)."""
-    return "data:image/svg+xml;base64," + base64.b64encode(plots.svg_bytes(fig)).decode("ascii")
+def fmt_duration(seconds: float) -> str:
+    """A duration for a cell: '8.2 s', '95 s', '12 min', '3.4 h' ('?' for NaN)."""
+    if seconds is None or not math.isfinite(seconds):
+        return MISSING
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+FIGURES_DIR = "figures"
+
+
+def write_figure(fig, out: Path, stem: str, title: str, key: str) -> dict:
+    """Write `fig` as out/figures/<stem>.svg and .png; its template entry (title, key, the SVG as a
+    data URI for the page, and the two files' relative paths)."""
+    png, svg = plots.save(fig, Path(out) / FIGURES_DIR / stem)
+    uri = "data:image/svg+xml;base64," + base64.b64encode(svg.read_bytes()).decode("ascii")
+    return {"title": title, "key": key, "uri": uri, "svg": f"{FIGURES_DIR}/{svg.name}", "png": f"{FIGURES_DIR}/{png.name}"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +338,78 @@ def combine_cards(per_benchmark: Mapping[str, list[tuple[str, str]]]) -> list[tu
     return out
 
 
-def is_verified(runs: Sequence[Run]) -> bool:
-    """True when there are runs and every one has a run card with `"verified": true`."""
-    return bool(runs) and all(r.card.get("verified") is True for r in runs)
+# ---------------------------------------------------------------------------------------------
+# what the page claims: published (validated), ranked, verified
+
+
+def check_bundles(results_dirs: Sequence[Path], root: Path | None, trust_code: bool) -> dict[Path, Validation]:
+    """Validate every bundle among `results_dirs` (bench.validation); ResultsError naming the first
+    problem of one that does not validate. Returns the validations by bundle folder."""
+    from bench.validation import validate_bundle
+
+    out = {}
+    for path in map(Path, results_dirs):
+        if not is_bundle(path):
+            continue
+        v = validate_bundle(path, root, trust_code)
+        if not v.ok:
+            raise ResultsError(f"{path}: the bundle does not validate ({len(v.errors)} problem(s); first: "
+                               f"{v.errors[0]}); run `metabench validate {path}` for all of them")
+        out[path] = v
+    return out
+
+
+def expected_episodes(benchmark: str, counts: Iterable[int]) -> int:
+    """Test episodes a ranked row needs: the registered benchmark's, else the most any method has."""
+    from bench.benchmarks import BENCHMARKS
+
+    if benchmark in BENCHMARKS:  # a registered or installed benchmark (never a "pkg.module:NAME" import)
+        try:
+            return int(BENCHMARKS.get(benchmark).test_episodes)
+        except MetabenchError:
+            pass
+    return max(counts)
+
+
+def failed_checks(runs: Sequence[Run], validations: Mapping[Path, Validation]) -> list[str]:
+    """The conformance checks the method of the runs' bundles fails, as re-run by validation."""
+    failed: set[str] = set()
+    for bundle in {r.bundle for r in runs if r.bundle is not None}:
+        report = validations[bundle].conformance
+        if report is not None and not report["ok"]:
+            failed.update(report["failed"])
+    return sorted(failed)
+
+
+def unranked_reasons(runs: Sequence[Run], n_seeds: int, n_episodes: int, expected: int,
+                     validations: Mapping[Path, Validation]) -> list[str]:
+    """Why a (benchmark, method) row is not ranked ([] when it is)."""
+    reasons = []
+    if n_seeds < MIN_RANKED_SEEDS:
+        reasons.append(f"{n_seeds} seed(s); a ranked row needs {MIN_RANKED_SEEDS}")
+    if n_episodes < expected:
+        reasons.append(f"{n_episodes} of {expected} test episodes")
+    if any(validations[r.bundle].conformance is None for r in runs if r.bundle is not None):
+        reasons.append("conformance suite not re-run (a method that is not registered or installed; "
+                       "build with --trust-code to import it)")
+    failed = failed_checks(runs, validations)
+    if failed:
+        reasons.append(f"fails the conformance suite: {', '.join(failed)}")
+    return reasons
+
+
+def verification(runs: Sequence[Run], records: Mapping[str, dict], shas: Mapping[Path, str]) -> dict | None:
+    """The verification record covering every run (None unless all come from bundles with a record)."""
+    found = [records.get(shas.get(r.bundle, "")) if r.bundle is not None else None for r in runs]
+    return found[0] if runs and all(found) else None
+
+
+def badge_title(record: dict | None) -> str:
+    """The tooltip of a row's badge."""
+    if record is None:
+        return "numbers as submitted, not re-run (no verification record for this bundle)"
+    return (f"re-run from the submitted checkpoints on {record.get('date', MISSING)}: {record.get('n_compared', MISSING)} "
+            f"episode(s) compared, largest accuracy difference {render_value(record.get('max_accuracy_difference'))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,111 +468,187 @@ def _reference_table(ref: pd.DataFrame | None, benchmarks: Sequence[str] | None 
     return {"benchmarks": [{"name": b, "page": None} for b in cols], "rows": rows}
 
 
-def build_site(results_dirs: list[Path], out: Path, reference_csv: Path | None = None, *,
-               alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> Path:
-    """Build the static leaderboard site into `out`; returns the path of `out/index.html`.
+@dataclass
+class Pair:
+    """One (benchmark, method) of the site: its summary row, runs, card, standing and verification."""
 
-    `results_dirs`: result folders (`<dir>/<benchmark>/<method>/seed<N>.csv` + `.json` cards);
-    `reference_csv`: optional published numbers (method, benchmark, accuracy, ci95, citation),
-    shown only in separate "published" sections. `alpha` is the significance level of the
-    tie-aware ranks; `n_boot` and `seed` drive the paired bootstrap CIs. Files in `out` other
-    than the pages written are left alone.
+    benchmark: str
+    method: str
+    summary: pd.Series
+    runs: list[Run]
+    card: list[tuple[str, str]]
+    reasons: list[str]
+    record: dict | None
+    failed: list[str]
+
+    @property
+    def ranked(self) -> bool:
+        return not self.reasons
+
+    def cell(self, rank: int | None) -> dict:
+        """The template cell: accuracy text and sort value, the seeds and fit time beside it, rank."""
+        s = self.summary
+        n_seeds = int(s["n_seeds"])
+        return {"text": mean_ci(float(s["mean"]), float(s["ci95"])), "value": sort_value(float(s["mean"])),
+                "meta": f"{n_seeds} seed{'s' if n_seeds != 1 else ''} · fit {fmt_duration(float(s['fit_seconds']))}",
+                "best": rank == 1, "rank": rank}
+
+
+def _pairs(loaded: Loaded, summary: pd.DataFrame, validations: Mapping[Path, Validation],
+           records: Mapping[str, dict]) -> dict[tuple[str, str], Pair]:
+    shas = {path: v.manifest_sha256 for path, v in validations.items()}
+    expected = {b: expected_episodes(b, g["n_episodes"].astype(int)) for b, g in summary.groupby("benchmark")}
+    out = {}
+    for _, row in summary.iterrows():
+        b, m = str(row["benchmark"]), str(row["method"])
+        runs = loaded.runs_of(b, m)
+        n_seeds, n_eps = int(row["n_seeds"]), int(row["n_episodes"])
+        out[(b, m)] = Pair(b, m, row, runs, protocol_fields(runs, n_seeds, n_eps),
+                           unranked_reasons(runs, n_seeds, n_eps, expected[b], validations),
+                           verification(runs, records, shas), failed_checks(runs, validations))
+    return out
+
+
+def _ranks(frame: pd.DataFrame, pairs: Mapping[tuple[str, str], Pair], alpha: float) -> pd.DataFrame:
+    """Tie-aware ranks among the ranked pairs only (indexed by benchmark, method)."""
+    keep = pd.Series([pairs[(b, m)].ranked for b, m in zip(frame["benchmark"], frame["method"])], index=frame.index)
+    ranked = frame[keep]
+    table = stats.ranks(ranked, alpha=alpha) if not ranked.empty else pd.DataFrame(columns=stats.RANK_COLUMNS)
+    return table
+
+
+def _reason_text(pairs: Sequence[Pair]) -> str:
+    if len(pairs) == 1:
+        return "; ".join(pairs[0].reasons)
+    return "; ".join(f"{p.benchmark}: {', '.join(p.reasons)}" for p in pairs)
+
+
+def _method_row(m: str, mine: list[Pair]) -> dict:
+    records = [p.record for p in mine]
+    return {"method": m, "verified": all(records), "badge_title": badge_title(records[0] if all(records) else None),
+            "card": combine_cards({p.benchmark: p.card for p in mine}),
+            "failed_checks": sorted({c for p in mine for c in p.failed})}
+
+
+def build_site(results_dirs: list[Path], out: Path, reference_csv: Path | None = None, *,
+               verified_dir: Path | None = None, root: Path | None = None, trust_code: bool = False,
+               index_name: str = "index.html", alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> Path:
+    """Build the static leaderboard site into `out`; returns the path of its main page.
+
+    `results_dirs`: result folders (`<dir>/<benchmark>/<method>/seed<N>.csv` + `.json` cards) and
+    submission bundles, each bundle re-validated first (`check_bundles`, with the data folder
+    `root` and `trust_code`; validation writes nothing); `reference_csv`: optional published
+    numbers (method, benchmark, accuracy, ci95, citation), shown only in separate "published"
+    sections; `verified_dir`: the maintainer's verification records (`metabench verify
+    --record-to`), the only source of verified badges; `index_name`: the file name of the main
+    page. `alpha` is the significance level of the tie-aware ranks; `n_boot` and `seed` drive the
+    paired bootstrap CIs. Files in `out` other than the pages and figures written are left alone.
     """
+    from bench.verify import read_records
+
+    validations = check_bundles(results_dirs, root, trust_code)
     loaded = load_results([Path(d) for d in results_dirs])
     frame = loaded.frame
     ref = read_reference(Path(reference_csv)) if reference_csv is not None else None
+    try:
+        records = read_records(Path(verified_dir)) if verified_dir is not None else {}
+    except MetabenchError as e:
+        raise ResultsError(str(e)) from e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
 
     summary = stats.summarize(frame)
-    rank_table = stats.ranks(frame, alpha=alpha)
-    avg = stats.average_rank(rank_table).set_index("method")
+    pairs = _pairs(loaded, summary, validations, records)
+    rank_table = _ranks(frame, pairs, alpha)
+    avg = stats.average_rank(rank_table).set_index("method") if not rank_table.empty else None
+    r_idx = rank_table.set_index(["benchmark", "method"])
     benchmarks = sorted(summary["benchmark"].unique())
     pages = {b: page_name(b) for b in benchmarks}
-    if len(set(pages.values())) != len(pages):
-        raise ResultsError("two benchmark names map to the same page file")
-    s_idx = summary.set_index(["benchmark", "method"])
-    r_idx = rank_table.set_index(["benchmark", "method"])
+    if len(set(pages.values())) != len(pages) or index_name in pages.values():
+        raise ResultsError(f"two benchmark names (or a benchmark and the main page {index_name}) map to the same file")
 
-    cards: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    verified: dict[tuple[str, str], bool] = {}
-    for (b, m), row in s_idx.iterrows():
-        runs = loaded.runs_of(b, m)
-        cards[(b, m)] = protocol_fields(runs, int(row["n_seeds"]), int(row["n_episodes"]))
-        verified[(b, m)] = is_verified(runs)
-
-    methods = sorted(summary["method"].unique(), key=lambda m: (float(avg.loc[m, "average_rank"]), m))
+    ranked_methods = sorted({m for (b, m), p in pairs.items() if p.ranked},
+                            key=lambda m: (float(avg.loc[m, "average_rank"]), m))
     rows = []
-    for m in methods:
+    for m in ranked_methods:
+        mine = [pairs[(b, m)] for b in benchmarks if (b, m) in pairs and pairs[(b, m)].ranked]
         cells = []
-        mine = [b for b in benchmarks if (b, m) in s_idx.index]
         for b in benchmarks:
-            if (b, m) not in s_idx.index:
+            p = pairs.get((b, m))
+            if p is None:
                 cells.append({"text": "—", "value": "", "best": False, "rank": None})
-                continue
-            s = s_idx.loc[(b, m)]
-            rank = int(r_idx.loc[(b, m), "rank"])
-            cells.append({"text": mean_ci(float(s["mean"]), float(s["ci95"])), "value": sort_value(float(s["mean"])),
-                          "best": rank == 1, "rank": rank})
+            elif not p.ranked:
+                cells.append({"text": "unranked", "value": "", "best": False, "rank": None, "note": True})
+            else:
+                cells.append(p.cell(int(r_idx.loc[(b, m), "rank"])))
         a = avg.loc[m]
         avg_text = f"{float(a['average_rank']):.2f}"
-        if int(a["n_missing"]) > 0:
+        if int(a["n_benchmarks"]) < len(benchmarks):
             avg_text += f" ({int(a['n_benchmarks'])}/{len(benchmarks)})"
-        rows.append({
-            "method": m,
-            "verified": all(verified[(b, m)] for b in mine),
-            "card": combine_cards({b: cards[(b, m)] for b in mine}),
-            "cells": cells,
-            "avg_text": avg_text,
-            "avg_value": sort_value(float(a["average_rank"]), 4),
-        })
+        rows.append({**_method_row(m, mine), "cells": cells, "avg_text": avg_text,
+                     "avg_value": sort_value(float(a["average_rank"]), 4)})
+
+    unranked = []
+    for m in sorted({m for (b, m), p in pairs.items() if not p.ranked}, key=str.lower):
+        mine = [pairs[(b, m)] for b in benchmarks if (b, m) in pairs and not pairs[(b, m)].ranked]
+        cells = [pairs[(b, m)].cell(None) if pairs.get((b, m)) in mine else
+                 {"text": "ranked above" if (b, m) in pairs else "—", "value": "", "best": False, "rank": None,
+                  "note": (b, m) in pairs} for b in benchmarks]
+        unranked.append({**_method_row(m, mine), "cells": cells, "reason": _reason_text(mine)})
 
     index_html = env.get_template("index.html").render(
         title="metabench leaderboard",
+        index=index_name,
         benchmarks=[{"name": b, "page": pages[b]} for b in benchmarks],
         rows=rows,
+        unranked=unranked,
+        min_seeds=MIN_RANKED_SEEDS,
         alpha=alpha,
-        accuracy_figure=figure_uri(plots.plot_accuracy(summary)),
+        accuracy_figure=write_figure(plots.plot_accuracy(summary), out, "accuracy",
+                                     "Mean test accuracy with 95% CI over episodes, per benchmark.", "accuracy"),
         reference=_reference_table(ref),
     )
-    _write(out / "index.html", index_html)
+    _write(out / index_name, index_html)
 
     for b in benchmarks:
-        _write(out / pages[b], _benchmark_page(env, loaded, b, s_idx, r_idx, cards, verified, ref,
+        _write(out / pages[b], _benchmark_page(env, out, loaded, b, summary, pairs, r_idx, ref, index_name,
                                                alpha=alpha, n_boot=n_boot, seed=seed))
-    return out / "index.html"
+    return out / index_name
 
 
-def _benchmark_page(env: jinja2.Environment, loaded: Loaded, bench: str, s_idx: pd.DataFrame,
-                    r_idx: pd.DataFrame, cards: Mapping, verified: Mapping, ref: pd.DataFrame | None,
-                    *, alpha: float, n_boot: int, seed: int) -> str:
+def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: str, summary: pd.DataFrame,
+                    pairs: Mapping[tuple[str, str], Pair], r_idx: pd.DataFrame, ref: pd.DataFrame | None,
+                    index_name: str, *, alpha: float, n_boot: int, seed: int) -> str:
     frame = loaded.frame[loaded.frame["benchmark"] == bench]
     order = stats.method_order(frame, bench)
-    summary = s_idx.xs(bench, level="benchmark").reset_index()
-    summary.insert(0, "benchmark", bench)
-    rows = []
-    for m in sorted(order, key=lambda m: (int(r_idx.loc[(bench, m), "rank"]), order.index(m))):
-        s = s_idx.loc[(bench, m)]
-        rank = int(r_idx.loc[(bench, m), "rank"])
+    summary = summary[summary["benchmark"] == bench]
+    rows, unranked = [], []
+    for m in order:
+        p = pairs[(bench, m)]
+        s = p.summary
+        rank = int(r_idx.loc[(bench, m), "rank"]) if p.ranked else None
         seed_text = (f"{pct(float(s['seed_mean']))} ± {pct(float(s['seed_sd']))}"
                      if math.isfinite(float(s["seed_sd"])) else pct(float(s["seed_mean"])))
-        rows.append({
-            "method": m, "rank": rank, "best": rank == 1, "verified": verified[(bench, m)],
-            "card": cards[(bench, m)],
+        row = {
+            "method": m, "rank": rank, "best": rank == 1, "verified": p.record is not None,
+            "badge_title": badge_title(p.record), "card": p.card, "reason": "; ".join(p.reasons),
+            "failed_checks": p.failed,
             "acc_text": mean_ci(float(s["mean"]), float(s["ci95"])), "acc_value": sort_value(float(s["mean"])),
             "seed_text": seed_text, "seed_value": sort_value(float(s["seed_mean"])),
             "n_episodes": int(s["n_episodes"]), "n_seeds": int(s["n_seeds"]),
             "adapt_text": fmt_num(float(s["adapt_seconds"])), "adapt_value": sort_value(float(s["adapt_seconds"])),
-            "fit_text": fmt_num(float(s["fit_seconds"])), "fit_value": sort_value(float(s["fit_seconds"])),
-        })
+            "fit_text": fmt_duration(float(s["fit_seconds"])), "fit_value": sort_value(float(s["fit_seconds"])),
+        }
+        (rows if p.ranked else unranked).append(row)
+    rows.sort(key=lambda r: (r["rank"], order.index(r["method"])))
 
-    best = order[0]
-    pairs = []
+    best = rows[0]["method"] if rows else order[0]
+    pairs_rows = []
     if len(order) > 1:
         table = stats.pairwise(frame, bench, n_boot=n_boot, seed=seed)
         for _, p in table.iterrows():
-            pairs.append({
+            pairs_rows.append({
                 "a": p["a"], "b": p["b"], "n": int(p["n"]),
                 "diff_text": f"{float(p['diff']) * 100:+.2f}", "diff_value": sort_value(float(p["diff"])),
                 "ci_text": f"[{float(p['ci_low']) * 100:+.2f}, {float(p['ci_high']) * 100:+.2f}]",
@@ -469,12 +656,14 @@ def _benchmark_page(env: jinja2.Environment, loaded: Loaded, bench: str, s_idx: 
                 "significant": float(p["p_value"]) < alpha,
             })
 
-    figures = [{"title": "Accuracy with 95% CI over test episodes", "key": "accuracy",
-                "uri": figure_uri(plots.plot_accuracy(summary))}]
+    stem = page_name(bench)[:-len(".html")]
+    figures = [write_figure(plots.plot_accuracy(summary), out, f"{stem}-accuracy",
+                            "Accuracy with 95% CI over test episodes", "accuracy")]
     if len(order) > 1:
-        figures.append({"title": f"Paired difference to the best method ({best}), bootstrap 95% CI",
-                        "key": "paired",
-                        "uri": figure_uri(plots.plot_paired(frame, bench, best, n_boot=n_boot, seed=seed))})
+        figures.append(write_figure(plots.plot_paired(frame, bench, best, n_boot=n_boot, seed=seed), out,
+                                    f"{stem}-paired",
+                                    f"Paired difference to the best{' ranked' if rows else ''} method ({best}), "
+                                    "bootstrap 95% CI", "paired"))
     curve_cards = []
     for run in loaded.runs_of(bench):
         if run.card.get("curve"):
@@ -482,21 +671,60 @@ def _benchmark_page(env: jinja2.Environment, loaded: Loaded, bench: str, s_idx: 
             card["method"], card["seed"] = run.method, run.seed
             curve_cards.append(card)
     if curve_cards:
-        figures.append({"title": "Meta-training curves (validation accuracy)", "key": "curves",
-                        "uri": figure_uri(plots.plot_curves(curve_cards, title=bench))})
-    figures.append({"title": "Accuracy against compute", "key": "compute",
-                    "uri": figure_uri(plots.plot_compute(summary, benchmark=bench))})
+        figures.append(write_figure(plots.plot_curves(curve_cards, title=bench), out, f"{stem}-curves",
+                                    "Meta-training curves (validation accuracy)", "curves"))
+    figures.append(write_figure(plots.plot_compute(summary, benchmark=bench), out, f"{stem}-compute",
+                                "Accuracy against compute", "compute"))
 
     versions = sorted(set(int(v) for v in frame["benchmark_version"]))
     return env.get_template("benchmark.html").render(
         title=f"{bench} — metabench",
+        index=index_name,
         benchmark=bench,
         version=", ".join(map(str, versions)),
         rows=rows,
-        pairs=pairs,
+        unranked=unranked,
+        min_seeds=MIN_RANKED_SEEDS,
+        pairs=pairs_rows,
         best=best,
         alpha=alpha,
         n_boot=n_boot,
         figures=figures,
         reference=_reference_table(ref, [bench]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Build the static leaderboard site from results folders and bundles."""
+    from bench.paths import resolve_root
+
+    out = Path(args.output)
+    html = out.suffix.lower() in (".html", ".htm")
+    index = build_site([Path(p) for p in args.results], out.parent if html else out,
+                       Path(args.reference) if args.reference else None,
+                       verified_dir=Path(args.verified) if args.verified else None, root=resolve_root(args.root),
+                       trust_code=args.trust_code, index_name=out.name if html else "index.html")
+    print(f"leaderboard: {index}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register the `leaderboard` command."""
+    s = sub.add_parser("leaderboard", help="build the static leaderboard site (re-validates every bundle)")
+    s.add_argument("results", nargs="+", help="results folders or submission bundles")
+    s.add_argument("-o", "--output", default="site/index.html",
+                   help="the main page (FILE.html: written under that name, with the other pages and figures "
+                        "beside it) or a folder (index.html in it)")
+    s.add_argument("--verified", default=None, metavar="DIR",
+                   help="verification records (metabench verify --record-to DIR): the only source of verified badges")
+    s.add_argument("--reference", default=None, metavar="CSV",
+                   help="published numbers (method, benchmark, accuracy, ci95, citation), shown apart from the ranks")
+    s.add_argument("--root", default=None, help="data folder for re-validating bundles (default: per-user cache); "
+                                                "read, never written")
+    s.add_argument("--trust-code", action="store_true",
+                   help="import bundled methods that are not registered or installed, to re-run their conformance suite")
+    s.set_defaults(func=cmd_leaderboard)

@@ -1,10 +1,13 @@
-"""Submission bundles for tests/test_bundle.py, test_validation.py and test_verify.py.
+"""Submission bundles for tests/test_bundle.py, test_validation.py, test_verify.py and the leaderboard tests.
 
 What a test module makes fixtures of: `made_runs`, three tiny fomaml runs on the synthetic
 benchmark and two chance runs; `pristine_bundle`, a valid bundle of the fomaml runs (never
-changed); `fresh_bundle`, a copy of it for a test that changes it. The runs and the bundle are
-built once per test process, however many modules use them. Helpers change a bundle on
-purpose: `edit_csv`, `edit_json`, `reseal`; `snapshot` proves that nothing was written.
+changed); `fresh_bundle`, a copy of it for a test that changes it; `chance_bundles`, quick
+bundles of chance-like methods that are ranked, unranked for each reason, or fail the
+conformance suite (`GlobalRngChance`, an unregistered method), with a verification record of
+the ranked one. The runs and the bundles are built once per test process, however many modules
+use them. Helpers change a bundle on purpose: `edit_csv`, `edit_json`, `reseal`; `snapshot`
+proves that nothing was written.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from dataclasses import dataclass
+
 import pandas as pd
 import pytest
 import torch
 
+from baselines.chance import Chance
 from bench.bundle import MANIFEST, make_bundle, manifest_of
 from bench.runner import RunConfig, RunDirs, run
 
@@ -100,3 +106,46 @@ def edit_json(b: Path, rel: str, fn: Callable[[Any], None], seal: bool = True) -
     (b / rel).write_text(json.dumps(data, indent=1))
     if seal:
         reseal(b)
+
+
+@dataclass
+class GlobalRngChance(Chance):
+    """Chance that draws from the global torch RNG when adapting: fails check_global_rng_untouched
+    (its predictions, uniform, do not change). Unregistered: import it as "bundlefixtures:GlobalRngChance"."""
+
+    def adapt(self, support_x, support_y):
+        torch.rand(1)
+        return super().adapt(support_x, support_y)
+
+
+BROKEN = "bundlefixtures:GlobalRngChance"
+CHANCE_BUNDLES = {  # label: (method, seeds, test episodes)
+    "chance": ("chance", (0, 1, 2), None),
+    "lonely": ("chance", (0,), None),
+    "partial": ("chance", (0, 1, 2), 20),
+    "broken": (BROKEN, (0, 1, 2), None),
+}
+
+
+def _make_chance_bundles(base: Path) -> dict[str, Path]:
+    from bench.verify import verify_bundle
+
+    dirs = RunDirs(base / "root", base / "results", base / "runs")
+    out = {}
+    for label, (method, seeds, n_test) in CHANCE_BUNDLES.items():
+        for seed in seeds:
+            run(RunConfig(method, BENCH, seed, steps=0, val_episodes=2, test_episodes=n_test, label=label), dirs,
+                progress=False)
+        out[label] = make_bundle(label, dirs.results, dirs.runs, base / "bundles" / label)
+    r = verify_bundle(out["chance"], dirs.root, episodes=3, record_to=base / "records")
+    assert r.ok, r.errors
+    out["records"] = base / "records"
+    return out
+
+
+def chance_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bundles of chance-like methods on the synthetic benchmark (tests must not change them):
+    "chance" (3 seeds, every test episode: ranked, with a verification record in "records"),
+    "lonely" (1 seed), "partial" (20 of 50 test episodes) and "broken" (GlobalRngChance, which fails
+    the conformance suite)."""
+    return _once("chance", lambda: _make_chance_bundles(tmp_path_factory.mktemp("chance")))

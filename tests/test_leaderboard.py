@@ -1,4 +1,5 @@
-"""Tests of the static leaderboard: site builds, escaping, determinism, tables, cards, references."""
+"""Tests of the static leaderboard: site builds, escaping, determinism, tables, cards, references,
+what may be ranked, what is verified, re-validation of bundles."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
 
+from bench.cli import main
 from bench.errors import ResultsError
 from bench.results import write_run
+from bundlefixtures import BENCH, chance_bundles, edit_csv, edit_json, snapshot
 from leaderboard import build_site
 from leaderboard.build import environment, page_name, read_reference
+
+OMNI, MINI = "toy-5w1s", "toy-5w5s"  # unregistered benchmarks: a ranked row needs the most episodes any method has
 
 EVIL = "<script>alert(1)</script>"
 EVIL_CARD = '"><img src=x onerror=alert(2)>'
@@ -49,25 +56,29 @@ def full_card(method: str, benchmark: str, seed: int, verified: bool | None = No
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """Two benchmarks; maml (verified, 2 seeds), twin (self-reported, partial card, ties with maml
-    on omniglot), EVIL (no card, clearly worse), anil (only on omniglot)."""
+    """Two benchmarks; maml (3 seeds, its cards claim "verified": true), twin (partial card, ties with
+    maml on toy-5w1s), EVIL (no card, clearly worse), anil (only on toy-5w1s), each with 3 seeds;
+    unranked: lonely (1 seed) and short (30 of the 40 test episodes)."""
     root = tmp_path_factory.mktemp("results")
     rng = np.random.default_rng(0)
     n = 40
-    for bench, shift in (("omniglot-5w1s", 0.1), ("miniimagenet-5w5s", -0.1)):
+    for bench, shift in ((OMNI, 0.1), (MINI, -0.1)):
         base = np.clip(rng.uniform(0.4, 0.8, n) + shift, 0, 1)
-        for seed in (0, 1):
-            write_run(root, make_rows(bench, "maml", seed, base + (0.005 if seed else -0.005)),
+        for seed in (0, 1, 2):
+            write_run(root, make_rows(bench, "maml", seed, base + 0.005 * (seed - 1)),
                       full_card("maml", bench, seed, verified=True))
-        noise = np.tile([0.02, -0.02], n // 2)
-        noise[0] = 0.04
-        twin_shift = 0.0 if bench == "omniglot-5w1s" else -0.1
-        write_run(root, make_rows(bench, "twin", 0, np.clip(base - noise + twin_shift, 0, 1)),
-                  {"method": "twin", "backbone": EVIL_CARD, "tags": {"order": "first"}, "verified": False})
-        write_run(root, make_rows(bench, EVIL, 0, np.clip(base - 0.3, 0, 1)), {})
+            noise = np.tile([0.02, -0.02], n // 2)
+            noise[0] = 0.04
+            twin_shift = 0.0 if bench == OMNI else -0.1
+            write_run(root, make_rows(bench, "twin", seed, np.clip(base - noise + twin_shift, 0, 1)),
+                      {"method": "twin", "backbone": EVIL_CARD, "tags": {"order": "first"}, "verified": False})
+            write_run(root, make_rows(bench, EVIL, seed, np.clip(base - 0.3, 0, 1)), {})
+        write_run(root, make_rows(bench, "lonely", 0, np.clip(base + 0.2, 0, 1)), {})
+        write_run(root, make_rows(bench, "short", 0, np.clip(base[:30], 0, 1)), {})
     base = rng.uniform(0.4, 0.8, n)
-    write_run(root, make_rows("omniglot-5w1s", "anil", 0, np.clip(base - 0.05, 0, 1)),
-              full_card("anil", "omniglot-5w1s", 0) | {"verified": "yes"})  # not the boolean true
+    for seed in (0, 1, 2):
+        write_run(root, make_rows(OMNI, "anil", seed, np.clip(base - 0.05, 0, 1)),
+                  full_card("anil", OMNI, seed) | {"verified": "yes"})
     return root
 
 
@@ -75,9 +86,9 @@ def results(tmp_path_factory) -> Path:
 def reference(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ref") / "reference.csv"
     path.write_text("method,benchmark,accuracy,ci95,citation\n"
-                    "MAML (paper),omniglot-5w1s,98.7,0.4,Finn et al. 2017\n"
-                    "MAML (paper),miniimagenet-5w5s,63.11,0.92,Finn et al. 2017\n"
-                    f"Evil (paper),omniglot-5w1s,50.0,,\"{EVIL_CITATION}\"\n", encoding="utf-8")
+                    f"MAML (paper),{OMNI},98.7,0.4,Finn et al. 2017\n"
+                    f"MAML (paper),{MINI},63.11,0.92,Finn et al. 2017\n"
+                    f"Evil (paper),{OMNI},50.0,,\"{EVIL_CITATION}\"\n", encoding="utf-8")
     return path
 
 

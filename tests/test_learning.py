@@ -7,7 +7,7 @@ steps than the papers; the overrides are listed per method. Skipped when the sha
 or its Omniglot archives are absent. Accuracies measured with these plans (one thread): maml
 0.60, fomaml 0.55, anil 0.49, boil 0.63, metasgd 0.50, cavia 0.52, finetune 0.51, reptile 0.60,
 mamlpp 0.63, imaml 0.61, mixture 0.56 (K = 2; K = 1 0.61, K = 4 0.58), protonet 0.65,
-protomaml 0.54, baseline++ 0.56, scale-shift 0.54.
+protomaml 0.54, baseline++ 0.56, scale-shift 0.54, leo 0.53, mt-net 0.60.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_import_targets():
 
 
 def test_bad_hyperparameter_is_a_clear_error():
-    with pytest.raises(MetabenchError, match="bad hyperparameters"):
+    with pytest.raises(MetabenchError, match="no hyperparameter 'inner_lrr' \\(did you mean 'inner_lr'\\?\\)"):
         registry.make("maml", "omniglot-5w", inner_lrr=0.1)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
 from bench.errors import ResultsError
-from bench.results import COLUMNS, read_csv, read_results, run_paths, write_run
+from bench.results import ADDED_COLUMNS, COLUMNS, read_csv, read_results, run_paths, write_run
 
 
 def make_rows(method="maml", seed=0, n=5, bench="synthetic-5w1s", version=1, hashes=None):
@@ -87,3 +90,58 @@ def test_invalid_rows_are_not_written(tmp_path):
     with pytest.raises(ResultsError):
         write_run(tmp_path, rows, {})
     assert not list(tmp_path.rglob("*.csv"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the columns added later (shot, inner_steps_test, adapt_batch): old files stay readable
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_old_files_without_the_added_columns_are_read_with_them_filled(tmp_path):
+    old = [{k: v for k, v in r.items() if k not in ADDED_COLUMNS} for r in make_rows(n=40)]
+    path = write_csv(tmp_path / "synthetic-5w1s" / "maml" / "seed0.csv", old)
+    (tmp_path / "synthetic-5w1s" / "maml" / "seed0.json").write_text(json.dumps({"inner_steps_test": 10}))
+    frame = read_csv(path)
+    assert list(frame.columns) == COLUMNS
+    assert set(frame["shot"]) == {1}  # the registered synthetic-5w1s protocol
+    assert set(frame["inner_steps_test"]) == {10}  # from the run card
+    assert frame["adapt_batch"].tolist() == [32] * 32 + [8] * 8  # the old evaluation chunks of 32
+    (tmp_path / "synthetic-5w1s" / "maml" / "seed0.json").unlink()
+    assert set(read_csv(path)["inner_steps_test"]) == {-1}  # unknown without a card
+
+
+def test_unregistered_benchmark_shot_comes_from_the_rows(tmp_path):
+    old = [{k: v for k, v in r.items() if k not in ADDED_COLUMNS} for r in make_rows(bench="mine-5w5s")]
+    frame = read_csv(write_csv(tmp_path / "x" / "m" / "seed0.csv", old))
+    assert set(frame["shot"]) == {1}  # n_support 5 / way 5
+
+
+def test_reference_zoo_files_read_with_the_new_columns():
+    frame = read_results(REPO / "results" / "zoo")
+    assert list(frame.columns) == COLUMNS and len(frame) >= 600
+    assert set(frame["shot"]) == {1} and (frame["adapt_batch"] >= 1).all()
+    card = json.loads((REPO / "results/zoo/omniglot-small-5w1s/maml/seed0.json").read_text())
+    assert set(frame.loc[frame["method"] == "maml", "inner_steps_test"]) == {card["inner_steps_test"]}
+
+
+def test_new_files_carry_the_added_columns(tmp_path):
+    rows = [r | {"shot": 1, "inner_steps_test": 3, "adapt_batch": 1} for r in make_rows()]
+    frame = read_csv(write_run(tmp_path, rows, {}))
+    assert frame["inner_steps_test"].tolist() == [3] * 5 and frame["adapt_batch"].tolist() == [1] * 5
+    header = (tmp_path / "synthetic-5w1s" / "maml" / "seed0.csv").read_text().splitlines()[0]
+    assert header.split(",") == COLUMNS
+
+
+def test_adapt_seconds_is_per_episode_unless_episodes_are_adapted_together(synthetic_set):
+    from baselines.chance import Chance
+    from baselines.maml import FOMAML
+
+    eps = synthetic_set.episodes("test", 34)
+    alone = Chance().setup(synthetic_set.task_info()).evaluate(eps)
+    assert [r["adapt_batch"] for r in alone] == [1] * 34  # the default adapt_many: timed one by one
+    assert len({r["adapt_seconds"] for r in alone}) > 1
+    together = FOMAML(hidden=4, inner_steps_test=1).setup(synthetic_set.task_info()).evaluate(eps)
+    assert [r["adapt_batch"] for r in together] == [32] * 32 + [2] * 2  # its own task-batched adapt_many
+    assert len({r["adapt_seconds"] for r in together[:32]}) == 1

@@ -48,6 +48,7 @@ class ArraySource:
     class_rot: np.ndarray | None = None
     groups: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    content: str | None = None  # sha256 fingerprint of a cache's images (None: in memory, see content_fingerprint)
 
     def __post_init__(self) -> None:
         n = len(self.class_names)
@@ -109,6 +110,12 @@ class ArraySource:
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         return x.to(torch.float32).div_(255.0).contiguous()
 
+    def content_fingerprint(self) -> str:
+        """The pixels' fingerprint: the cache's recorded one, else (in memory) a sha256 of the images (16 digits)."""
+        if self.content is None:
+            self.content = hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).hexdigest()
+        return self.content[:16]
+
     def fingerprint(self) -> str:
         """A short hash of the class table and splits (not the pixels): names a source layout."""
         h = hashlib.sha256()
@@ -118,7 +125,58 @@ class ArraySource:
         return h.hexdigest()[:16]
 
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""2: the index records a content fingerprint of images.npy (`content_record`). Format-1 caches
+(written before fingerprints) still open, without a check: rebuild them (--force) to record one."""
+LEGACY_FORMATS = (1,)
+BLOCK = 4 * 2**20
+"""Bytes per fingerprinted block of images.npy."""
+SAMPLED_BLOCKS = 4
+"""Blocks re-hashed when an unmodified cache (same size and mtime) is opened."""
+
+
+def _block_digests(path: Path, blocks: Sequence[int] | None = None) -> dict[int, str]:
+    """sha256 (16 hex digits) of the BLOCK-sized blocks `blocks` of a file (all when None)."""
+    size = path.stat().st_size
+    wanted = range(max(1, -(-size // BLOCK))) if blocks is None else blocks
+    out = {}
+    with open(path, "rb") as f:
+        for b in wanted:
+            f.seek(b * BLOCK)
+            out[b] = hashlib.sha256(f.read(BLOCK)).hexdigest()[:16]
+    return out
+
+
+def content_record(images: Path) -> dict:
+    """The content fingerprint of a cache's images.npy: size, mtime, per-block digests and their hash."""
+    st = images.stat()
+    digests = _block_digests(images)
+    blocks = [digests[b] for b in sorted(digests)]
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "block": BLOCK, "blocks": blocks,
+            "sha256": hashlib.sha256("".join(blocks).encode()).hexdigest()}
+
+
+def check_content(images: Path, record: Mapping) -> None:
+    """Raise DataError when images.npy differs from its recorded fingerprint.
+
+    An unmodified file (same size and mtime as recorded) costs SAMPLED_BLOCKS block reads (first,
+    last and spread ones: ~16 MiB, milliseconds, whatever the cache's size); a file whose mtime
+    changed is re-hashed in full (about 2 s per GB), so any write to the images is caught.
+    """
+    st = images.stat()
+    blocks = list(record.get("blocks", []))
+    if st.st_size != record.get("size") or record.get("block") != BLOCK or not blocks:
+        raise DataError(f"{images}: {st.st_size} bytes, but the cache was built with {record.get('size')}: "
+                        "modified since it was built; rebuild it (--force)")
+    n = len(blocks)
+    if st.st_mtime_ns == record.get("mtime_ns"):
+        wanted = sorted({0, n - 1, *(int(i * (n - 1) / max(1, SAMPLED_BLOCKS - 1)) for i in range(SAMPLED_BLOCKS))})
+    else:
+        wanted = list(range(n))
+    for b, digest in _block_digests(images, wanted).items():
+        if digest != blocks[b]:
+            raise DataError(f"{images}: bytes {b * BLOCK}..{min((b + 1) * BLOCK, st.st_size)} differ from the "
+                            "cache's recorded fingerprint: modified since it was built; rebuild it (--force)")
 
 
 def save_cache(path: Path, source: ArraySource) -> None:
@@ -149,6 +207,7 @@ def write_index(path: Path, source: ArraySource) -> None:
         "groups": source.groups,
         "meta": source.meta,
         "shape": list(source.images.shape),
+        "content": content_record(path / "images.npy"),
     }
     atomic_write_text(path / "index.json", json.dumps(index))
 
@@ -166,13 +225,15 @@ def load_cache(path: Path, expect_meta: Mapping | None = None) -> ArraySource:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{index_file}: unreadable cache index ({e})") from e
-    if index.get("format") != CACHE_FORMAT:
+    if index.get("format") != CACHE_FORMAT and index.get("format") not in LEGACY_FORMATS:
         raise DataError(f"{index_file}: cache format {index.get('format')!r}, expected {CACHE_FORMAT}; rebuild it")
     for key, want in (expect_meta or {}).items():
         if index.get("meta", {}).get(key) != want:
             raise DataError(f"{index_file}: cache was built with {key}={index.get('meta', {}).get(key)!r}, "
                             f"expected {want!r}; rebuild it")
     try:
+        if index.get("format") == CACHE_FORMAT:
+            check_content(path / "images.npy", index.get("content") or {})
         images = np.load(path / "images.npy", mmap_mode="r")
     except (OSError, ValueError) as e:
         raise DataError(f"{path / 'images.npy'}: unreadable cache images ({e})") from e
@@ -186,5 +247,5 @@ def load_cache(path: Path, expect_meta: Mapping | None = None) -> ArraySource:
         class_names=list(index["class_names"]),
         splits={k: np.asarray(v, dtype=np.int64) for k, v in index["splits"].items()},
         class_rot=None if rot is None else np.asarray(rot, dtype=np.int8),
-        groups=index.get("groups"), meta=index.get("meta", {}),
+        groups=index.get("groups"), meta=index.get("meta", {}), content=(index.get("content") or {}).get("sha256"),
     )

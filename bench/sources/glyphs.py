@@ -627,7 +627,7 @@ def _index_state(path: Path, meta: dict) -> str:
         raise DataError(f"{index_file}: corrupt glyphs cache index ({e}); delete {path} "
                         f"to rebuild it") from e
     if index.get("format") != CACHE_FORMAT:
-        return "stale"
+        return "stale"  # also format 1: rebuilt to record its content fingerprint
     got = index.get("meta") if isinstance(index.get("meta"), dict) else {}
     return "ok" if all(got.get(k) == v for k, v in meta.items()) else "stale"
 

@@ -1,0 +1,262 @@
+"""What a researcher reads off results: `compare`, `table`, and the lines `run` prints.
+
+- `metabench compare RESULTS A B [--benchmark X]`: the paired difference A - B on identical test
+  episodes, its paired bootstrap 95% CI, the Wilcoxon signed-rank p-value and n, per benchmark
+  (bench.stats.compare).
+- `metabench table RESULTS [--format md|latex|csv] [-o FILE]`: the main table, methods x
+  benchmarks, mean ± 95% CI (rank-1 cells in bold) and the average rank.
+- `run_summary(csv)`: the end of `metabench run`: accuracy ± CI, seeds, fit time, where the
+  files are. `preset_note(cfg, dirs)`: before a run without --steps, how many outer steps the
+  preset means and roughly how long they take here.
+
+RESULTS is a results folder or a submission bundle (its results/ are read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench import stats
+from bench.errors import MetabenchError
+
+
+def read_folder(path: Path) -> pd.DataFrame:
+    """Every result of a results folder or a bundle, validated and consistent (bench.results.read_results)."""
+    from bench.bundle import RESULTS_DIR, is_bundle
+    from bench.results import read_results
+
+    path = Path(path)
+    return read_results(path / RESULTS_DIR if is_bundle(path) else path)
+
+
+def fmt_seconds(seconds: float) -> str:
+    """A duration in words: '42 s', '12.5 min', '3.1 h'."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---------------------------------------------------------------------------------------------
+# the lines of `metabench run`
+
+
+def run_summary(csv_path: Path) -> str:
+    """The end-of-run lines: accuracy ± CI of this run, the seeds of this method and benchmark in
+    the results folder (and their mean), fit time, and where the CSV, card and checkpoints are."""
+    from bench.results import read_card, read_csv
+
+    csv_path = Path(csv_path)
+    frame = read_csv(csv_path)
+    card = read_card(csv_path)
+    mine = stats.summarize(frame).iloc[0]
+    bench, method, seed = str(mine["benchmark"]), str(mine["method"]), int(frame["seed"].iloc[0])
+    lines = [f"{method} on {bench}, seed {seed}: {100 * mine['mean']:.2f}% ± {100 * mine['ci95']:.2f}% "
+             f"(95% CI over {int(mine['n_episodes'])} test episodes)"]
+    seeds = [read_csv(p) for p in sorted(csv_path.parent.glob("seed*.csv"))]
+    if len(seeds) > 1:
+        both = stats.summarize(pd.concat(seeds, ignore_index=True)).iloc[0]
+        lines.append(f"  {len(seeds)} seeds of {method} here: {100 * both['mean']:.2f}% ± {100 * both['ci95']:.2f}% "
+                     f"(seeds {sorted(int(f['seed'].iloc[0]) for f in seeds)})")
+    else:
+        lines.append("  1 seed so far (a ranked leaderboard row needs 3: --seed 1, --seed 2)")
+    fit = float(card.get("fit_seconds", frame["fit_seconds"].iloc[0]))
+    lines.append(f"  fit: {fmt_seconds(fit)} for {card.get('fit_steps', '?')} outer steps; checkpoint of step "
+                 f"{card.get('selected_step', '?')} chosen by validation accuracy")
+    lines.append(f"  results: {csv_path} (card {csv_path.with_suffix('.json').name})")
+    if card.get("checkpoint"):
+        lines.append(f"  checkpoint: {card['checkpoint']} (under the runs folder)")
+    return "\n".join(lines)
+
+
+def preset_note(cfg: Any, dirs: Any) -> str | None:
+    """Before a run without --steps: how many outer steps the method's preset means, from which paper,
+    and roughly how long fitting them takes here (two outer steps timed on a throwaway copy of the
+    learner; the run itself is unchanged). None when --steps is given or the run is finished."""
+    from baselines import registry
+    from bench import runner
+
+    if cfg.steps is not None:
+        return None
+    plan = runner.plan(cfg, dirs)
+    if runner.finished(plan):
+        return None
+    preset = registry.preset(cfg.method, plan.bench.preset)
+    paper = f" ({preset.paper})" if preset is not None and preset.paper else ""
+    device = runner.resolve_device(cfg.device)
+    learner = runner.build_learner(cfg.method, plan.bench, cfg.seed, cfg.overrides, plan.steps)
+    es = plan.bench.with_episodes(None, dirs.root)
+    learner.device = device
+    learner.setup(es.task_info())
+    stream = runner.on_device(es.stream("train"), device)
+    learner.fit(stream, 1)  # the first step pays for warm-up
+    start = time.perf_counter()
+    learner.fit(stream, 1)
+    per_step = time.perf_counter() - start
+    return (f"no --steps: the {cfg.method} preset for {plan.bench.name} means {plan.steps} outer steps{paper}; at "
+            f"{per_step:.3g} s per step here, fitting takes about {fmt_seconds(per_step * plan.steps)} "
+            "(plus validation and testing)")
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+
+def compare_table(frame: pd.DataFrame, a: str, b: str, benchmark: str | None = None, n_boot: int = 2000,
+                  seed: int = 0) -> pd.DataFrame:
+    """`stats.compare` with the seeds of each method per benchmark (columns PAIR_COLUMNS + seeds_a, seeds_b)."""
+    out = stats.compare(frame, a, b, benchmark, n_boot=n_boot, seed=seed)
+    seeds = frame.groupby(["benchmark", "method"])["seed"].nunique()
+    out["seeds_a"] = [int(seeds[(bm, a)]) for bm in out["benchmark"]]
+    out["seeds_b"] = [int(seeds[(bm, b)]) for bm in out["benchmark"]]
+    return out
+
+
+def format_compare(table: pd.DataFrame) -> str:
+    """One line per benchmark: A - B in points, the CI, p and n."""
+    lines = []
+    for _, r in table.iterrows():
+        lines.append(f"{r['benchmark']}: {r['a']} - {r['b']} = {100 * r['diff']:+.2f} points, paired bootstrap 95% CI "
+                     f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}], Wilcoxon p = {r['p_value']:.3g}, "
+                     f"n = {int(r['n'])} paired episodes (seeds: {r['a']} {int(r['seeds_a'])}, {r['b']} {int(r['seeds_b'])})")
+    return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired comparison of two methods on identical test episodes."""
+    table = compare_table(read_folder(Path(args.results)), args.a, args.b, args.benchmark, args.n_boot, args.seed)
+    print(format_compare(table))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+
+FORMATS = ("md", "latex", "csv")
+
+
+def main_table(frame: pd.DataFrame, alpha: float = 0.05) -> tuple[list[str], list[dict]]:
+    """(benchmarks, rows) of the main table: per method and benchmark mean, ci95, rank, seeds; the
+    average rank. Rows ordered by average rank."""
+    summary = stats.summarize(frame).set_index(["benchmark", "method"])
+    ranks = stats.ranks(frame, alpha=alpha).set_index(["benchmark", "method"])
+    avg = stats.average_rank(ranks.reset_index())
+    benchmarks = sorted(summary.index.get_level_values(0).unique())
+    rows = []
+    for _, a in avg.iterrows():
+        m = a["method"]
+        cells = {}
+        for b in benchmarks:
+            if (b, m) in summary.index:
+                s = summary.loc[(b, m)]
+                cells[b] = {"mean": float(s["mean"]), "ci95": float(s["ci95"]), "rank": int(ranks.loc[(b, m), "rank"]),
+                            "seeds": int(s["n_seeds"])}
+        rows.append({"method": m, "cells": cells, "average_rank": float(a["average_rank"]),
+                     "n_benchmarks": int(a["n_benchmarks"])})
+    return benchmarks, rows
+
+
+def _pm(cell: dict, pm: str) -> str:
+    ci = f"{pm}{100 * cell['ci95']:.2f}" if math.isfinite(cell["ci95"]) else ""
+    return f"{100 * cell['mean']:.2f}{ci}"
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def format_table(benchmarks: list[str], rows: list[dict], fmt: str) -> str:
+    """The main table as Markdown, LaTeX (booktabs) or CSV (numbers in percent)."""
+    if fmt == "csv":
+        out = []
+        for r in rows:
+            line: dict[str, Any] = {"method": r["method"]}
+            for b in benchmarks:
+                c = r["cells"].get(b)
+                line[f"{b} mean"] = round(100 * c["mean"], 4) if c else None
+                line[f"{b} ci95"] = round(100 * c["ci95"], 4) if c and math.isfinite(c["ci95"]) else None
+                line[f"{b} rank"] = c["rank"] if c else None
+                line[f"{b} seeds"] = c["seeds"] if c else None
+            line["average rank"] = round(r["average_rank"], 4)
+            out.append(line)
+        buf = io.StringIO()
+        pd.DataFrame(out).to_csv(buf, index=False)
+        return buf.getvalue().rstrip("\n")
+    if fmt == "md":
+        lines = ["| Method | " + " | ".join(benchmarks) + " | Avg. rank |",
+                 "|---|" + "---:|" * len(benchmarks) + "---:|"]
+        for r in rows:
+            cells = []
+            for b in benchmarks:
+                c = r["cells"].get(b)
+                text = _pm(c, " ± ") if c else "—"
+                cells.append(f"**{text}**" if c and c["rank"] == 1 else text)
+            name = r["method"].replace("|", "\\|")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['average_rank']:.2f} |")
+        lines.append("")
+        lines.append("Accuracy (%) ± 95% CI over test episodes; bold: rank 1 (not significantly different from the "
+                     "best, paired Wilcoxon).")
+        return "\n".join(lines)
+    if fmt == "latex":
+        lines = [r"\begin{tabular}{l" + "r" * (len(benchmarks) + 1) + "}", r"\toprule",
+                 "Method & " + " & ".join(_latex_escape(b) for b in benchmarks) + r" & Avg.\ rank \\", r"\midrule"]
+        for r in rows:
+            cells = []
+            for b in benchmarks:
+                c = r["cells"].get(b)
+                text = "$" + _pm(c, r" \pm ") + "$" if c else "---"
+                cells.append(rf"\textbf{{{text}}}" if c and c["rank"] == 1 else text)
+            lines.append(f"{_latex_escape(r['method'])} & " + " & ".join(cells) + f" & {r['average_rank']:.2f} \\\\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines)
+    raise MetabenchError(f"unknown table format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    """Print (or write) the main table of a results folder."""
+    benchmarks, rows = main_table(read_folder(Path(args.results)), alpha=args.alpha)
+    text = format_table(benchmarks, rows, args.format) + "\n"
+    if args.output:
+        from bench.paths import atomic_write_text
+
+        atomic_write_text(Path(args.output), text)
+        print(f"table: {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register the `compare` and `table` commands."""
+    s = sub.add_parser("compare", help="paired difference of two methods on identical test episodes")
+    s.add_argument("results", help="a results folder or a bundle")
+    s.add_argument("a", help="method A (as in the method column)")
+    s.add_argument("b", help="method B")
+    s.add_argument("--benchmark", default=None, help="only this benchmark (default: every benchmark both have)")
+    s.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the CI")
+    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("table", help="the main table (methods x benchmarks) as Markdown, LaTeX or CSV")
+    s.add_argument("results", help="a results folder or a bundle")
+    s.add_argument("--format", choices=FORMATS, default="md", help="output format")
+    s.add_argument("--alpha", type=float, default=0.05, help="significance level of the tie-aware ranks")
+    s.add_argument("-o", "--output", default=None, help="write the table to this file (default: print it)")
+    s.set_defaults(func=cmd_table)
+
