@@ -130,6 +130,8 @@ class Table(HTMLParser):
             self.rows[-1]["cells"].append(self._cell)
         elif tag == "strong" and self._cell is not None:
             self._cell["strong"] = True
+        elif tag == "span" and self._cell is not None and attrs.get("class") == "cell-meta":
+            self._cell["in_meta"] = True
 
     def handle_endtag(self, tag):
         if not self.depth:
@@ -140,10 +142,17 @@ class Table(HTMLParser):
             self._in_head = False
         elif tag == "td":
             self._cell = None
+        elif tag == "span":
+            self.handle_endtag_span()
+
+    def handle_endtag_span(self):
+        if self._cell is not None:
+            self._cell["in_meta"] = False
 
     def handle_data(self, data):
         if self._cell is not None:
-            self._cell["text"] += data
+            key = "meta" if self._cell.get("in_meta") else "text"
+            self._cell[key] = self._cell.get(key, "") + data
 
 
 def parse_table(html: str, table_id: str) -> Table:
@@ -155,40 +164,72 @@ def parse_table(html: str, table_id: str) -> Table:
 
 def test_site_files(site):
     names = sorted(p.name for p in site.iterdir())
-    assert names == ["index.html", "miniimagenet-5w5s.html", "omniglot-5w1s.html"]
-    for path in site.iterdir():
+    assert names == ["figures", "index.html", f"{OMNI}.html", f"{MINI}.html"]
+    figures = sorted(p.name for p in (site / "figures").iterdir())
+    stems = ["accuracy"] + [f"{b}-{k}" for b in (OMNI, MINI) for k in ("accuracy", "compute", "curves", "paired")]
+    assert figures == sorted(f"{stem}.{ext}" for stem in stems for ext in ("png", "svg"))
+    assert (site / "figures" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+    for path in [*site.glob("*.html"), *(site / "figures").iterdir()]:
         assert path.stat().st_mode & 0o444 == 0o444  # world-readable, ready to publish
+    for path in site.glob("*.html"):
         html = path.read_text(encoding="utf-8")
         assert html.startswith("<!DOCTYPE html>")
         # self-contained: no external scripts, styles or images
         assert "<link" not in html
         assert not re.search(r'\s(src|href)="(https?:)?//', html)
         assert not re.search(r"<script[^>]+src=", html)
+        for href in re.findall(r'href="(figures/[^"]+)"', html):  # the figure files it links exist
+            assert (site / href).is_file(), href
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert 'href="figures/accuracy.svg"' in index and 'href="figures/accuracy.png"' in index
 
 
 def test_main_table(site):
     html = (site / "index.html").read_text(encoding="utf-8")
     t = parse_table(html, "leaderboard")
     keys = [h.get("data-key") for h in t.headers]
-    assert keys == ["method", "bench:miniimagenet-5w5s", "bench:omniglot-5w1s", "avg-rank"]
+    assert keys == ["method", f"bench:{OMNI}", f"bench:{MINI}", "avg-rank"]
     methods = [r["attrs"]["data-method"] for r in t.rows]
-    assert set(methods) == {"maml", "twin", "anil", EVIL}
+    assert set(methods) == {"maml", "twin", "anil", EVIL}  # lonely and short are unranked
     assert methods[0] == "maml"  # ordered by average rank
     rows = {r["attrs"]["data-method"]: r for r in t.rows}
-    omni = 2
-    # maml and twin tie on omniglot: both bold; the others not
+    omni = 1
+    # maml and twin tie on toy-5w1s: both bold; the others not
     assert rows["maml"]["cells"][omni].get("strong") and rows["twin"]["cells"][omni].get("strong")
     assert not rows["anil"]["cells"][omni].get("strong")
     assert rows["maml"]["cells"][omni]["attrs"]["data-rank"] == "1"
     assert rows[EVIL]["cells"][omni]["attrs"]["data-rank"] == "4"
-    # cell text: mean ± ci95 in percent
+    # cell text: mean ± ci95 in percent, with the seeds and the fit time per seed beside it
     assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", rows["maml"]["cells"][omni]["text"])
+    assert rows["maml"]["cells"][omni]["meta"] == "3 seeds · fit 10 s"
     assert 0 < float(rows["maml"]["cells"][omni]["attrs"]["data-value"]) < 1
     # anil misses a benchmark: a dash, and its average rank says over how many benchmarks
-    assert rows["anil"]["cells"][1]["text"] == "—" and rows["anil"]["cells"][1]["attrs"]["data-value"] == ""
+    assert rows["anil"]["cells"][2]["text"] == "—" and rows["anil"]["cells"][2]["attrs"]["data-value"] == ""
     assert rows["anil"]["cells"][3]["text"].endswith("(1/2)")
     assert rows["maml"]["cells"][3]["text"] == "1.00"
     assert "accuracy-figure" in html and "data:image/svg+xml;base64," in html
+
+
+def test_unranked_rows_are_apart_without_rank_or_bold(site):
+    html = (site / "index.html").read_text(encoding="utf-8")
+    t = parse_table(html, "unranked")
+    assert [h.get("data-key") for h in t.headers] == ["method", f"bench:{OMNI}", f"bench:{MINI}", "reason"]
+    rows = {r["attrs"]["data-method"]: r for r in t.rows}
+    assert set(rows) == {"lonely", "short"} and all(r["attrs"]["data-unranked"] == "true" for r in t.rows)
+    for r in t.rows:
+        for cell in r["cells"]:
+            assert "data-rank" not in cell["attrs"] and not cell.get("strong") and "best" not in cell["attrs"].get("class", "")
+    assert rows["lonely"]["cells"][-1]["text"] == (f"{OMNI}: 1 seed(s); a ranked row needs 3; "
+                                                   f"{MINI}: 1 seed(s); a ranked row needs 3")
+    assert "1 seed(s); a ranked row needs 3" in rows["short"]["cells"][-1]["text"]
+    assert "30 of 40 test episodes" in rows["short"]["cells"][-1]["text"]
+    assert rows["lonely"]["cells"][1]["meta"] == "1 seed · fit 10 s"
+    assert html.index('id="unranked"') > html.index('id="leaderboard"')
+    page = (site / f"{OMNI}.html").read_text(encoding="utf-8")
+    ranked = [r["attrs"]["data-method"] for r in parse_table(page, "benchmark-table").rows]
+    unranked = parse_table(page, "benchmark-unranked").rows
+    assert "lonely" not in ranked and {r["attrs"]["data-method"] for r in unranked} == {"lonely", "short"}
+    assert all(not c.get("strong") for r in unranked for c in r["cells"])
 
 
 def test_sorting_script_and_hooks(site):
@@ -196,10 +237,10 @@ def test_sorting_script_and_hooks(site):
     assert 'id="leaderboard"' in html and 'class="sortable"' in html
     script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
     assert "table.sortable" in script and "addEventListener" in script and "aria-sort" in script
-    t = parse_table(html, "leaderboard")
-    for h in t.headers:
-        assert h.get("data-type") in ("number", "text")
-        assert h.get("data-default-order") in ("asc", "desc")
+    for table in ("leaderboard", "unranked"):
+        for h in parse_table(html, table).headers:
+            assert h.get("data-type") in ("number", "text")
+            assert h.get("data-default-order") in ("asc", "desc")
     node = shutil.which("node")
     if node:  # syntax check of the inline script
         js = Path(site.parent / "sort-check.js")
@@ -207,23 +248,22 @@ def test_sorting_script_and_hooks(site):
         subprocess.run([node, "--check", str(js)], check=True)
 
 
-def test_verified_and_self_reported_badges(site):
+def test_a_card_that_claims_verification_shows_no_badge(site):
+    """Results folders carry no verification record: whatever the cards say, nothing is verified."""
     html = (site / "index.html").read_text(encoding="utf-8")
     rows = {r["attrs"]["data-method"]: r["attrs"] for r in parse_table(html, "leaderboard").rows}
-    assert rows["maml"]["data-verified"] == "true"
-    assert rows["twin"]["data-verified"] == "false"
-    assert rows["anil"]["data-verified"] == "false"  # "verified": "yes" is not true
-    assert rows[EVIL]["data-verified"] == "false"
-    assert html.count("&#10003; verified") == 1
-    assert html.count("badge self-reported") == 3
+    assert rows["maml"]["data-verified"] == "false"  # its cards say "verified": true
+    assert rows["anil"]["data-verified"] == "false" and rows[EVIL]["data-verified"] == "false"
+    assert "&#10003; verified" not in html
+    assert html.count("badge self-reported") == 6
 
 
 def test_protocol_cards(site):
-    html = (site / "omniglot-5w1s.html").read_text(encoding="utf-8")
+    html = (site / f"{OMNI}.html").read_text(encoding="utf-8")
     maml = re.search(r'<tr data-method="maml".*?</tr>', html, re.S).group(0)
     for text in ("<dt>batch norm</dt><dd>transductive</dd>", "<dt>order</dt><dd>second</dd>",
                  "<dt>inner steps (train)</dt><dd>5</dd>", "<dt>inner steps (test)</dt><dd>10</dd>",
-                 "<dt>backbone</dt><dd>conv4-64</dd>", "<dt>seeds</dt><dd>2</dd>",
+                 "<dt>backbone</dt><dd>conv4-64</dd>", "<dt>seeds</dt><dd>3</dd>",
                  "<dt>test episodes</dt><dd>40</dd>", "<dt>code revision</dt><dd>deadbeef</dd>",
                  "<dt>hyperparameters</dt><dd>first_order=no, inner_lr=0.4, meta_lr=0.001</dd>"):
         assert text in maml, text
@@ -237,7 +277,7 @@ def test_protocol_cards(site):
 
 
 def test_escaping(site):
-    for path in site.iterdir():
+    for path in site.glob("*.html"):
         html = path.read_text(encoding="utf-8")
         assert EVIL not in html
         assert "alert(1)" not in html or "&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -246,47 +286,49 @@ def test_escaping(site):
         assert html.count("<script>") == 1  # only the sorting script
     index = (site / "index.html").read_text(encoding="utf-8")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in index
-    bench = (site / "omniglot-5w1s.html").read_text(encoding="utf-8")
+    bench = (site / f"{OMNI}.html").read_text(encoding="utf-8")
     assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in bench
     assert "&lt;b onmouseover=alert(3)&gt;Doe et al.&lt;/b&gt;" in index
 
 
 def test_reference_rows_are_separate(site):
     html = (site / "index.html").read_text(encoding="utf-8")
-    main = parse_table(html, "leaderboard")
-    assert not any("paper" in r["attrs"]["data-method"] for r in main.rows)
+    main_table = parse_table(html, "leaderboard")
+    assert not any("paper" in r["attrs"]["data-method"] for r in main_table.rows)
     ref = parse_table(html, "reference")
     assert [r["attrs"]["data-method"] for r in ref.rows] == ["Evil (paper)", "MAML (paper)"]
     assert all(r["attrs"]["data-reference"] == "true" for r in ref.rows)
     assert html.index('id="published"') > html.index('id="leaderboard"')
     maml = ref.rows[1]["cells"]
-    assert maml[1]["text"] == "63.11 ± 0.92" and maml[2]["text"] == "98.70 ± 0.40"
+    assert maml[1]["text"] == "98.70 ± 0.40" and maml[2]["text"] == "63.11 ± 0.92"
     assert maml[3]["text"] == "Finn et al. 2017"
-    assert ref.rows[0]["cells"][2]["text"] == "50.00"  # no CI given
+    assert ref.rows[0]["cells"][1]["text"] == "50.00"  # no CI given
     assert "Published numbers" in html
-    bench = (site / "miniimagenet-5w5s.html").read_text(encoding="utf-8")
+    bench = (site / f"{MINI}.html").read_text(encoding="utf-8")
     assert [r["attrs"]["data-method"] for r in parse_table(bench, "reference").rows] == ["MAML (paper)"]
 
 
 def test_benchmark_page(site):
-    html = (site / "omniglot-5w1s.html").read_text(encoding="utf-8")
+    html = (site / f"{OMNI}.html").read_text(encoding="utf-8")
     t = parse_table(html, "benchmark-table")
     ranks = {r["attrs"]["data-method"]: r["cells"][1]["text"] for r in t.rows}
     assert ranks == {"maml": "1", "twin": "1", "anil": "3", EVIL: "4"}
     maml = next(r for r in t.rows if r["attrs"]["data-method"] == "maml")
-    assert "±" in maml["cells"][3]["text"]  # seed spread for two seeds
+    assert "±" in maml["cells"][3]["text"]  # seed spread for three seeds
     pairs = parse_table(html, "pairs")
-    assert len(pairs.rows) == 6  # every pair of 4 methods
+    assert len(pairs.rows) == 15  # every pair of 6 methods, ranked or not
     assert all(re.fullmatch(r"\[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", r["cells"][3]["text"]) for r in pairs.rows)
     for key in ("figure-accuracy", "figure-paired", "figure-curves", "figure-compute"):
         assert f'id="{key}"' in html
+    assert "Paired difference to the best ranked method (maml)" in html
     assert 'href="index.html"' in html
     index = (site / "index.html").read_text(encoding="utf-8")
-    assert 'href="omniglot-5w1s.html"' in index and 'href="miniimagenet-5w5s.html"' in index
+    assert f'href="{OMNI}.html"' in index and f'href="{MINI}.html"' in index
 
 
 def test_single_method_benchmark(tmp_path):
-    write_run(tmp_path / "r", make_rows("b1", "solo", 0, np.linspace(0.2, 0.8, 20)), {})
+    for seed in (0, 1, 2):
+        write_run(tmp_path / "r", make_rows("b1", "solo", seed, np.linspace(0.2, 0.8, 20)), {})
     index = build_site([tmp_path / "r"], tmp_path / "site", n_boot=50)
     page = (tmp_path / "site" / "b1.html").read_text(encoding="utf-8")
     assert "Only one method on this benchmark." in page and 'id="figure-paired"' not in page
@@ -313,8 +355,8 @@ def test_reference_file_checks(tmp_path):
 def test_build_is_deterministic(results, reference, site, tmp_path):
     out = tmp_path / "again"
     build_site([results], out, reference_csv=reference, n_boot=300)
-    first = {p.name: p.read_bytes() for p in site.iterdir()}
-    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    first = {p.relative_to(site): p.read_bytes() for p in site.rglob("*") if p.is_file()}
+    second = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert first.keys() == second.keys()
     for name in first:
         assert first[name] == second[name], name
@@ -322,13 +364,105 @@ def test_build_is_deterministic(results, reference, site, tmp_path):
 
 def test_several_result_dirs_and_duplicates(results, tmp_path):
     extra = tmp_path / "extra"
-    write_run(extra, make_rows("omniglot-5w1s", "protonet", 0, np.full(40, 0.5)), {})
+    write_run(extra, make_rows(OMNI, "protonet", 0, np.full(40, 0.5)), {})
     out = build_site([results, extra], tmp_path / "site", n_boot=100)
     assert 'data-method="protonet"' in out.read_text(encoding="utf-8")
     dup = tmp_path / "dup"
-    write_run(dup, make_rows("omniglot-5w1s", "maml", 0, np.full(40, 0.5)), {})
+    write_run(dup, make_rows(OMNI, "maml", 0, np.full(40, 0.5)), {})
     with pytest.raises(ResultsError, match="also in"):
         build_site([results, dup], tmp_path / "site2")
+
+
+def test_registered_benchmarks_need_all_their_test_episodes(tmp_path):
+    for seed in (0, 1, 2):  # omniglot-5w1s has 600 test episodes; 40 are not enough to rank
+        write_run(tmp_path / "r", make_rows("omniglot-5w1s", "maml", seed, np.full(40, 0.5)), {})
+    index = build_site([tmp_path / "r"], tmp_path / "site", n_boot=50).read_text(encoding="utf-8")
+    assert parse_table(index, "leaderboard").rows == []
+    (row,) = parse_table(index, "unranked").rows
+    assert row["cells"][-1]["text"] == "40 of 600 test episodes"
+
+
+def test_cli_output_name_reference_and_errors(results, reference, tmp_path, capsys):
+    page = tmp_path / "site" / "board.html"
+    assert main(["leaderboard", str(results), "-o", str(page), "--reference", str(reference)]) == 0
+    assert page.is_file() and not (page.parent / "index.html").exists()  # -o honours the file name
+    assert 'href="board.html"' in (page.parent / f"{OMNI}.html").read_text(encoding="utf-8")
+    assert 'id="published"' in page.read_text(encoding="utf-8")
+    assert main(["leaderboard", str(results), "-o", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "index.html").is_file()
+    capsys.readouterr()
+    assert main(["leaderboard", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "not found" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# bundles: re-validated before publishing; verified only by a maintainer's record; conformance
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    return chance_bundles(tmp_path_factory)
+
+
+def _rows(html: str, table: str) -> dict[str, dict]:
+    return {r["attrs"]["data-method"]: r for r in parse_table(html, table).rows}
+
+
+def test_bundle_site_ranks_verifies_and_marks_failing_methods(bundles, tmp_path):
+    dirs = [bundles[k] for k in ("chance", "lonely", "partial", "broken")]
+    before = snapshot(bundles["chance"].parent)
+    index = build_site(dirs, tmp_path / "site", verified_dir=bundles["records"], root=tmp_path / "no-root",
+                       trust_code=True, n_boot=50).read_text(encoding="utf-8")
+    assert not (tmp_path / "no-root").exists()  # re-validation writes no data cache
+    assert snapshot(bundles["chance"].parent) == before
+    ranked, unranked = _rows(index, "leaderboard"), _rows(index, "unranked")
+    assert set(ranked) == {"chance"} and set(unranked) == {"lonely", "partial", "broken"}
+    assert ranked["chance"]["attrs"]["data-verified"] == "true"
+    assert all(r["attrs"]["data-verified"] == "false" for r in unranked.values())
+    assert unranked["broken"]["cells"][-1]["text"] == "fails the conformance suite: check_global_rng_untouched"
+    assert unranked["lonely"]["cells"][-1]["text"] == "1 seed(s); a ranked row needs 3"
+    assert unranked["partial"]["cells"][-1]["text"] == "20 of 50 test episodes"
+    broken = re.search(r'<tr data-method="broken".*?</tr>', index, re.S).group(0)
+    assert "badge failing" in broken and "check_global_rng_untouched" in broken
+    chance = re.search(r'<tr data-method="chance".*?</tr>', index, re.S).group(0)
+    assert "&#10003; verified" in chance and "episode(s) compared" in chance
+    # without the records folder nothing is verified
+    plain = build_site(dirs[:1], tmp_path / "plain", n_boot=50).read_text(encoding="utf-8")
+    assert _rows(plain, "leaderboard")["chance"]["attrs"]["data-verified"] == "false"
+
+
+def test_untrusted_code_is_not_imported_and_not_ranked(bundles, tmp_path):
+    index = build_site([bundles["broken"]], tmp_path / "site", n_boot=50).read_text(encoding="utf-8")
+    (row,) = parse_table(index, "unranked").rows
+    assert row["cells"][-1]["text"].startswith("conformance suite not re-run")
+
+
+def test_a_changed_bundle_loses_its_badge(bundles, tmp_path):
+    """A card edited to claim verification changes the manifest hash: the record no longer matches."""
+    copy = Path(shutil.copytree(bundles["chance"], tmp_path / "chance"))
+    edit_json(copy, f"results/{BENCH}/chance/seed0.json", lambda c: c.update(verified=True))
+    index = build_site([copy], tmp_path / "site", verified_dir=bundles["records"], n_boot=50).read_text(encoding="utf-8")
+    assert _rows(index, "leaderboard")["chance"]["attrs"]["data-verified"] == "false"
+    assert "&#10003; verified" not in index
+
+
+def test_bundles_are_revalidated_before_publishing(bundles, tmp_path, capsys):
+    copy = Path(shutil.copytree(bundles["chance"], tmp_path / "chance"))
+    edit_csv(copy, lambda f: f.assign(accuracy="1"), rel=f"results/{BENCH}/chance/seed1.csv", seal=False)
+    with pytest.raises(ResultsError, match="the bundle does not validate .*does not match MANIFEST.json"):
+        build_site([copy], tmp_path / "site")
+    assert not (tmp_path / "site").exists()
+    assert main(["leaderboard", str(copy), "-o", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not validate" in err and "Traceback" not in err
+
+
+def test_verification_records_folder_is_checked(bundles, tmp_path):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "note.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ResultsError, match="not a metabench verification record"):
+        build_site([bundles["chance"]], tmp_path / "site", verified_dir=tmp_path / "records")
 
 
 def test_templates_are_package_resources():

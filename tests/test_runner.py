@@ -47,11 +47,11 @@ def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, kill_at)
     if kill_at == "fit":
         original = runner.mean_accuracy
 
-        def dying(learner, episodes):
+        def dying(learner, episodes, *rest):
             calls["n"] += 1
             if calls["n"] == 3:  # during the second chunk's validation, after its fit
                 raise Killed()
-            return original(learner, episodes)
+            return original(learner, episodes, *rest)
 
         monkeypatch.setattr(runner, "mean_accuracy", dying)
     else:
