@@ -19,7 +19,7 @@ from typing import ClassVar, Mapping
 
 from bench.api import Preset
 from baselines.core import HEAD_KEYS
-from baselines.maml import MAML
+from baselines.maml import FINN_KEYS, MAML
 
 
 REGISTER = {"anil": "ANIL"}
@@ -36,7 +36,7 @@ class ANIL(MAML):
                               "the Effectiveness of MAML. ICLR 2020",
                      note="inner loop on the head only; 'same architecture and setup as Finn et al.': MAML's "
                           "hyperparameters and steps (the appendix with exact values was not retrieved)")
-        for key, p in MAML.PRESETS.items() if key != "meta-dataset"}
+        for key, p in MAML.PRESETS.items() if key in FINN_KEYS}
 
     def adapted_keys(self) -> list[str]:
         return [k for k in self.meta if k in HEAD_KEYS]

@@ -27,7 +27,7 @@ from typing import ClassVar, Mapping
 import torch
 
 from bench.api import Preset, TaskInfo, new_generator
-from baselines.core import Params, conv4_features
+from baselines.core import Params
 from baselines.finetune import Finetune
 
 NORM_EPS = 1e-5  # added to the norms before dividing (CloserLookFewShot distLinear)
@@ -80,7 +80,7 @@ class BaselinePP(Finetune):
     def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
         """Pre-training logits [N, n_classes] (first `way` when given) of the cosine classifier."""
         w = p["head.weight"]
-        return cosine_logits(conv4_features(p, x), w if way is None else w[:way], self.scale(w.shape[0]))
+        return cosine_logits(self.features(p, x), w if way is None else w[:way], self.scale(w.shape[0]))
 
     def new_head(self, way: int, feat_dim: int) -> Params:
         """Class weight vectors [way, feat_dim], U(+-1/sqrt(feat_dim)) from a per-call seeded generator."""

@@ -33,10 +33,21 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Preset, TaskInfo
-from baselines.core import Params, batch_norm, conv_layout, episode_loss, inner_loop, step_decay
+from baselines.core import Ops, Params, episode_loss, head_forward, inner_loop, step_decay
 from baselines.maml import MAML
 
 CONTEXT = "context"
+
+
+class FiLMOps(Ops):
+    """The plain layer operations, with the output of batch norm `layer` scaled by gamma and shifted by beta."""
+
+    def __init__(self, layer: str, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+        self.layer, self.gamma, self.beta = layer, gamma, beta
+
+    def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        x = super().bn(p, name, x)
+        return self.gamma * x + self.beta if name == self.layer else x
 
 
 REGISTER = {"cavia": "CAVIA"}
@@ -76,27 +87,21 @@ class CAVIA(MAML):
     CHECK_PARAMS = dict(inner_steps_test=2)  # conformance suite (bench/checks.py): the paper's 2 test steps
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
+        """The backbone, then the FiLM layer film.weight [2 C, n_context], film.bias [2 C] (C: the
+        channels of the modulated batch norm, backbones.Backbone.film_layer)."""
         p = super().init_meta(info, gen)
+        _, channels = self.net.film_layer(self.film_block)
         w_bound, b_bound = math.sqrt(3.0 / self.n_context), 1.0 / math.sqrt(self.n_context)
-        p["film.weight"] = (torch.rand(2 * self.hidden, self.n_context, generator=gen) * 2 - 1) * w_bound
-        p["film.bias"] = (torch.rand(2 * self.hidden, generator=gen) * 2 - 1) * b_bound
+        p["film.weight"] = (torch.rand(2 * channels, self.n_context, generator=gen) * 2 - 1) * w_bound
+        p["film.bias"] = (torch.rand(2 * channels, generator=gen) * 2 - 1) * b_bound
         return p
 
     def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
         context = p[CONTEXT] if CONTEXT in p else p["film.bias"].new_zeros(self.n_context)
         film = F.linear(context, p["film.weight"], p["film.bias"])
-        gamma, beta = film[: self.hidden].view(1, -1, 1, 1), film[self.hidden:].view(1, -1, 1, 1)
-        x = conv_layout(x)
-        for i in range(4):
-            x = batch_norm(F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1),
-                           p[f"bn{i}.weight"], p[f"bn{i}.bias"])
-            if i == self.film_block:
-                x = gamma * x + beta
-            x = F.max_pool2d(F.relu(x), 2)
-        w, b = p["head.weight"], p["head.bias"]
-        if way is not None:
-            w, b = w[:way], b[:way]
-        return F.linear(x.flatten(1), w, b)
+        layer, channels = self.net.film_layer(self.film_block)
+        gamma, beta = film[:channels].view(1, -1, 1, 1), film[channels:].view(1, -1, 1, 1)
+        return head_forward(p, self.features(p, x, FiLMOps(layer, gamma, beta)), way)
 
     def adapted_keys(self) -> list[str]:
         return [CONTEXT]

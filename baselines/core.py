@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, MetaLearner, Predictor, Tags, TaskInfo, new_generator, rng_state
+from bench.errors import MetabenchError
 from baselines.parallel import summed_grads
 
 Params = dict[str, torch.Tensor]
@@ -66,7 +68,12 @@ def conv4_init(gen: torch.Generator, in_channels: int, hidden: int, n_out: int, 
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Batch norm of x [N, C, H, W] with its own per-channel statistics (fused kernel)."""
+    """Batch norm of x [N, C, H, W] with its own per-channel statistics (fused kernel).
+
+    One value per channel (a single image at a 1x1 map, e.g. ResNet-18's last stage on small images):
+    the formula, which gives the bias (F.batch_norm refuses such a batch)."""
+    if x.numel() == x.shape[1]:
+        return batch_norm_explicit(x, weight, bias)
     return F.batch_norm(x, None, None, weight, bias, True, 0.0, BN_EPS)
 
 
@@ -107,22 +114,49 @@ def conv_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Conv-4 body: x [N, C, H, W] -> features [N, feat]."""
-    x = conv_layout(x)
+class Ops:
+    """The layer operations a backbone's forward pass is written in (conv4_features here, the ResNets
+    in baselines/backbones.py), with the parameters of layer `name` at p[name + ".weight"] (and
+    ".bias"). Substituting some is how a fast path or a method changes every backbone alike: per-task
+    grouped convolutions (taskbatch.TaskOps), MAML++'s per-step batch norm, CAVIA's FiLM, MT-nets'
+    transformation after each conv."""
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The input images [N, C, H, W] in the memory layout the pass runs in (`conv_layout`)."""
+        return conv_layout(x)
+
+    def conv(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor, stride: int = 1,
+             padding: int = 1) -> torch.Tensor:
+        """Convolution `name` (its bias when the dict has one) of x."""
+        return F.conv2d(x, p[name + ".weight"], p.get(name + ".bias"), stride, padding)
+
+    def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        """Batch norm `name` of x with the statistics of x (`batch_norm`)."""
+        return batch_norm(x, p[name + ".weight"], p[name + ".bias"])
+
+
+PLAIN = Ops()
+
+
+def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
+    """Conv-4 body: x [N, C, H, W] -> features [N, feat] (in the layer operations `ops`)."""
+    x = ops.layout(x)
     for i in range(4):
-        x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
-        x = batch_norm(x, p[f"bn{i}.weight"], p[f"bn{i}.bias"])
-        x = F.max_pool2d(F.relu(x), 2)
+        x = F.max_pool2d(F.relu(ops.bn(p, f"bn{i}", ops.conv(p, f"conv{i}", x))), 2)
     return x.flatten(1)
+
+
+def head_forward(p: Mapping[str, torch.Tensor], feats: torch.Tensor, way: int | None = None) -> torch.Tensor:
+    """The linear head on features [N, feat] -> logits [N, way] (the first `way` outputs; all when None)."""
+    w, b = p["head.weight"], p["head.bias"]
+    if way is not None:
+        w, b = w[:way], b[:way]
+    return F.linear(feats, w, b)
 
 
 def conv4_forward(p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
     """Conv-4 logits: x [N, C, H, W] -> [N, way] (the first `way` head outputs; all when None)."""
-    w, b = p["head.weight"], p["head.bias"]
-    if way is not None:
-        w, b = w[:way], b[:way]
-    return F.linear(conv4_features(p, x), w, b)
+    return head_forward(p, conv4_features(p, x), way)
 
 
 LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -172,18 +206,39 @@ def step_decay(base_lr: float, rate: float, every: int, step: int) -> float:
     return base_lr * rate ** (step // every) if every > 0 else base_lr
 
 
+DROP_SALT = 5
+"""Generator salt of the per-task DropBlock draws (the meta-parameters use 1)."""
+
+
+def backbone_of(name: str, widths: str, hidden: int) -> Any:
+    """baselines.backbones.get_backbone (imported here: that module builds on this one's functions)."""
+    from baselines.backbones import get_backbone
+
+    return get_backbone(name, widths, hidden)
+
+
 @dataclass
 class GradientLearner(MetaLearner):
-    """Shared plumbing for methods whose meta-parameters are a Conv-4 parameter dict.
+    """Shared plumbing for methods whose meta-parameters are a backbone's parameter dict.
+
+    The backbone is a hyperparameter (baselines/backbones.py): `backbone` "conv4" (`hidden` filters),
+    "resnet12" or "resnet18" with `widths` ("64-160-320-640"; "" = the standard ones), and
+    `dropblock` (ResNet-12's DropBlock drop rate; 0 = off). The three are left out of params()
+    while they hold their defaults (OMIT_AT_DEFAULT), so the params_hash of every Conv-4 run
+    recorded before they existed stays the same.
 
     Subclasses implement `task_loss(ep)` (outer loss of one task, differentiable w.r.t.
     self.meta) and `adapt_params(support_x, support_y)` (adapted parameters for prediction), or
-    override `outer_step(batch)` for a non-gradient outer update (Reptile).
+    override `outer_step(batch)` for a non-gradient outer update (Reptile). They build the network
+    through `init_net` / `features` / `forward`, so every backbone serves them.
     """
 
     meta_batch: int = 32
     outer_lr: float = 1e-3
     hidden: int = 64
+    backbone: str = "conv4"
+    widths: str = ""
+    dropblock: float = 0.0
 
     TAGS = Tags(bn_mode="transductive", order="second", transductive=True, variable_way=True)
     # Capabilities (CAPABILITIES above; each class declares its own, else False).
@@ -194,7 +249,12 @@ class GradientLearner(MetaLearner):
     # then run many tasks as one task-batched network (baselines/maml.py).
     PARALLEL_TASKS: ClassVar[bool] = False
     TASK_BATCHED: ClassVar[bool] = False
-    LIMITS: ClassVar[dict[str, str]] = {"hidden": ">=1", "meta_batch": ">=1", "outer_lr": ">0"}
+    LIMITS: ClassVar[dict[str, str]] = {"hidden": ">=1", "meta_batch": ">=1", "outer_lr": ">0", "dropblock": "0..0.99"}
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("backbone", "widths", "dropblock")
+    DROPBLOCK_TASKS: ClassVar[bool] = True
+    """Meta-training goes through `backward_tasks`, which gives every task its own DropBlock generator;
+    a method with its own outer update that does not (Reptile, iMAML) sets False: dropblock > 0 is then
+    an error at setup."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -203,20 +263,50 @@ class GradientLearner(MetaLearner):
                 setattr(cls, name, False)
 
     @property
-    def backbone(self) -> str:
-        return f"conv4-{self.hidden}"
+    def net(self) -> Any:
+        """The backbone these hyperparameters name (a baselines.backbones.Backbone)."""
+        return backbone_of(self.backbone, self.widths, self.hidden)
+
+    @property
+    def backbone_label(self) -> str:
+        """The backbone and its widths, as protocol cards show it ("conv4-64", "resnet12-64-160-320-640")."""
+        return self.net.label
 
     # --- construction -------------------------------------------------------------------
-    def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """Initial meta-parameters (default: Conv-4 with a max_way head)."""
+    def init_net(self, info: TaskInfo, gen: torch.Generator, n_out: int) -> Params:
+        """The backbone's parameters for `info`'s images with a linear head of `n_out` outputs."""
         c, h, _ = info.image_shape
-        return conv4_init(gen, c, self.hidden, info.max_way, h)
+        return self.net.init(gen, c, n_out, h)
+
+    def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
+        """Initial meta-parameters (default: the backbone with a max_way head)."""
+        return self.init_net(info, gen, info.max_way)
+
+    def features(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
+        """The backbone's features [N, feat] of parameters `p` on x [N, C, H, W] (layer operations `ops`)."""
+        return self.net.features(p, x, ops)
 
     def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
         """Logits [N, way] of parameters `p` on x [N, C, H, W]."""
-        return conv4_forward(p, x, way)
+        return head_forward(p, self.features(p, x), way)
+
+    @classmethod
+    def check_backbone(cls, params: Mapping[str, Any], image_shape: tuple[int, int, int] | None = None) -> None:
+        """A MetabenchError when hyperparameters `params` (defaults for the rest) name no backbone this
+        method can use, or, given image_shape (C, H, W), one too small for such images."""
+        values = {f.name: f.default for f in dataclasses.fields(cls)} | dict(params)
+        backbone_of(values["backbone"], values["widths"], values["hidden"]).check(image_shape, values["dropblock"])
+        if values["dropblock"] and not cls.DROPBLOCK_TASKS:
+            raise MetabenchError(f"{cls.__name__} trains through its own outer update, which draws no per-task "
+                                 "DropBlock masks: dropblock must be 0")
+
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """Checks of hyperparameters together, before construction (bench.hparams.validate calls it)."""
+        cls.check_backbone(params)
 
     def setup(self, info: TaskInfo) -> "GradientLearner":
+        self.check_backbone(self.params(), info.image_shape)
         self.info = info
         self.gen = new_generator(self.seed, 1)
         self.meta = {k: v.to(self.device).requires_grad_(True) for k, v in self.init_meta(info, self.gen).items()}
@@ -239,6 +329,17 @@ class GradientLearner(MetaLearner):
     def task_loss(self, ep: Episode) -> torch.Tensor:
         """Outer loss of one task, differentiable w.r.t. self.meta."""
         raise NotImplementedError
+
+    def training_loss(self, ep: Episode) -> torch.Tensor:
+        """`task_loss(ep)` in meta-training: with dropblock > 0, ResNet-12's dropout/DropBlock masks are
+        drawn from a generator of this task alone, seeded by (seed, outer step, episode index), so
+        tasks may run side by side and a resumed run draws the same masks."""
+        if not self.dropblock:
+            return self.task_loss(ep)
+        from baselines.backbones import dropping
+
+        with dropping(self.dropblock, new_generator(self.seed, DROP_SALT, self.fit_steps, ep.index)):
+            return self.task_loss(ep)
 
     def current_outer_lr(self) -> float | None:
         """The outer learning rate of the next update (a schedule); None keeps the optimizer's."""
@@ -270,10 +371,10 @@ class GradientLearner(MetaLearner):
         n = len(batch)
         if not self.PARALLEL_TASKS:
             for ep in batch:
-                (self.task_loss(ep) / n).backward()
+                (self.training_loss(ep) / n).backward()
             return
         params = list(self.meta.values())
-        for p, g in zip(params, summed_grads(lambda ep: self.task_loss(ep) / n, batch, params)):
+        for p, g in zip(params, summed_grads(lambda ep: self.training_loss(ep) / n, batch, params)):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
 

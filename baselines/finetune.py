@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, Tags, TaskInfo
-from baselines.core import GradientLearner, Params, conv4_features, conv4_init
+from baselines.core import GradientLearner, Params
 
 
 def pretraining_loss(forward: Callable[..., torch.Tensor], p: Params, ep: Episode) -> torch.Tensor:
@@ -55,8 +55,8 @@ class Finetune(GradientLearner):
     TAGS = Tags(bn_mode="transductive", order="none", transductive=True, variable_way=True, deterministic=True)
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        c, h, _ = info.image_shape
-        return conv4_init(gen, c, self.hidden, info.n_classes, h)
+        """The backbone with a classifier over all n_classes source classes."""
+        return self.init_net(info, gen, info.n_classes)
 
     def task_loss(self, ep: Episode) -> torch.Tensor:
         return pretraining_loss(self.forward, self.meta, ep)
@@ -75,7 +75,7 @@ class Finetune(GradientLearner):
         way = int(support_y.max()) + 1
         body = {k: v.detach() for k, v in self.meta.items()}
         with torch.no_grad():
-            feats = conv4_features(body, support_x)
+            feats = self.features(body, support_x)
         head = {k: v.requires_grad_(True) for k, v in self.new_head(way, feats.shape[1]).items()}
         opt = torch.optim.SGD(list(head.values()), lr=self.head_lr, momentum=self.head_momentum,
                               weight_decay=self.head_weight_decay)
@@ -88,6 +88,6 @@ class Finetune(GradientLearner):
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return self.head_logits(head, conv4_features(body, query_x))
+                return self.head_logits(head, self.features(body, query_x))
 
         return predict

@@ -159,6 +159,7 @@ class IMAML(GradientLearner):
     adam_eps: float = 1e-3
 
     TAGS = Tags(bn_mode="transductive", order="second", transductive=True, variable_way=True, deterministic=True)
+    DROPBLOCK_TASKS: ClassVar[bool] = False  # its outer step sums implicit gradients itself (no task_loss)
     # conformance suite (bench/checks.py): fewer inner steps on its tiny synthetic problems
     CHECK_PARAMS = dict(inner_steps=5, inner_steps_test=5)
 

@@ -53,15 +53,16 @@ is not in the paper: its presets are our choice.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Preset, Tags, TaskInfo, new_generator
-from baselines.core import GradientLearner, Params, conv4_features, conv4_init, inner_loop
+from baselines.core import GradientLearner, Params, conv4_features, inner_loop
 from baselines.finetune import pretraining_loss
 
 REGISTER = {"leo": "LEO"}
@@ -97,19 +98,25 @@ def glorot(gen: torch.Generator, fan_in: int, fan_out: int) -> torch.Tensor:
     return (torch.rand(fan_in, fan_out, generator=gen) * 2 - 1) * bound
 
 
+LEO_PREFIXES = ("enc.", "rel", "dec.", "lr.")
+"""LEO's own parameters (phase 2); every other meta-parameter is the body or the pre-training classifier."""
+
+
 def is_backbone(key: str) -> bool:
-    """Conv-4 body and pre-training classifier keys (phase 1; frozen in phase 2)."""
-    return key.startswith(("conv", "bn", "pre."))
+    """Body and pre-training classifier keys (phase 1; frozen in phase 2)."""
+    return not key.startswith(LEO_PREFIXES)
 
 
-def pretrain_logits(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Phase 1: logits [N, n_classes] of the body and the pre-training classifier."""
-    return F.linear(conv4_features(p, x), p["pre.weight"], p["pre.bias"])
+def pretrain_logits(p: Mapping[str, torch.Tensor], x: torch.Tensor,
+                    features: Callable[..., torch.Tensor] = conv4_features) -> torch.Tensor:
+    """Phase 1: logits [N, n_classes] of the body (`features`, Conv-4 by default) and the pre-training classifier."""
+    return F.linear(features(p, x), p["pre.weight"], p["pre.bias"])
 
 
-def embed(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def embed(p: Mapping[str, torch.Tensor], x: torch.Tensor,
+          features: Callable[..., torch.Tensor] = conv4_features) -> torch.Tensor:
     """LEO's input: the body's features of x [N, C, H, W], L2-normalised per example -> [N, d] (data.py)."""
-    return F.normalize(conv4_features(p, x), dim=-1)
+    return F.normalize(features(p, x), dim=-1)
 
 
 def dropout(x: torch.Tensor, rate: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -211,11 +218,10 @@ class LEO(GradientLearner):
 
     # --- parameters ---------------------------------------------------------------------
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """Conv-4 with the pre-training classifier pre.* [n_classes, d]; encoder enc.weight [d, nz],
+        """The backbone with the pre-training classifier pre.* [n_classes, d]; encoder enc.weight [d, nz],
         relation rel{0,1,2}.weight [2nz, 2nz], decoder dec.weight [nz, 2d] (Glorot-uniform; [in, out]);
         learned inner lrs lr.latent [nz] and lr.finetune [d] (constants)."""
-        c, h, _ = info.image_shape
-        p = conv4_init(gen, c, self.hidden, info.n_classes, h)
+        p = self.init_net(info, gen, info.n_classes)
         p["pre.weight"], p["pre.bias"] = p.pop("head.weight"), p.pop("head.bias")
         d, nz = p["pre.weight"].shape[1], self.n_latents
         p["enc.weight"] = glorot(gen, d, nz)
@@ -235,7 +241,7 @@ class LEO(GradientLearner):
     def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
         """Logits [N, way] of an adapted classifier p[CLASSIFIER] [way, d] on the embeddings of x."""
         w = p[CLASSIFIER]
-        return F.linear(embed(p, x), w if way is None else w[:way])
+        return F.linear(embed(p, x, self.net.features), w if way is None else w[:way])
 
     # --- LEO ----------------------------------------------------------------------------
     def codes(self, p: Mapping[str, torch.Tensor], feats: torch.Tensor, onehot: torch.Tensor,
@@ -303,9 +309,9 @@ class LEO(GradientLearner):
 
     def task_loss(self, ep: Episode) -> torch.Tensor:
         if self.pretraining():
-            return pretraining_loss(pretrain_logits, self.meta, ep)
+            return pretraining_loss(functools.partial(pretrain_logits, features=self.net.features), self.meta, ep)
         with torch.no_grad():
-            support, query = embed(self.meta, ep.support_x), embed(self.meta, ep.query_x)
+            support, query = (embed(self.meta, x, self.net.features) for x in (ep.support_x, ep.query_x))
         gen = self.task_generator(ep)
         out = self.leo(self.meta, (support, ep.support_y), gen, self.first_order)
         loss = F.cross_entropy(dropout(query, self.dropout, gen) @ out["classifier"].T, ep.query_y)
@@ -330,6 +336,6 @@ class LEO(GradientLearner):
         """The frozen body and the classifier [way, d] adapted to the support set (means, no dropout)."""
         p = {k: v.detach() for k, v in self.meta.items()}
         with torch.no_grad():
-            feats = embed(p, support_x)
+            feats = embed(p, support_x, self.net.features)
         classifier = self.leo(p, (feats, support_y), None, True)["classifier"]
         return {**{k: v for k, v in p.items() if is_backbone(k)}, CLASSIFIER: classifier}

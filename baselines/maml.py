@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, Tags
 from baselines.core import GradientLearner, Params, episode_loss, inner_loop
-from baselines.taskbatch import conv4_forward_tasks, same_shapes, stack_episodes, stack_params, tasks_loss
+from baselines.taskbatch import forward_tasks, same_shapes, stack_episodes, stack_params, tasks_loss
 
 
 REGISTER = {"maml": "MAML", "fomaml": "FOMAML"}
@@ -37,6 +37,9 @@ REGISTER = {"maml": "MAML", "fomaml": "FOMAML"}
 _FINN = "Finn, Abbeel, Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017"
 _TRIANTAFILLOU = ("Triantafillou, Zhu, Dumoulin, Lamblin, Evci, Xu, Goroshin, Gelada, Swersky, Manzagol, Larochelle. "
                   "Meta-Dataset: A Dataset of Datasets for Learning to Learn from Few Examples. ICLR 2020")
+YE_CHAO = "Ye, Chao. How to Train Your MAML to Excel in Few-Shot Classification. ICLR 2022"
+FINN_KEYS = ("omniglot-5w", "omniglot-20w", "miniimagenet")
+"""MAML's Conv-4 preset keys (Finn et al. 2017), the ones methods that follow "MAML's setup" take over."""
 
 
 @dataclass
@@ -78,6 +81,19 @@ class MAML(GradientLearner):
                                "pretrained ResNet-18 and 126 px (Conv-4 64 at 84 px here) and the lr decay x0.835 / "
                                "10000; second-order maml uses the same settings (the paper ran first order only; our "
                                "choice)"),
+        "miniimagenet-resnet12": Preset(dict(inner_lr=0.05, inner_steps=15, inner_steps_test=15, meta_batch=1,
+                                             outer_lr=1e-3, first_order=True, backbone="resnet12"), 10000, YE_CHAO,
+                                        "Han-Jia/UNICORN-MAML",
+                                        "README.md (MAML, MiniImageNet 1-shot command); model/models/maml.py",
+                                        "MAML with ResNet-12 (MetaOptNet's, 64-160-320-640, average-pooled): inner lr "
+                                        "(gd_lr) 0.05 and 15 inner steps at train and test (the 5-shot command: 0.1 and "
+                                        "20; one preset key cannot tell the shots apart), first order "
+                                        "(update_params(first_order=True)), one task per update, 100 epochs x 100 tasks "
+                                        "= 10000 updates; not taken over: the FEAT pre-trained initialisation and its SGD "
+                                        "(momentum 0.9, weight decay 5e-4, lr 1e-3, x10 for the head, x0.1 every 20 "
+                                        "epochs): Adam 1e-3 from scratch here; the logit temperature 0.5 (our MAML has "
+                                        "none); the query predicted with running batch-norm statistics at test (batch "
+                                        "statistics here). --set backbone=resnet12 on a miniimagenet benchmark selects it"),
     }
 
     @property
@@ -99,22 +115,26 @@ class MAML(GradientLearner):
                           steps, self.inner_lrs(), first_order)
 
     # --- the task-batched fast path -----------------------------------------------------
+    def forward_tasks(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
+        """Logits [T, N, way] of T tasks' parameters p[k] [T, *shape] on x [T, N, C, H, W] (the backbone task-batched)."""
+        return forward_tasks(self.features, p, x, way)
+
     def inner_tasks(self, start: Params, data: tuple[torch.Tensor, torch.Tensor], steps: int,
                     first_order: bool) -> Params:
         """The inner loop of T tasks at once from `start`: data x [T, n, C, H, W], y [T, n] ->
         parameters [T, ...] (each task's own adapted copy)."""
         x, y = data
-        return inner_loop(tasks_loss(conv4_forward_tasks), stack_params(start, x.shape[0]), self.adapted_keys(),
+        return inner_loop(tasks_loss(self.forward_tasks), stack_params(start, x.shape[0]), self.adapted_keys(),
                           (x, y), steps, self.inner_lrs(), first_order)
 
     def outer_step(self, batch: list[Episode]) -> None:
-        if self.task_batch < 2 or len(batch) < 2 or not (self.TASK_BATCHED and same_shapes(batch)):
-            return super().outer_step(batch)
+        if self.task_batch < 2 or len(batch) < 2 or self.dropblock or not (self.TASK_BATCHED and same_shapes(batch)):
+            return super().outer_step(batch)  # (DropBlock draws masks per task: the per-task loop)
         self.optimizer.zero_grad(set_to_none=True)
         for first in range(0, len(batch), self.task_batch):
             sx, sy, qx, qy = stack_episodes(batch[first:first + self.task_batch])
             fast = self.inner_tasks(self.meta, (sx, sy), self.inner_steps, self.first_order)
-            (tasks_loss(conv4_forward_tasks)(fast, qx, qy) / len(batch)).backward()
+            (tasks_loss(self.forward_tasks)(fast, qx, qy) / len(batch)).backward()
         self.optimizer.step()
 
     def adapt_many(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Predictor]:
@@ -146,5 +166,5 @@ class FOMAML(MAML):
     PRESETS: ClassVar[Mapping[str, Preset]] = {
         key: replace(p, values={**p.values, "first_order": True},
                      note="; ".join(filter(None, ["first-order approximation (Sec. 5.2; --stop_grad=True in cbfinn/maml)",
-                                                  p.note if key == "meta-dataset" else ""])))
+                                                  p.note])))
         for key, p in MAML.PRESETS.items()}

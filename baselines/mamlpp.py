@@ -69,10 +69,30 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Preset, Tags, TaskInfo
-from baselines.core import BN_EPS, GradientLearner, Params, conv4_init
+from baselines.backbones import layer_kind
+from baselines.core import BN_EPS, GradientLearner, Ops, Params, head_forward
 
 LR_PREFIX = "lr."
-N_BLOCKS = 4
+
+
+class StepOps(Ops):
+    """Layer operations of inner step `step`: NCHW, batch norm by its explicit formula with the
+    batch-norm row `step` of every "<bn>.weight" / "<bn>.bias" [inner_steps, C], and with track=True
+    the running statistics of that step updated through `learner.track_stats`."""
+
+    def __init__(self, learner: "MAMLpp", step: int, track: bool) -> None:
+        self.learner, self.step, self.track = learner, step, track
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        if self.track:
+            self.learner.track_stats(name, self.step, mean, var, x.numel() // x.shape[1])
+        w, b = p[name + ".weight"][self.step], p[name + ".bias"][self.step]
+        return (x - mean) * torch.rsqrt(var + BN_EPS) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
 
 
 def msl_weights(steps: int, msl_epochs: int, epoch: int) -> list[float]:
@@ -158,25 +178,25 @@ class MAMLpp(GradientLearner):
                 raise ValueError(f"MAMLpp: {name} must be >= 1, got {getattr(self, name)}")
         super().setup(info)
         self.bn_stats = {}
-        for i in range(N_BLOCKS):
-            self.bn_stats[f"bn{i}.running_mean"] = torch.zeros(self.inner_steps, self.hidden)
-            self.bn_stats[f"bn{i}.running_var"] = torch.ones(self.inner_steps, self.hidden)
+        for name in self.net.bn_layers():
+            channels = self.meta[name + ".weight"].shape[1]
+            self.bn_stats[f"{name}.running_mean"] = torch.zeros(self.inner_steps, channels)
+            self.bn_stats[f"{name}.running_var"] = torch.ones(self.inner_steps, channels)
         return self
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """Conv-4 with per-step BN rows [inner_steps, C] and a learning-rate vector per adapted tensor."""
-        c, h, _ = info.image_shape
-        net = conv4_init(gen, c, self.hidden, info.max_way, h)
+        """The backbone with per-step BN rows [inner_steps, C] and a learning-rate vector per adapted tensor."""
+        net = super().init_meta(info, gen)
         s = self.inner_steps
-        for i in range(N_BLOCKS):
-            net[f"bn{i}.weight"] = net[f"bn{i}.weight"].expand(s, -1).clone()
-            net[f"bn{i}.bias"] = net[f"bn{i}.bias"].expand(s, -1).clone()
-        lrs = {LR_PREFIX + k: torch.full((s,), float(self.inner_lr)) for k in net if not k.startswith("bn")}
+        for k in net:
+            if layer_kind(k) == "bn":
+                net[k] = net[k].expand(s, -1).clone()
+        lrs = {LR_PREFIX + k: torch.full((s,), float(self.inner_lr)) for k in net if layer_kind(k) != "bn"}
         return net | lrs
 
     def adapted_keys(self) -> list[str]:
         """The parameters the inner loop updates: convs and head (not batch norm, not the lrs)."""
-        return [k for k in self.meta if not (k.startswith("bn") or k.startswith(LR_PREFIX))]
+        return [k for k in self.meta if not (k.startswith(LR_PREFIX) or layer_kind(k) == "bn")]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -210,30 +230,18 @@ class MAMLpp(GradientLearner):
     # --- the network --------------------------------------------------------------------
     def forward_step(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, step: int, way: int | None = None,
                      track: bool = False) -> torch.Tensor:
-        """Logits [N, way] of Conv-4 `p` on x [N, C, H, W] with the batch-norm row of inner step `step`.
+        """Logits [N, way] of the backbone `p` on x [N, C, H, W] with the batch-norm row of inner step `step`.
 
         Batch norm uses the batch statistics of x; with track=True they also update the running
         statistics of `step` (no effect on the output).
         """
-        for i in range(N_BLOCKS):
-            x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
-            mean = x.mean(dim=(0, 2, 3), keepdim=True)
-            var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-            if track:
-                self.track_stats(i, step, mean, var, x.numel() // x.shape[1])
-            w, b = p[f"bn{i}.weight"][step], p[f"bn{i}.bias"][step]
-            x = (x - mean) * torch.rsqrt(var + BN_EPS) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-            x = F.max_pool2d(F.relu(x), 2)
-        w, b = p["head.weight"], p["head.bias"]
-        if way is not None:
-            w, b = w[:way], b[:way]
-        return F.linear(x.flatten(1), w, b)
+        return head_forward(p, self.features(p, x, StepOps(self, step, track)), way)
 
-    def track_stats(self, block: int, step: int, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        """Running-statistics update of F.batch_norm (unbiased variance) for one block and step."""
+    def track_stats(self, bn: str, step: int, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Running-statistics update of F.batch_norm (unbiased variance) for one batch norm and step."""
         m = self.bn_momentum
         with torch.no_grad():
-            rm, rv = self.bn_stats[f"bn{block}.running_mean"], self.bn_stats[f"bn{block}.running_var"]
+            rm, rv = self.bn_stats[f"{bn}.running_mean"], self.bn_stats[f"{bn}.running_var"]
             rm[step].mul_(1 - m).add_(m * mean.detach().flatten().to(rm.dtype))
             rv[step].mul_(1 - m).add_(m * var.detach().flatten().to(rv.dtype) * n / max(1, n - 1))
 

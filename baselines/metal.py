@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, TaskInfo
+from baselines.backbones import layer_kind
 from baselines.core import Params, inner_loop
 from baselines.maml import MAML
 
@@ -78,7 +79,7 @@ SETS = ("support", "query")
 
 def adapted_keys(p: Mapping[str, torch.Tensor]) -> list[str]:
     """The parameters the inner loop adapts: conv weights and biases and the head (not batch norm)."""
-    return [k for k in p if k.startswith(("conv", "head."))]
+    return [k for k in p if layer_kind(k) == "conv" or k.startswith("head.")]
 
 
 def zscore(t: torch.Tensor) -> torch.Tensor:

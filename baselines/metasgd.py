@@ -30,7 +30,7 @@ import torch
 
 from bench.api import Preset, TaskInfo
 from baselines.core import Params
-from baselines.maml import MAML
+from baselines.maml import FINN_KEYS, MAML
 
 LR_PREFIX = "lr."
 
@@ -54,7 +54,7 @@ class MetaSGD(MAML):
                      note="one inner step; per-parameter learning rates initialised uniformly at MAML's inner lr "
                           "+-50% (our choice); meta-batch, outer Adam 1e-3, width and steps as MAML, not confirmed "
                           "from the paper")
-        for key, p in MAML.PRESETS.items() if key != "meta-dataset"}
+        for key, p in MAML.PRESETS.items() if key in FINN_KEYS}
 
     inner_steps: int = 1
     inner_steps_test: int = 1

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from bench.api import Episode, Preset, TaskInfo
 from baselines.core import Params, episode_loss, inner_loop
-from baselines.maml import MAML
+from baselines.maml import FINN_KEYS, MAML
 
 
 REGISTER = {"mixture": "Mixture"}
@@ -67,7 +67,7 @@ class Mixture(MAML):
                           "of MAML initialisations, Carbonaraa/TSA-MAML README); inner loop, meta-batch, outer Adam, widths and steps: MAML's (Finn et al. 2017, cbfinn/maml), "
                           "as every component is a MAML initialisation; K = 2 is our choice: cost grows with K, and "
                           "K = 1 / 2 / 4 compared on omniglot-small-5w1s showed no gain from more components")
-        for key, p in MAML.PRESETS.items() if key != "meta-dataset"}
+        for key, p in MAML.PRESETS.items() if key in FINN_KEYS}
 
     PARALLEL_TASKS: ClassVar[bool] = False  # task_loss counts assignments (assign_counts)
 

@@ -49,16 +49,28 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Preset, TaskInfo, new_generator
-from baselines.core import Params, batch_norm, conv_layout, episode_loss, inner_loop
+from baselines.core import Ops, Params, episode_loss, head_forward, inner_loop
 from baselines.maml import MAML
 
 REGISTER = {"mt-net": "MTNet"}
 
 LAYERS = ("conv0", "conv1", "conv2", "conv3", "head")
-"""Layers with a transformation T.<layer> and mask logits M.<layer> (one per output row)."""
+"""Conv-4's layers with a transformation T.<layer> and mask logits M.<layer> (one per output row);
+on another backbone, every conv of the body and the head (MTNet.layers)."""
 ADAPTED = tuple(f"{layer}.{part}" for layer in LAYERS for part in ("weight", "bias"))
-"""The inner loop's parameters: the layers' W and b (never T, M or batch norm)."""
+"""Conv-4's inner-loop parameters: the layers' W and b (never T, M or batch norm)."""
 MASK_SALT = 4
+
+
+class TransformOps(Ops):
+    """The plain layer operations with each conv followed by its 1x1 transformation T.<conv> [C, C]."""
+
+    def conv(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor, stride: int = 1,
+             padding: int = 1) -> torch.Tensor:
+        return F.conv2d(super().conv(p, name, x, stride, padding), p[f"T.{name}"][:, :, None, None])
+
+
+TRANSFORM = TransformOps()
 
 _LEE = "Lee, Choi. Gradient-Based Meta-Learning with Learned Layerwise Metric and Subspace. ICML 2018"
 
@@ -114,41 +126,40 @@ class MTNet(MAML):
     }
 
     # --- parameters ---------------------------------------------------------------------
+    def layers(self) -> list[str]:
+        """The layers with a transformation and a mask: every conv of the backbone's body, then the head."""
+        return [*self.net.conv_layers(), "head"]
+
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """Conv-4 (MAML's init) plus T.<layer> = I [r, r] and M.<layer> = logit_init [r], r = the layer's
-        output rows (hidden for convs, max_way for the head)."""
+        """The backbone (MAML's init) plus T.<layer> = I [r, r] and M.<layer> = logit_init [r], r = the
+        layer's output rows (its filters for convs, max_way for the head)."""
         p = super().init_meta(info, gen)
-        for layer in LAYERS:
+        for layer in self.layers():
             rows = p[f"{layer}.weight"].shape[0]
             p[f"T.{layer}"] = torch.eye(rows)
             p[f"M.{layer}"] = torch.full((rows,), self.logit_init)
         return p
 
     def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
-        """Logits [N, way]: conv blocks conv -> T (1x1) -> batch norm -> ReLU -> max-pool, then T_head (W h + b)."""
-        x = conv_layout(x)
-        for i in range(4):
-            x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
-            x = F.conv2d(x, p[f"T.conv{i}"][:, :, None, None])
-            x = F.max_pool2d(F.relu(batch_norm(x, p[f"bn{i}.weight"], p[f"bn{i}.bias"])), 2)
-        w, b, t = p["head.weight"], p["head.bias"], p["T.head"]
-        if way is not None:
-            w, b, t = w[:way], b[:way], t[:way, :way]
-        return F.linear(F.linear(x.flatten(1), w, b), t)
+        """Logits [N, way]: the backbone with every conv followed by T (1x1), then T_head (W h + b)."""
+        t = p["T.head"] if way is None else p["T.head"][:way, :way]
+        return F.linear(head_forward(p, self.features(p, x, TRANSFORM), way), t)
 
     def adapted_keys(self) -> list[str]:
-        return list(ADAPTED)
+        return [f"{layer}.{part}" for layer in self.layers() for part in ("weight", "bias")
+                if f"{layer}.{part}" in self.meta]
 
     # --- masks and the inner loop ------------------------------------------------------------
     def masked_lrs(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-key inner learning rates inner_lr * M: one mask per layer drawn from `gen` (in LAYERS order),
         broadcast over each row's weights ([r, 1, 1, 1] conv, [r, 1] head) and bias [r]."""
         lrs = {}
-        for layer in LAYERS:
+        for layer in self.layers():
             m = self.inner_lr * straight_through_mask(self.meta[f"M.{layer}"], gen, self.temperature)
             w = self.meta[f"{layer}.weight"]
             lrs[f"{layer}.weight"] = m.view(-1, *([1] * (w.dim() - 1)))
-            lrs[f"{layer}.bias"] = m
+            if f"{layer}.bias" in self.meta:  # (the ResNets' convs have none)
+                lrs[f"{layer}.bias"] = m
         return lrs
 
     def masked_inner(self, support: tuple[torch.Tensor, torch.Tensor], steps: int, first_order: bool,

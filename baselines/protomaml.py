@@ -28,8 +28,8 @@ from typing import ClassVar, Mapping
 import torch
 
 from bench.api import Preset, TaskInfo
-from baselines.core import Params, conv4_features, episode_loss, inner_loop, step_decay
-from baselines.maml import MAML
+from baselines.core import Params, episode_loss, inner_loop, step_decay
+from baselines.maml import FINN_KEYS, MAML
 from baselines.protonet import prototypes
 
 
@@ -57,7 +57,7 @@ class ProtoMAML(MAML):
         **{key: replace(p, values={**p.values, "first_order": True}, paper=_TRIANTAFILLOU,
                         note="fo-Proto-MAML; Omniglot / miniImageNet are not in the paper: MAML's settings and steps, "
                              "first order, our choice")
-           for key, p in MAML.PRESETS.items() if key != "meta-dataset"},
+           for key, p in MAML.PRESETS.items() if key in FINN_KEYS},
         "meta-dataset": Preset(dict(inner_lr=0.005435, inner_steps=6, inner_steps_test=6, meta_batch=1,
                                     outer_lr=3.634e-4, outer_lr_decay=0.648, outer_lr_decay_every=2500, hidden=64,
                                     first_order=True), 75000, _TRIANTAFILLOU, "google-research/meta-dataset",
@@ -74,14 +74,14 @@ class ProtoMAML(MAML):
     outer_lr_decay_every: int = 0
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """The Conv-4 body only: the head is built per task from prototypes."""
+        """The backbone's body only: the head is built per task from prototypes."""
         p = super().init_meta(info, gen)
         return {k: v for k, v in p.items() if not k.startswith("head.")}
 
     def initial_params(self, x: torch.Tensor, y: torch.Tensor) -> Params:
         """The meta-parameters plus the prototype head of the support set (x [n, C, H, W], y [n]),
         differentiable w.r.t. the body through the prototypes."""
-        protos = prototypes(conv4_features(self.meta, x), y, int(y.max()) + 1)
+        protos = prototypes(self.features(self.meta, x), y, int(y.max()) + 1)
         return {**self.meta, **proto_head(protos)}
 
     def inner(self, x: torch.Tensor, y: torch.Tensor, steps: int, first_order: bool) -> Params:

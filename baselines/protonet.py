@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, Tags, TaskInfo
-from baselines.core import GradientLearner, Params, conv4_features, step_decay
+from baselines.core import GradientLearner, Params, step_decay
 
 
 def prototypes(feats: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
@@ -116,8 +116,8 @@ class ProtoNet(GradientLearner):
     def logits(self, p: Params, support: tuple[torch.Tensor, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
         """-||f(query) - c_k||^2 [n_query, way] with prototypes c of support = (x [n, C, H, W], y [n])."""
         x, y = support
-        protos = prototypes(conv4_features(p, x), y, int(y.max()) + 1)
-        return -squared_distances(conv4_features(p, query_x), protos)
+        protos = prototypes(self.features(p, x), y, int(y.max()) + 1)
+        return -squared_distances(self.features(p, query_x), protos)
 
     def episodes_per_step(self) -> int:
         return self.meta_batch * self.episodes_per_task
@@ -137,10 +137,10 @@ class ProtoNet(GradientLearner):
             raise RuntimeError("ProtoNet: call setup(info) or fit before adapt")
         body = {k: v.detach() for k, v in self.meta.items()}
         with torch.no_grad():
-            protos = prototypes(conv4_features(body, support_x), support_y, int(support_y.max()) + 1)
+            protos = prototypes(self.features(body, support_x), support_y, int(support_y.max()) + 1)
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return -squared_distances(conv4_features(body, query_x), protos)
+                return -squared_distances(self.features(body, query_x), protos)
 
         return predict

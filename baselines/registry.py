@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import pkgutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bench.api import MetaLearner, Preset
 from bench.errors import MetabenchError
@@ -57,8 +57,18 @@ def preset(name: str, key: str) -> Preset | None:
     return presets.get(key) if key in presets else presets.get("*")
 
 
-def outer_steps(name: str, key: str, benchmark: str) -> int:
-    """The number of outer steps of the method's preset for `key`; a clear error when it has none."""
+def preset_key(name: str, key: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """The preset key a run of method `name` uses on a benchmark of preset key `key`: "<key>-<backbone>"
+    when `overrides` choose a backbone the method has a preset of its own for there (e.g. --set
+    backbone=resnet12 on miniImageNet: "miniimagenet-resnet12"), else `key`."""
+    backbone = (overrides or {}).get("backbone")
+    return f"{key}-{backbone}" if backbone and f"{key}-{backbone}" in method_class(name).PRESETS else key
+
+
+def outer_steps(name: str, key: str, benchmark: str, overrides: Mapping[str, Any] | None = None) -> int:
+    """The number of outer steps of the method's preset for `key` (and the backbone `overrides` choose);
+    a clear error when it has none."""
+    key = preset_key(name, key, overrides)
     found = preset(name, key)
     if found is None:
         keys = ", ".join(method_class(name).PRESETS) or "none"
@@ -68,9 +78,10 @@ def outer_steps(name: str, key: str, benchmark: str) -> int:
 
 
 def make(name: str, key: str, seed: int = 0, **overrides: Any) -> MetaLearner:
-    """Construct method `name` with its preset for `key` (class defaults where it has none), then `overrides`."""
+    """Construct method `name` with its preset for `key` (class defaults where it has none; the backbone's
+    own preset where `overrides` choose one it has, `preset_key`), then `overrides`."""
     cls = method_class(name)
-    found = preset(name, key)
+    found = preset(name, preset_key(name, key, overrides))
     params = {**(found.values if found else {}), **overrides, "seed": seed}
     validate(cls, params, name)
     try:

@@ -106,6 +106,7 @@ class Reptile(GradientLearner):
     adam_eps: float = 1e-8
     transductive: bool = False
 
+    DROPBLOCK_TASKS: ClassVar[bool] = False  # its outer step runs the inner Adam loops itself (no task_loss)
     # conformance-suite settings (bench/checks.py): meta step 1 annealed over the learning check's 60
     # steps, and a larger inner Adam step so that Reptile visibly learns within that budget
     CHECK_PARAMS = dict(outer_lr=1.0, total_steps=60, inner_lr=0.003, inner_batch=10, inner_steps=5,

@@ -39,21 +39,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Preset, TaskInfo
-from baselines.core import HEAD_KEYS, Params, conv4_features, conv4_init, episode_loss, inner_loop, step_decay
+from baselines.core import HEAD_KEYS, PLAIN, Ops, Params, episode_loss, head_forward, inner_loop, step_decay
 from baselines.finetune import pretraining_loss
 from baselines.maml import MAML
 
+CONV4_LAYERS = tuple(f"conv{i}" for i in range(4))
 
 
 def body_keys(p: Mapping[str, torch.Tensor]) -> list[str]:
-    """The Conv-4 body's parameters (conv and batch norm): pre-trained in phase 1, frozen in phase 2."""
-    return [k for k in p if k.startswith(("conv", "bn"))]
+    """The backbone body's parameters (conv and batch norm): pre-trained in phase 1, frozen in phase 2."""
+    return [k for k in p if not k.startswith(("ss", "pre.", "head."))]
 
 
 def ss_keys(p: Mapping[str, torch.Tensor]) -> list[str]:
@@ -61,21 +62,15 @@ def ss_keys(p: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k in p if k.startswith("ss")]
 
 
-def scale_shift(p: Mapping[str, torch.Tensor]) -> Params:
-    """The body with each conv modulated: weight * ss{i}.scale [c_out, c_in, 1, 1], bias + ss{i}.shift [c_out]."""
+def scale_shift(p: Mapping[str, torch.Tensor], convs: Sequence[str] = CONV4_LAYERS) -> Params:
+    """The body with its j-th conv (of `convs`, the backbone's in order) modulated: weight * ss{j}.scale
+    [c_out, c_in, 1, 1], bias + ss{j}.shift [c_out] (the shift alone for a conv without bias)."""
     out = dict(p)
-    for i in range(4):
-        out[f"conv{i}.weight"] = p[f"conv{i}.weight"] * p[f"ss{i}.scale"]
-        out[f"conv{i}.bias"] = p[f"conv{i}.bias"] + p[f"ss{i}.shift"]
+    for j, conv in enumerate(convs):
+        out[f"{conv}.weight"] = p[f"{conv}.weight"] * p[f"ss{j}.scale"]
+        bias = p.get(f"{conv}.bias")
+        out[f"{conv}.bias"] = p[f"ss{j}.shift"] if bias is None else bias + p[f"ss{j}.shift"]
     return out
-
-
-def head_forward(p: Mapping[str, torch.Tensor], feats: torch.Tensor, way: int | None = None) -> torch.Tensor:
-    """The base-learner: linear head on features [n, d] -> logits [n, way]."""
-    w, b = p["head.weight"], p["head.bias"]
-    if way is not None:
-        w, b = w[:way], b[:way]
-    return F.linear(feats, w, b)
 
 
 REGISTER = {"scale-shift": "ScaleShift"}
@@ -108,6 +103,20 @@ class ScaleShift(MAML):
                     "images = 30000 iterations, here 2 episodes (160 images at 5w1s) per step: 30000 steps, decay "
                     "every 9000; second order as the paper's TF code; its ResNet-12 replaced by Conv-4 64, our "
                     "choice; Omniglot is not in the paper: the same settings, our choice"),
+        "miniimagenet-resnet12": Preset(
+            dict(backbone="resnet12", widths="64-128-256-512", meta_batch=2, outer_lr=1e-3, head_lr=1e-3,
+                 inner_lr=0.01, inner_steps=20, inner_steps_test=100, meta_lr_decay=0.5, meta_lr_decay_every=1000,
+                 pretrain_steps=30000, pretrain_batch=2, pretrain_lr=0.1, pretrain_momentum=0.9,
+                 pretrain_weight_decay=5e-4, pretrain_lr_decay=0.2, pretrain_lr_decay_every=9000, first_order=False),
+            50000, "Sun, Liu, Chua, Schiele. Meta-Transfer Learning for Few-Shot Learning. CVPR 2019",
+            "yaoyao-liu/meta-transfer-learning", "tensorflow/models/resnet12.py, run_experiment.py, tensorflow/main.py",
+            "the paper's ResNet-12 (4 residual blocks of three 3x3 convs and a 1x1 shortcut, 64-128-256-512, leaky "
+            "ReLU, 2x2 max-pool, average-pooled) as our resnet12 at those widths; phase 2 from the TF code: 2 tasks "
+            "per update, inner lr 0.01, 20 inner steps at train and 100 at test, Adam 1e-3 for SS and head x0.5 "
+            "every 1000 updates (its floor of 1e-4 not taken over), 20000 updates, second order (tf.gradients); "
+            "phase 1 as the '*' preset (the PyTorch code's SGD pre-training, 30000 steps; the TF code pre-trains "
+            "with Adam 1e-3, batch 64); differences: our convs have no bias and the shortcut has batch norm and its "
+            "own scale/shift (the TF code scales the three 3x3 convs only)"),
     }
 
     meta_batch: int = 1
@@ -133,16 +142,15 @@ class ScaleShift(MAML):
 
     # --- parameters ---------------------------------------------------------------------
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """Conv-4 with the pre-training classifier `pre.*` [n_classes, feat], SS at identity
-        (scale 1 [c_out, c_in, 1, 1], shift 0 [c_out]) and the head init [max_way, feat]
+        """The backbone with the pre-training classifier `pre.*` [n_classes, feat], SS at identity
+        (scale 1 [c_out, c_in, 1, 1], shift 0 [c_out] for the j-th conv) and the head init [max_way, feat]
         (Kaiming-normal weight, zero bias, as the reference base-learner)."""
-        c, h, _ = info.image_shape
-        p = conv4_init(gen, c, self.hidden, info.n_classes, h)
+        p = self.init_net(info, gen, info.n_classes)
         p["pre.weight"], p["pre.bias"] = p.pop("head.weight"), p.pop("head.bias")
-        for i in range(4):
-            w = p[f"conv{i}.weight"]
-            p[f"ss{i}.scale"] = torch.ones(w.shape[0], w.shape[1], 1, 1)
-            p[f"ss{i}.shift"] = torch.zeros(w.shape[0])
+        for j, conv in enumerate(self.net.conv_layers()):
+            w = p[f"{conv}.weight"]
+            p[f"ss{j}.scale"] = torch.ones(w.shape[0], w.shape[1], 1, 1)
+            p[f"ss{j}.shift"] = torch.zeros(w.shape[0])
         feat = p["pre.weight"].shape[1]
         p["head.weight"] = torch.randn(info.max_way, feat, generator=gen) * math.sqrt(2.0 / feat)
         p["head.bias"] = torch.zeros(info.max_way)
@@ -164,11 +172,11 @@ class ScaleShift(MAML):
     # --- the two networks ---------------------------------------------------------------
     def pretrain_forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Phase 1: logits [N, n_classes] of the plain body and the pre-training classifier."""
-        return F.linear(conv4_features(p, x), p["pre.weight"], p["pre.bias"])
+        return F.linear(self.net.features(p, x), p["pre.weight"], p["pre.bias"])
 
-    def features(self, p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def features(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
         """Features [N, feat] of the scaled-and-shifted body."""
-        return conv4_features(scale_shift(p), x)
+        return self.net.features(scale_shift(p, self.net.conv_layers()), x, ops)
 
     def forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
         """Logits [N, way] of the scaled-and-shifted body and the head."""

@@ -1,11 +1,13 @@
-"""Task-batched Conv-4: a meta-batch of tasks run as one wide network (the fast path).
+"""Task-batched backbones: a meta-batch of tasks run as one wide network (the fast path).
 
 T tasks with their own parameters are evaluated in one pass: parameter dicts carry a leading
 task dimension ([T, *shape]), images are laid out as [N, T*C, H, W], each convolution is one
 grouped convolution (groups=T), batch norm takes per-task statistics (they are per channel, and
-every task owns its channels), and the head is one batched matmul. The result equals running
-`core.conv4_forward` per task (up to floating-point summation order); tests/test_taskbatch.py
-checks values and second-order meta-gradients in float64 against the per-task reference.
+every task owns its channels), and the head is one batched matmul. Activations, pooling and
+residual sums are per channel already, so any backbone written in `core.Ops` (Conv-4, ResNet-12,
+ResNet-18) runs task-batched with `TaskOps`. The result equals running the backbone per task (up
+to floating-point summation order); tests/test_taskbatch.py and tests/test_backbones.py check
+values and second-order meta-gradients in float64 against the per-task reference.
 
 Requires every task of a batch to have the same number of support and query examples (fixed
 way/shot benchmarks); methods fall back to the per-task loop otherwise (variable-way episodes).
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode
-from baselines.core import LossFn, Params, batch_norm, conv_layout
+from baselines.core import LossFn, Ops, Params, batch_norm, conv4_features
 
 
 def stack_params(p: Mapping[str, torch.Tensor], n_tasks: int) -> Params:
@@ -33,25 +35,50 @@ def task_layout(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(n, t * c, h, w)
 
 
+class TaskOps(Ops):
+    """Layer operations on T tasks side by side: parameters [T, *shape], activations [N, T*C, H, W]."""
+
+    def __init__(self, n_tasks: int) -> None:
+        self.n_tasks = n_tasks
+
+    def conv(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor, stride: int = 1,
+             padding: int = 1) -> torch.Tensor:
+        w, b = p[name + ".weight"], p.get(name + ".bias")
+        return F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding,
+                        groups=self.n_tasks)
+
+    def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm(x, p[name + ".weight"].reshape(-1), p[name + ".bias"].reshape(-1))
+
+
+Features = Callable[..., torch.Tensor]
+"""A backbone's body (p, x [N, C, H, W], ops) -> [N, feat] (core.conv4_features, Backbone.features)."""
+
+
+def features_tasks(features: Features, p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A backbone body of T tasks at once: p[k] [T, *shape], x [T, N, C, H, W] -> features [T, N, feat]."""
+    n_tasks = x.shape[0]
+    h = features(p, task_layout(x), TaskOps(n_tasks))
+    return h.reshape(h.shape[0], n_tasks, -1).transpose(0, 1)
+
+
+def forward_tasks(features: Features, p: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  way: int | None = None) -> torch.Tensor:
+    """Logits of T tasks: x [T, N, C, H, W] -> [T, N, way] (first `way` head rows; all when None)."""
+    w, b = p["head.weight"], p["head.bias"]
+    if way is not None:
+        w, b = w[:, :way], b[:, :way]
+    return torch.baddbmm(b.unsqueeze(1), features_tasks(features, p, x), w.transpose(1, 2))
+
+
 def conv4_features_tasks(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Conv-4 body of T tasks at once: p[k] [T, *shape], x [T, N, C, H, W] -> features [T, N, feat]."""
-    n_tasks = x.shape[0]
-    h = conv_layout(task_layout(x))
-    for i in range(4):
-        w = p[f"conv{i}.weight"]
-        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), p[f"conv{i}.bias"].reshape(-1), padding=1, groups=n_tasks)
-        h = batch_norm(h, p[f"bn{i}.weight"].reshape(-1), p[f"bn{i}.bias"].reshape(-1))
-        h = F.max_pool2d(F.relu(h), 2)
-    n = h.shape[0]
-    return h.reshape(n, n_tasks, -1).transpose(0, 1)
+    return features_tasks(conv4_features, p, x)
 
 
 def conv4_forward_tasks(p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | None = None) -> torch.Tensor:
     """Conv-4 logits of T tasks: x [T, N, C, H, W] -> [T, N, way] (first `way` head rows; all when None)."""
-    w, b = p["head.weight"], p["head.bias"]
-    if way is not None:
-        w, b = w[:, :way], b[:, :way]
-    return torch.baddbmm(b.unsqueeze(1), conv4_features_tasks(p, x), w.transpose(1, 2))
+    return forward_tasks(conv4_features, p, x, way)
 
 
 def tasks_loss(forward: Callable[..., torch.Tensor]) -> LossFn:

@@ -35,12 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, TaskInfo
-from baselines.core import Params, conv4_init, episode_loss, inner_loop
-from baselines.maml import MAML
+from baselines.core import Params, episode_loss, inner_loop
+from baselines.maml import MAML, YE_CHAO as _YE
 
 REGISTER = {"unicorn-maml": "UnicornMAML"}
-
-_YE = "Ye, Chao. How to Train Your MAML to Excel in Few-Shot Classification. ICLR 2022"
 
 
 def shared_head(p: Mapping[str, torch.Tensor], way: int) -> Params:
@@ -79,6 +77,17 @@ class UnicornMAML(MAML):
                                "(the paper: at most 10,000 tasks); not taken over: the pre-trained ResNet-12 and "
                                "its SGD (momentum 0.9, weight decay 5e-4, lr 1e-3, x10 for the head vector, x0.1 "
                                "every 20 epochs): Conv-4 32 from scratch with MAML's Adam 1e-3 here, our choice"),
+        "miniimagenet-resnet12": Preset(dict(inner_lr=0.1, inner_steps=5, inner_steps_test=5, meta_batch=1, outer_lr=1e-3,
+                                             temperature=0.5, first_order=True, backbone="resnet12"), 10000, _YE,
+                                        "Han-Jia/UNICORN-MAML", "README.md (MAMLOne, MiniImageNet 1-shot command); "
+                                        "model/models/mamlone.py",
+                                        "the paper's own network, ResNet-12 as MetaOptNet's (64-160-320-640, "
+                                        "average-pooled): inner lr (gd_lr) 0.1 and 5 inner steps at train and test (the "
+                                        "1-shot command; the 5-shot one, in the miniimagenet preset: 0.1 and 20), "
+                                        "temperature 0.5, first order, one task per update, 10000 updates; not taken "
+                                        "over: the FEAT pre-trained initialisation and its SGD (Adam 1e-3 from scratch "
+                                        "here), running batch-norm statistics for the query at test (batch statistics "
+                                        "here)"),
     }
 
     # conformance suite (bench/checks.py): 3 inner steps at train and test (MAML's check-time test count)
@@ -86,9 +95,8 @@ class UnicornMAML(MAML):
     CHECK_PARAMS = dict(inner_steps=3)
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
-        """Conv-4 with a one-row head: head.weight [1, feat], head.bias [1] (the shared head vector)."""
-        c, h, _ = info.image_shape
-        return conv4_init(gen, c, self.hidden, 1, h)
+        """The backbone with a one-row head: head.weight [1, feat], head.bias [1] (the shared head vector)."""
+        return self.init_net(info, gen, 1)
 
     def inner(self, x: torch.Tensor, y: torch.Tensor, steps: int, first_order: bool) -> Params:
         """The inner loop on (x [n, C, H, W], y [n]) from the meta-parameters with the head vector

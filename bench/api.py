@@ -128,6 +128,9 @@ class MetaLearner(abc.ABC):
 
     TAGS: ClassVar[Tags] = Tags()
     PRESETS: ClassVar[Mapping[str, Preset]] = {}
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ()
+    """Fields params() leaves out while they hold their default: hyperparameters added after results were
+    recorded (e.g. GradientLearner's backbone), so that the params_hash of those runs does not change."""
     seed: int = 0
 
     # --- state set by setup / fit (class attributes, not hyperparameter fields) -----------
@@ -146,9 +149,20 @@ class MetaLearner(abc.ABC):
         """A short backbone name for protocol cards (e.g. "conv4-64")."""
         return "none"
 
+    @property
+    def backbone_label(self) -> str:
+        """The backbone as the run card names it (default: `backbone`; a method whose `backbone` is a
+        hyperparameter, e.g. "resnet12", overrides this to add its widths: "resnet12-64-160-320-640")."""
+        return str(self.backbone)
+
     def params(self) -> dict[str, Any]:
-        """The hyperparameters (dataclass fields) as a plain dict."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        """The hyperparameters (dataclass fields) as a plain dict, without OMIT_AT_DEFAULT fields at their default."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if not (f.name in self.OMIT_AT_DEFAULT and f.default is not dataclasses.MISSING and value == f.default):
+                out[f.name] = value
+        return out
 
     @abc.abstractmethod
     def setup(self, info: TaskInfo) -> "MetaLearner":

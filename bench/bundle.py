@@ -45,7 +45,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from bench.errors import MetabenchError
-from bench.paths import atomic_write_text, resolve_root
+from bench.paths import resolve_root
 
 BUNDLE_FORMAT = 1
 MANIFEST = "MANIFEST.json"

@@ -377,8 +377,10 @@ def check_hyperparameters(s: Subject) -> str | None:
     require(any(f.name == "seed" for f in fields), "the hyperparameters must include `seed` (from MetaLearner)")
     m = s.new()
     params = m.params()
-    require(isinstance(params, dict) and set(params) == {f.name for f in fields},
-            f"params() must return exactly the dataclass fields, got {sorted(params) if isinstance(params, dict) else params}")
+    omitted = {f.name for f in fields if f.name in getattr(s.cls, "OMIT_AT_DEFAULT", ()) and getattr(m, f.name) == f.default}
+    require(isinstance(params, dict) and set(params) == {f.name for f in fields} - omitted,
+            f"params() must return exactly the dataclass fields (less OMIT_AT_DEFAULT fields at their default: "
+            f"{sorted(omitted)}), got {sorted(params) if isinstance(params, dict) else params}")
     bad = {k: type(v).__name__ for k, v in params.items() if non_primitive(v) or isinstance(v, torch.Tensor)}
     require(not bad, f"hyperparameter values must be primitives (bool/int/float/str/None, or lists/dicts of them) "
                      f"so they go into result rows, params hashes and state_dicts; got {bad}")
@@ -790,25 +792,28 @@ def run_check(subject: Subject, name: str) -> CheckResult:
     return CheckResult(subject.name, name, status, message, time.perf_counter() - start)
 
 
-def make_subject(target: str | type, quick: bool = True) -> Subject:
-    """The Subject of a registry name, "pkg.module:Class" or MetaLearner subclass."""
-    name, cls, params = resolve(target)
+def make_subject(target: str | type, quick: bool = True, params: dict[str, Any] | None = None) -> Subject:
+    """The Subject of a registry name, "pkg.module:Class" or MetaLearner subclass (`params`: hyperparameters
+    over the check-time ones, e.g. another backbone: {"backbone": "resnet12", "widths": "8-8-8-8"})."""
+    name, cls, defaults = resolve(target)
     declared = getattr(cls, "CHECK_EXCEPTIONS", {}) or {}
     exceptions = dict(declared) if isinstance(declared, dict) else {}
-    return Subject(name, cls, params, quick, exceptions)
+    return Subject(name, cls, {**defaults, **(params or {})}, quick, exceptions)
 
 
-def run_checks(target: str | type, quick: bool = True, only: list[str] | None = None) -> list[CheckResult]:
+def run_checks(target: str | type, quick: bool = True, only: list[str] | None = None,
+               params: dict[str, Any] | None = None) -> list[CheckResult]:
     """Run the conformance suite (or the checks named in `only`) on a method.
 
     target: a registered method name, an importable "pkg.module:Class", or the class itself.
     quick: the seconds-long budgets (False: more ways/shots and a longer learning check).
+    params: hyperparameters set over the check-time ones (`metabench check NAME --set key=value`).
     """
     names = list(CHECKS) if only is None else list(only)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise MetabenchError(f"unknown checks {unknown}; known: {', '.join(CHECKS)}")
-    subject = make_subject(target, quick)
+    subject = make_subject(target, quick, params)
     return [run_check(subject, n) for n in names]
 
 
@@ -862,9 +867,11 @@ def format_report(results: list[CheckResult]) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """`metabench check NAME|pkg.module:Class`: print the report; exit 1 on any failure."""
+    from bench.cli import parse_overrides
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_checks(args.method, quick=not args.full, only=args.only or None)
+    results = run_checks(args.method, quick=not args.full, only=args.only or None, params=parse_overrides(args.set))
     print(format_report(results))
     return 0 if all(r.ok for r in results) else 1
 
@@ -877,6 +884,8 @@ def add_cli(subparsers: Any) -> None:
     s.add_argument("method", help="a registered method or pkg.module:Class")
     s.add_argument("--full", action="store_true", help="more ways/shots and a longer learning check")
     s.add_argument("--only", action="append", default=[], metavar="CHECK", help="run only this check (repeatable)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter over the check-time ones, e.g. --set backbone=resnet12 --set widths=8-8-8-8")
     s.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the checks' tensors are tiny; 0 leaves torch's setting)")
     s.set_defaults(func=cmd_check)

@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr, flush=True)
     path = run(cfg, dirs, restart=args.restart, overwrite=args.overwrite, progress=not args.quiet)
-    print(run_summary(path))
+    print(run_summary(path, dirs.runs))
     return 0
 
 
@@ -171,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "bench.verify", "bench.report", "bench.grid", "bench.perf"):
         if importlib.util.find_spec(module) is not None:  # command groups of optional modules
             importlib.import_module(module).add_cli(sub)
-    for parser in sub.choices.values():
+    stack = list(sub.choices.values())
+    while stack:  # every command and subcommand shows its defaults
+        parser = stack.pop()
         parser.formatter_class = HelpFormatter
+        stack += [c for a in parser._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices.values()]
     return p
 
 

@@ -87,6 +87,12 @@ def validate(cls: type, params: Mapping[str, Any], name: str = "") -> None:
                 why = f"must be {limit.replace('..', ' to ')}"
         if why:
             raise MetabenchError(f"method {label!r}: {key}={plain(value)} {why}")
+    together = getattr(cls, "validate_params", None)  # a class's checks of values together (e.g. a backbone's widths)
+    if callable(together):
+        try:
+            together(params)
+        except MetabenchError as e:
+            raise MetabenchError(f"method {label!r}: {e}") from None
 
 
 def plain(value: Any) -> str:

@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,8 +65,9 @@ class Workload:
     """One benchmark shape at a method's paper settings (Finn et al. 2017 for MAML); preset: the preset key.
 
     Episodes: `way` classes, `shot` support and `query` query examples per class, images
-    [channels, size, size]; Conv-4 with `hidden` filters; `meta_batch` tasks per outer update;
-    `inner_steps` at training with `inner_lr`; `test_steps` when evaluating.
+    [channels, size, size]; Conv-4 with `hidden` filters, or `backbone` (baselines/backbones.py) with
+    `widths`; `meta_batch` tasks per outer update; `inner_steps` at training with `inner_lr`;
+    `test_steps` when evaluating.
     """
 
     preset: str
@@ -79,6 +81,14 @@ class Workload:
     inner_steps: int
     inner_lr: float
     test_steps: int
+    backbone: str = "conv4"
+    widths: str = ""
+
+    def network(self) -> Any:
+        """The workload's baselines.backbones.Backbone."""
+        from baselines.backbones import get_backbone
+
+        return get_backbone(self.backbone, self.widths, self.hidden)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -88,6 +98,10 @@ WORKLOADS: dict[str, Workload] = {
                                inner_lr=0.1, test_steps=10),
     "miniimagenet-5w1s": Workload("miniimagenet", 5, 1, 15, channels=3, size=84, hidden=32, meta_batch=4,
                                   inner_steps=5, inner_lr=0.01, test_steps=10),
+    # MAML's miniImageNet settings (Finn et al.) on ResNet-12 as MetaOptNet's (64-160-320-640)
+    "miniimagenet-5w1s-resnet12": Workload("miniimagenet", 5, 1, 15, channels=3, size=84, hidden=32, meta_batch=4,
+                                           inner_steps=5, inner_lr=0.01, test_steps=10, backbone="resnet12",
+                                           widths="64-160-320-640"),
 }
 
 
@@ -109,18 +123,23 @@ def workload_flops(w: Workload, first_order: bool) -> float:
     """FLOPs of one meta-iteration (convolutions and matmuls), counted on a plain-autograd reference."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from baselines.core import conv4_forward, conv4_init
+    from baselines.core import head_forward
 
+    net = w.network()
     gen = torch.Generator().manual_seed(0)
-    p = {k: v.requires_grad_(True) for k, v in conv4_init(gen, w.channels, w.hidden, w.way, w.size).items()}
+    p = {k: v.requires_grad_(True) for k, v in net.init(gen, w.channels, w.way, w.size).items()}
     ep = synthetic_episodes(w, 1)[0]
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return head_forward(params, net.features(params, x))
+
     with FlopCounterMode(display=False) as counter:
         fast = dict(p)
         for _ in range(w.inner_steps):
-            loss = F.cross_entropy(conv4_forward(fast, ep.support_x), ep.support_y)
+            loss = F.cross_entropy(forward(fast, ep.support_x), ep.support_y)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
             fast = {k: v - w.inner_lr * g for (k, v), g in zip(fast.items(), grads)}
-        F.cross_entropy(conv4_forward(fast, ep.query_x), ep.query_y).backward()
+        F.cross_entropy(forward(fast, ep.query_x), ep.query_y).backward()
     return float(counter.get_total_flops()) * w.meta_batch
 
 
@@ -186,9 +205,14 @@ def metabench_impl(w: Workload, method: str, device: str, batched: bool = False)
 
     if device != "cpu":
         raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
+    network = {}
+    if w.backbone != "conv4":  # (the backbone's own preset may set the order: the method's name decides here)
+        network = dict(backbone=w.backbone, widths=w.widths)
+        if method in ("maml", "fomaml"):
+            network["first_order"] = method == "fomaml"
     m = registry.make(method, w.preset, seed=0, hidden=w.hidden, meta_batch=w.meta_batch,
                       inner_steps=w.inner_steps, inner_lr=w.inner_lr, inner_steps_test=w.test_steps,
-                      **({"task_batch": w.meta_batch} if batched else {}))
+                      **network, **({"task_batch": w.meta_batch} if batched else {}))
     m.setup(TaskInfo((w.channels, w.size, w.size), w.way, w.way))
     batch = synthetic_episodes(w, w.meta_batch)
 
@@ -231,24 +255,66 @@ def conv4_module(w: Workload) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
+class ResNet12Module(torch.nn.Module):
+    """The same ResNet-12 as baselines/backbones.py as a torch.nn module (batch statistics, no running
+    ones); parameter "blocks.<b>.<layer>.<w>" is the functional "block<b>.<layer>.<w>"."""
+
+    def __init__(self, w: Workload) -> None:
+        super().__init__()
+        c, widths = w.channels, w.network().widths
+        self.blocks = torch.nn.ModuleList()
+        with torch.random.fork_rng(devices=[]):  # torch's default init draws from the global RNG; callers overwrite it
+            for width in widths:
+                block = torch.nn.Module()
+                for name, c_in, k in (("1", c, 3), ("2", width, 3), ("3", width, 3), ("_s", c, 1)):
+                    block.add_module("conv" + name, torch.nn.Conv2d(c_in, width, k, padding=k // 2, bias=False))
+                    block.add_module("bn" + name, torch.nn.BatchNorm2d(width, track_running_stats=False))
+                self.blocks.append(block)
+                c = width
+            self.head = torch.nn.Linear(widths[-1], w.way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from baselines.backbones import LEAKY_SLOPE
+
+        for b in self.blocks:
+            out = F.leaky_relu(b.bn1(b.conv1(x)), LEAKY_SLOPE)
+            out = F.leaky_relu(b.bn2(b.conv2(out)), LEAKY_SLOPE)
+            out = b.bn3(b.conv3(out)) + b.bn_s(b.conv_s(x))
+            x = F.max_pool2d(F.leaky_relu(out, LEAKY_SLOPE), 2)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def network_module(w: Workload) -> torch.nn.Module:
+    """The workload's network as a torch.nn module (for learn2learn): Conv-4 or ResNet-12."""
+    if w.backbone == "conv4":
+        return conv4_module(w)
+    if w.backbone == "resnet12":
+        return ResNet12Module(w)
+    raise MetabenchError(f"the learn2learn comparison has no module for backbone {w.backbone!r}")
+
+
 def load_functional_params(module: torch.nn.Module, p: dict[str, torch.Tensor]) -> None:
-    """Copy a functional Conv-4 parameter dict (baselines.core) into `conv4_module`'s parameters."""
-    keys = [f"{kind}{i}.{w}" for i in range(4) for kind in ("conv", "bn") for w in ("weight", "bias")]
+    """Copy a functional parameter dict (baselines.core / backbones) into `network_module`'s parameters."""
+    if isinstance(module, ResNet12Module):
+        keys = [re.sub(r"^blocks\.(\d+)\.", r"block\1.", name) for name, _ in module.named_parameters()]
+        if sorted(keys) != sorted(p):
+            raise MetabenchError(f"ResNet-12 module and parameter dict differ: {sorted(set(keys) ^ set(p))[:4]}")
+    else:
+        keys = [f"{kind}{i}.{w}" for i in range(4) for kind in ("conv", "bn") for w in ("weight", "bias")]
+        keys += ["head.weight", "head.bias"]
     with torch.no_grad():
-        for param, key in zip(module.parameters(), keys + ["head.weight", "head.bias"], strict=True):
+        for param, key in zip(module.parameters(), keys, strict=True):
             param.copy_(p[key])
 
 
 def l2l_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
-    """learn2learn's MAML wrapper on the same Conv-4 (initialised from a seeded generator through
-    baselines.core.conv4_init, not the global RNG), used as its examples do: per task clone(),
-    adapt() `inner_steps` times, backward of the query loss / meta_batch; Adam 1e-3."""
+    """learn2learn's MAML wrapper on the same network (Conv-4 or ResNet-12, initialised from a seeded
+    generator through baselines' functional init, not the global RNG), used as its examples do: per
+    task clone(), adapt() `inner_steps` times, backward of the query loss / meta_batch; Adam 1e-3."""
     if method not in ("maml", "fomaml"):
         raise MetabenchError(f"the learn2learn comparison covers maml and fomaml, not {method!r}")
-    from baselines.core import conv4_init
-
-    model = conv4_module(w)
-    load_functional_params(model, conv4_init(torch.Generator().manual_seed(0), w.channels, w.hidden, w.way, w.size))
+    model = network_module(w)
+    load_functional_params(model, w.network().init(torch.Generator().manual_seed(0), w.channels, w.way, w.size))
     model = model.to(device)
     maml = import_learn2learn_maml()(model, lr=w.inner_lr, first_order=method == "fomaml")
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)

@@ -52,9 +52,10 @@ def fmt_seconds(seconds: float) -> str:
 # the lines of `metabench run`
 
 
-def run_summary(csv_path: Path) -> str:
+def run_summary(csv_path: Path, runs_dir: Path | None = None) -> str:
     """The end-of-run lines: accuracy ± CI of this run, the seeds of this method and benchmark in
-    the results folder (and their mean), fit time, and where the CSV, card and checkpoints are."""
+    the results folder (and their mean), fit time, and where the CSV, card and checkpoint (under
+    `runs_dir`) are."""
     from bench.results import read_card, read_csv
 
     csv_path = Path(csv_path)
@@ -76,7 +77,8 @@ def run_summary(csv_path: Path) -> str:
                  f"{card.get('selected_step', '?')} chosen by validation accuracy")
     lines.append(f"  results: {csv_path} (card {csv_path.with_suffix('.json').name})")
     if card.get("checkpoint"):
-        lines.append(f"  checkpoint: {card['checkpoint']} (under the runs folder)")
+        where = Path(runs_dir) / card["checkpoint"] if runs_dir is not None else f"{card['checkpoint']} in the runs folder"
+        lines.append(f"  checkpoint: {where}")
     return "\n".join(lines)
 
 
@@ -92,7 +94,7 @@ def preset_note(cfg: Any, dirs: Any) -> str | None:
     plan = runner.plan(cfg, dirs)
     if runner.finished(plan):
         return None
-    preset = registry.preset(cfg.method, plan.bench.preset)
+    preset = registry.preset(cfg.method, registry.preset_key(cfg.method, plan.bench.preset, cfg.overrides))
     paper = f" ({preset.paper})" if preset is not None and preset.paper else ""
     device = runner.resolve_device(cfg.device)
     learner = runner.build_learner(cfg.method, plan.bench, cfg.seed, cfg.overrides, plan.steps)

@@ -188,6 +188,20 @@ def warn_oversubscription() -> None:
               f"(runs side by side slow down 20-50x); set OMP_NUM_THREADS={cores} or fewer", file=sys.stderr)
 
 
+def cpu_identity() -> dict[str, str]:
+    """The processor model and the instruction set torch's kernels use: float32 results (and so whole
+    training trajectories) differ between them, so a run card records both."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"model": model, "capability": str(torch.backends.cpu.get_cpu_capability())}
+
+
 def on_device(episodes: Iterator[Episode], device: torch.device) -> Iterator[Episode]:
     """The episodes with their tensors on `device` (the CPU stream itself when device is the CPU)."""
     return episodes if device.type == "cpu" else (ep.to(device) for ep in episodes)
@@ -230,7 +244,7 @@ def run_steps(cfg: RunConfig, bench: benchmarks.Benchmark) -> int:
     """Outer steps of a run: cfg.steps, else the method's preset for the benchmark (an error if it has none)."""
     if cfg.steps is not None:
         return cfg.steps
-    return registry.outer_steps(cfg.method, bench.preset, bench.name)
+    return registry.outer_steps(cfg.method, bench.preset, bench.name, cfg.overrides)
 
 
 def build_learner(method: str, bench: benchmarks.Benchmark, seed: int, overrides: dict[str, Any],
@@ -485,10 +499,10 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
         "method": p.label, "base_method": cfg.method, "overrides": dict(cfg.overrides),
         "benchmark": bench.name, "benchmark_version": bench.version, "seed": cfg.seed,
         "params": learner.params(), "params_hash": ph, "tags": dataclasses.asdict(tags),
-        "backbone": learner.backbone,
+        "backbone": learner.backbone_label,
         "inner_steps_train": learner.params().get("inner_steps"),
         "inner_steps_test": learner.params().get("inner_steps_test", learner.params().get("inner_steps")),
-        "code_rev": rev, "device": dev, "torch_version": torch.__version__,
+        "code_rev": rev, "device": dev, "cpu": cpu_identity(), "torch_version": torch.__version__,
         "fit_steps": curve[-1]["step"], "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds,
         "selected_step": int(chosen["step"]), "steps": steps, "val_episodes": p.n_val, "test_episodes": n_test,
         "curve": curve, "checkpoint": best.relative_to(dirs.runs).as_posix(),

@@ -417,13 +417,14 @@ def code_files_are_declared(b: Bundle) -> None:
     if not isinstance(declared, list) or not all(isinstance(p, str) for p in declared):
         b.error(f"{METADATA}: 'method_source' must be a list of paths")
         declared = []
+    sources = [rel for rel in declared if rel.startswith(f"{CODE_DIR}/") and rel.endswith(".py")]
     for rel in declared:
-        if not (rel.startswith(f"{CODE_DIR}/") and rel.endswith(".py")):
+        if rel not in sources:
             b.error(f"{METADATA}: method source {rel!r} must be a .py file under {CODE_DIR}/")
         else:
             b.usable(rel, "method source", METADATA)  # unsafe or unlisted paths are errors
     for name in sorted(b.listed):
-        if name.lower().endswith(CODE_SUFFIXES) and name not in declared:
+        if name.lower().endswith(CODE_SUFFIXES) and name not in sources:
             b.error(f"{name}: a code file the bundle does not declare as its method source ({METADATA} "
                     "'method_source'); a bundle carries code only as its declared method source")
 

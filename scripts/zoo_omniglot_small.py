@@ -44,6 +44,10 @@ PLAN = {
     "scale-shift": dict(hidden=32, pretrain_steps=100, inner_lr=0.5, head_lr=0.01),
     "leo": dict(hidden=32, pretrain_steps=100, meta_batch=4),  # 100 pre-training + 100 LEO steps of 4 tasks
     "mt-net": _SMALL,
+    # UNICORN-MAML: equal train/test inner steps (the paper's), 3 at lr 0.2 instead of the preset's 10 at 0.1
+    "unicorn-maml": dict(meta_batch=4, hidden=32, inner_lr=0.2, inner_steps=3, inner_steps_test=3),
+    # MeTAL: its own meta-batch 2, 2 inner steps (loss networks) at lr 0.15 and outer lr 3e-3 (tests/test_learning.py)
+    "metal": dict(meta_batch=2, hidden=32, inner_lr=0.15, inner_steps=2, inner_steps_test=2, outer_lr=3e-3),
     "chance": {},
 }
 

@@ -91,10 +91,17 @@ def reseal(b: Path) -> None:
 
 
 def edit_csv(b: Path, fn: Callable[[pd.DataFrame], pd.DataFrame], rel: str = SEED0 + ".csv", seal: bool = True) -> None:
-    """Change a result CSV of the bundle (all columns as strings); reseal the manifest unless `seal` is False."""
+    """Change a result CSV of the bundle (all columns as strings), and the csv_sha256 its run card records
+    (as a submitter rewriting both would); reseal the manifest unless `seal` is False."""
     frame = pd.read_csv(b / rel, dtype=str, keep_default_na=False)
     frame = fn(frame)
     frame.to_csv(b / rel, index=False)
+    card = (b / rel).with_suffix(".json")
+    if card.exists():
+        data = json.loads(card.read_text())
+        if isinstance(data, dict) and "csv_sha256" in data:
+            data["csv_sha256"] = hashlib.sha256((b / rel).read_bytes()).hexdigest()
+            card.write_text(json.dumps(data, indent=1))
     if seal:
         reseal(b)
 

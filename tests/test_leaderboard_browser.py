@@ -1,4 +1,5 @@
-"""The leaderboard in a real headless browser: no console errors, sorting, figures, escaping.
+"""The leaderboard in a real headless browser: no console errors, sorting, figures (inline and as files),
+escaping, the unranked section, the protocol card over the table, and the verified-badge rules.
 
 Drives Debian's chromium over the Chrome DevTools Protocol through `--remote-debugging-pipe`
 (file descriptors 3 and 4, NUL-separated JSON messages), so no websocket or selenium package is
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from bench.results import write_run
+from bundlefixtures import chance_bundles
 from leaderboard import build_site
 
 pytestmark = pytest.mark.browser
@@ -26,7 +28,7 @@ fcntl = pytest.importorskip("fcntl", reason="the DevTools pipe needs POSIX file 
 
 EVIL = "<script>alert(1)</script>"
 EVIL_IMG = '<img src=x onerror="alert(2)">'
-BENCHES = ("omniglot-5w1s", "miniimagenet-5w5s")
+BENCHES = ("toy-5w1s", "toy-5w5s")  # unregistered: every method has all of their (30) test episodes
 # distinct means so every sort order is unambiguous
 MEANS = {"maml": (0.80, 0.55), "anil": (0.70, 0.65), "protonet-ish": (0.75, 0.45),
          EVIL: (0.40, 0.30), EVIL_IMG: (0.30, 0.35)}
@@ -184,24 +186,38 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
+    """Every MEANS method with 3 seeds (ranked; maml's cards claim "verified": true), and "lonely" with one
+    seed (unranked)."""
     results = tmp_path_factory.mktemp("results")
     rng = np.random.default_rng(1)
     n = 30
     for b, bench in enumerate(BENCHES):
-        for method, means in MEANS.items():
+        for method, means in [*MEANS.items(), ("lonely", (0.9, 0.9))]:
             accs = np.clip(means[b] + rng.normal(0, 0.02, n), 0, 1)
-            rows = [{"benchmark": bench, "benchmark_version": 1, "split": "test", "episode": i,
-                     "episode_hash": f"{bench}-{i:04d}", "method": method, "params_hash": "p0", "seed": 0,
-                     "code_rev": "rev", "device": "cpu", "way": 5, "n_support": 5, "n_query": 75,
-                     "accuracy": float(a), "loss": 1.0, "adapt_seconds": 0.01, "fit_episodes": 100,
-                     "fit_seconds": 5.0} for i, a in enumerate(accs)]
-            card = {"method": method, "benchmark": bench, "seed": 0, "backbone": EVIL_IMG,
-                    "verified": method == "maml",
-                    "curve": [{"step": s, "fit_episodes": s, "fit_seconds": s / 10, "val_accuracy": means[b] - 0.1 + s / 1000}
-                              for s in (0, 50, 100)]}
-            write_run(results, rows, card)
+            for seed in ((0,) if method == "lonely" else (0, 1, 2)):
+                rows = [{"benchmark": bench, "benchmark_version": 1, "split": "test", "episode": i,
+                         "episode_hash": f"{bench}-{i:04d}", "method": method, "params_hash": "p0", "seed": seed,
+                         "code_rev": "rev", "device": "cpu", "way": 5, "n_support": 5, "n_query": 75,
+                         "accuracy": float(a), "loss": 1.0, "adapt_seconds": 0.01, "fit_episodes": 100,
+                         "fit_seconds": 5.0} for i, a in enumerate(accs)]
+                card = {"method": method, "benchmark": bench, "seed": seed, "backbone": EVIL_IMG,
+                        "verified": method == "maml",
+                        "curve": [{"step": s, "fit_episodes": s, "fit_seconds": s / 10,
+                                   "val_accuracy": means[b] - 0.1 + s / 1000} for s in (0, 50, 100)]}
+                write_run(results, rows, card)
     out = tmp_path_factory.mktemp("site")
     build_site([results], out, n_boot=100)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_site(tmp_path_factory) -> Path:
+    """Chance bundles: "chance" ranked with a verification record, the others unranked ("broken" fails
+    the conformance suite)."""
+    b = chance_bundles(tmp_path_factory)
+    out = tmp_path_factory.mktemp("bundle-site")
+    build_site([b["chance"], b["lonely"], b["partial"], b["broken"]], out, verified_dir=b["records"],
+               trust_code=True, n_boot=50)
     return out
 
 
@@ -242,6 +258,23 @@ def images(b: Browser) -> list[list]:
                 " return [i.closest('figure') ? i.closest('figure').id : '', i.complete, i.naturalWidth, i.naturalHeight]; })")
 
 
+def figure_files(b: Browser) -> list[list]:
+    """[href, natural width, natural height] of every figure file a page links (SVG and PNG), loaded by the browser."""
+    return b.js("""Promise.all(Array.from(document.querySelectorAll('figure a')).map(function (a) {
+        return new Promise(function (resolve) {
+            var img = new Image();
+            img.onload = function () { resolve([a.getAttribute('href'), img.naturalWidth, img.naturalHeight]); };
+            img.onerror = function () { resolve([a.getAttribute('href'), 0, 0]); };
+            img.src = a.href;
+        });
+    }))""")
+
+
+def rect(b: Browser, selector: str) -> list[float]:
+    return b.js(f"(function () {{ var r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                f" return [r.left, r.top, r.width, r.height]; }})()")
+
+
 def assert_escaped(b: Browser) -> None:
     """The hostile names are text: the right rows exist, no injected elements ran or exist."""
     assert b.js("document.querySelectorAll('img[src=\"x\"], img[onerror]').length") == 0
@@ -259,7 +292,7 @@ def test_index_page(browser, site):
     assert browser.js("document.readyState") == "complete"
     assert browser.js("document.title") == "metabench leaderboard"
 
-    # initial order: average rank ascending
+    # initial order: average rank ascending; "lonely" (one seed) is not ranked
     initial = order(browser)
     assert sorted(initial) == sorted(MEANS)
     ranks = values(browser, "avg-rank")
@@ -287,19 +320,41 @@ def test_index_page(browser, site):
     browser.click(f'table#leaderboard th[data-key="{key2}"]')
     assert order(browser) == sorted(MEANS, key=lambda m: -MEANS[m][1])
 
-    # badges: only maml is verified
-    verified = browser.js("Array.from(document.querySelectorAll('tr[data-verified=\"true\"]'))"
-                          ".map(function (r) { return r.getAttribute('data-method'); })")
-    assert verified == ["maml"]
-    assert browser.js("document.querySelector('tr[data-method=\"maml\"] .badge.verified') !== null")
+    # badges: a card that claims verification by itself shows nothing (maml's cards say "verified": true)
+    assert browser.js("document.querySelectorAll('tr[data-verified=\"true\"], .badge.verified').length") == 0
+    assert browser.js("document.querySelector('tr[data-method=\"maml\"] .badge.self-reported') !== null")
 
-    # the protocol card opens
+    # the unranked section: its own table, no rank, no bold, the reason shown
+    assert order(browser, "table#unranked") == ["lonely"]
+    assert browser.js("document.querySelectorAll('table#unranked strong, table#unranked td.best, "
+                      "table#unranked td[data-rank]').length") == 0
+    reason = browser.js("document.querySelector('table#unranked tr[data-method=\"lonely\"] td.reason').textContent")
+    assert "1 seed(s); a ranked row needs 3" in reason
+    assert browser.js("document.querySelector('table#leaderboard tr[data-method=\"lonely\"]') === null")
+
+    # seeds and fit time beside each score
+    meta = browser.js("document.querySelector('tr[data-method=\"maml\"] .cell-meta').textContent")
+    assert meta == "3 seeds · fit 5.0 s"
+
+    # the protocol card opens over the table: the numbers stay where they were
+    cell = 'table#leaderboard tr[data-method="anil"] td:nth-child(2)'
+    browser.js("window.scrollTo(0, 0)")
+    before = rect(browser, cell), rect(browser, "table#leaderboard")
     browser.click('tr[data-method="anil"] details.card summary')
     assert browser.js("document.querySelector('tr[data-method=\"anil\"] details.card').open") is True
+    browser.js("window.scrollTo(0, 0)")
+    assert (rect(browser, cell), rect(browser, "table#leaderboard")) == before
+    card = rect(browser, 'tr[data-method="anil"] details.card dl')
+    assert card[2] > 0 and card[3] > 0  # shown
+    assert browser.js("getComputedStyle(document.querySelector('tr[data-method=\"anil\"] details.card dl'))"
+                      ".position") == "absolute"
 
-    # figures decoded
+    # figures decoded, inline and as the SVG and PNG files beside the page
     imgs = images(browser)
     assert imgs and all(complete and w > 0 and h > 0 for _, complete, w, h in imgs), imgs
+    files = figure_files(browser)
+    assert [f for f, _, _ in files] == ["figures/accuracy.svg", "figures/accuracy.png"]
+    assert all(w > 0 and h > 0 for _, w, h in files), files
 
     assert_escaped(browser)
     assert browser.problems() == []
@@ -322,18 +377,44 @@ def test_benchmark_page(browser, site):
 
     # the pairs table sorts too
     n_pairs = browser.js("document.querySelectorAll('table#pairs tbody tr').length")
-    assert n_pairs == len(MEANS) * (len(MEANS) - 1) // 2
+    assert n_pairs == (len(MEANS) + 1) * len(MEANS) // 2  # every pair of methods, "lonely" included
     browser.click('table#pairs th[data-key="diff"]')
     diffs = values(browser, "diff", "table#pairs")
     assert diffs == sorted(diffs, reverse=True)
 
-    # every figure is there and decoded: accuracy, paired difference, curves, compute
+    # every figure is there and decoded: accuracy, paired difference, curves, compute; and as files
     imgs = images(browser)
     assert [f for f, *_ in imgs] == ["figure-accuracy", "figure-paired", "figure-curves", "figure-compute"]
     assert all(complete and w > 0 and h > 0 for _, complete, w, h in imgs), imgs
+    files = figure_files(browser)
+    assert len(files) == 8 and all(w > 0 and h > 0 for _, w, h in files), files
+    assert order(browser, "table#benchmark-unranked") == ["lonely"]
 
     assert_escaped(browser)
     browser.click('a[href="index.html"]')
     browser.wait_event("Page.loadEventFired")
     assert browser.js("document.querySelector('table#leaderboard') !== null")
+    assert browser.problems() == []
+
+
+def test_badges_unranked_bundles_and_failing_methods(browser, bundle_site):
+    browser.events.clear()
+    browser.navigate((bundle_site / "index.html").as_uri())
+    # verified only where the maintainer's record matches the bundle's manifest hash
+    assert order(browser) == ["chance"]
+    assert browser.js("Array.from(document.querySelectorAll('tr[data-verified=\"true\"]'))"
+                      ".map(function (r) { return r.getAttribute('data-method'); })") == ["chance"]
+    title = browser.js("document.querySelector('tr[data-method=\"chance\"] .badge.verified').title")
+    assert "episode(s) compared" in title
+    # unranked, each with its reason; the failing method is marked and its failed checks listed
+    assert sorted(order(browser, "table#unranked")) == ["broken", "lonely", "partial"]
+    reasons = browser.js("Object.fromEntries(Array.from(document.querySelectorAll('table#unranked tr[data-method]'))"
+                         ".map(function (r) { return [r.getAttribute('data-method'), r.querySelector('td.reason').textContent]; }))")
+    assert reasons == {"broken": "fails the conformance suite: check_global_rng_untouched",
+                       "lonely": "1 seed(s); a ranked row needs 3", "partial": "20 of 50 test episodes"}
+    failing = browser.js("Array.from(document.querySelectorAll('.badge.failing')).map(function (e) {"
+                         " return [e.closest('tr').getAttribute('data-method'), e.title]; })")
+    assert failing == [["broken", "fails the conformance suite (bench.checks): check_global_rng_untouched"]]
+    browser.click('table#unranked th[data-key="method"]')
+    assert order(browser, "table#unranked") == ["broken", "lonely", "partial"]
     assert browser.problems() == []

@@ -7,7 +7,7 @@ steps than the papers; the overrides are listed per method. Skipped when the sha
 or its Omniglot archives are absent. Accuracies measured with these plans (one thread): maml
 0.60, fomaml 0.55, anil 0.49, boil 0.63, metasgd 0.50, cavia 0.52, finetune 0.51, reptile 0.60,
 mamlpp 0.63, imaml 0.61, mixture 0.56 (K = 2; K = 1 0.61, K = 4 0.58), protonet 0.65,
-protomaml 0.54, baseline++ 0.56, scale-shift 0.54, leo 0.53, mt-net 0.60.
+protomaml 0.54, baseline++ 0.56, scale-shift 0.54, leo 0.53, mt-net 0.60, unicorn-maml 0.70, metal 0.54.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ PLANS = {
     # LEO: 70 pre-training + 30 LEO steps of 4 tasks (paper: 12), paper settings otherwise
     "leo": (100, 100, dict(hidden=32, pretrain_steps=70, meta_batch=4)),
     "mt-net": (100, 100, _MAML_CI),
+    # UNICORN-MAML: the paper's equal train/test inner steps, 3 at lr 0.2 (its Omniglot preset's 10 second-order
+    # steps cost 10x MAML's one), meta-batch 2
+    "unicorn-maml": (100, 100, dict(meta_batch=2, hidden=16, inner_lr=0.2, inner_steps=3, inner_steps_test=3)),
+    # MeTAL: every inner step forwards support + 75 queries (its transductive loss), ~2.5x MAML's plan; 2 steps
+    # (2 loss networks) at lr 0.15, the paper's meta-batch 2, outer lr 3e-3 (1e-3 learns too slowly in 100 steps:
+    # 0.49 with 3 steps at 0.1; at 3e-3 0.65, but ~4x MAML's time)
+    "metal": (100, 100, dict(meta_batch=2, hidden=16, inner_lr=0.15, inner_steps=2, inner_steps_test=2,
+                             outer_lr=3e-3)),
 }
 
 

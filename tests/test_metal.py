@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from bench.api import Episode
 from baselines import registry
 from baselines.metal import MeTAL
+from test_zoo import small as small_learner, to_double as as_double  # tests/ is on sys.path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,14 +22,7 @@ ADAPTED = [f"conv{i}.{t}" for i in range(4) for t in ("weight", "bias")] + ["hea
 
 
 def small(synthetic_set, **kw) -> MeTAL:
-    params = dict(meta_batch=2, hidden=8, seed=1, inner_steps=2, inner_lr=0.3) | kw
-    return MeTAL(**params).setup(synthetic_set.task_info())
-
-
-def as_double(m: MeTAL, ep: Episode) -> Episode:
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
-                   ep.index, ep.spec_hash)
+    return small_learner(MeTAL, synthetic_set, **(dict(inner_steps=2, inner_lr=0.3) | kw))
 
 
 def perceptron(x, w1, b1, w2, b2):

@@ -124,3 +124,44 @@ def test_method_colors_are_stable():
     c1 = plots.method_colors(["b", "a", "c"])
     c2 = plots.method_colors(["c", "a", "b", "a"])
     assert c1 == c2 and len(c1) == 3
+
+
+def _one_method(frame):
+    return stats.summarize(frame[(frame["method"] == "maml") & (frame["benchmark"] == "omniglot-5w1s")])
+
+
+def test_one_method_gets_readable_axes(frame):
+    summary = _one_method(frame)
+    mean = float(summary["mean"].iloc[0]) * 100
+    lo, hi = plots.plot_accuracy(summary).axes[0].get_xlim()
+    assert lo < mean < hi and 4 <= hi - lo <= 20 and 0 <= lo and hi <= 100
+    nan_ci = summary.assign(ci95=float("nan"))  # one episode: no CI, still a readable axis
+    lo, hi = plots.plot_accuracy(nan_ci).axes[0].get_xlim()
+    assert hi - lo >= 4
+    fig = plots.plot_compute(summary)
+    for ax, col in zip(fig.axes, ("fit_seconds", "adapt_seconds")):
+        x = float(summary[col].iloc[0])
+        lo, hi = ax.get_xlim()
+        assert lo <= 0 < x < hi <= 2 * x + 1e-12  # 0 to twice the one time, not a sliver around it
+        lo, hi = ax.get_ylim()
+        assert lo < mean < hi and hi - lo >= 4
+        fig.canvas.draw()
+        assert ax.xaxis.get_offset_text().get_text() == "" and ax.yaxis.get_offset_text().get_text() == ""
+
+
+def test_every_multi_series_plot_has_a_legend(frame):
+    summary = stats.summarize(frame)
+    methods = {"maml", "anil", r"we\$ird"}
+    compute = plots.plot_compute(summary)  # methods by colour, benchmarks by marker, for both panels
+    (legend,) = compute.legends
+    labels = {t.get_text() for t in legend.get_texts()}
+    assert labels == methods | {"omniglot-5w1s", "miniimagenet-5w5s"}
+    one = plots.plot_compute(summary, benchmark="omniglot-5w1s")
+    assert {t.get_text() for t in one.legends[0].get_texts()} == methods
+    curves = plots.plot_curves(_cards())
+    assert {t.get_text() for t in curves.axes[0].get_legend().get_texts()} == {"maml", "anil"}
+    steps = pd.DataFrame([{"method": m, "steps": s, "accuracy": 0.5, "ci95": 0.01} for m in ("a", "b") for s in (1, 5)])
+    assert {t.get_text() for t in plots.plot_steps(steps).axes[0].get_legend().get_texts()} == {"a", "b"}
+    # one series per method on a categorical axis: the methods name the axis itself
+    acc = plots.plot_accuracy(summary, benchmarks=["omniglot-5w1s"])
+    assert {t.get_text() for t in acc.axes[0].get_yticklabels()} == methods

@@ -231,3 +231,22 @@ def test_pairwise_lists_every_pair_best_first():
     assert list(pw.columns) == stats.PAIR_COLUMNS
     assert list(zip(pw["a"], pw["b"])) == [("best", "twin"), ("best", "worse"), ("twin", "worse")]
     assert (pw["diff"] > 0).all()
+
+
+def test_compare_pairs_two_methods_on_every_shared_benchmark():
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.3, 0.8, 30)
+    frame = frame_of(make_rows("b1", "a", 0, base + 0.05), make_rows("b1", "b", 0, base),
+                     make_rows("b2", "a", 0, base), make_rows("b2", "b", 0, base + 0.02),
+                     make_rows("b3", "a", 0, base))
+    table = stats.compare(frame, "a", "b", n_boot=200)
+    assert list(table.columns) == stats.PAIR_COLUMNS and table["benchmark"].tolist() == ["b1", "b2"]
+    assert table["diff"].tolist() == pytest.approx([0.05, -0.02])
+    assert table.iloc[0].to_dict() == pytest.approx(stats.paired(frame, "b1", "a", "b", n_boot=200).as_dict())
+    assert stats.compare(frame, "a", "b", "b2", n_boot=200)["benchmark"].tolist() == ["b2"]
+    with pytest.raises(ResultsError, match="no results of method 'c' \\(methods: a, b\\)"):
+        stats.compare(frame, "a", "c")
+    with pytest.raises(ResultsError, match="no results of method 'b' on b3"):
+        stats.compare(frame, "a", "b", "b3")
+    with pytest.raises(ResultsError, match="no results on benchmark 'b9'"):
+        stats.compare(frame, "a", "b", "b9")

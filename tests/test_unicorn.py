@@ -17,22 +17,11 @@ from bench.api import Episode
 from baselines import registry
 from baselines.maml import MAML
 from baselines.unicorn import UnicornMAML
+from test_zoo import small, to_double as as_double  # tests/ is on sys.path (pytest's rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PERM = torch.tensor([2, 0, 4, 1, 3])  # class c of the episode is relabelled PERM[c]
-
-
-def small(cls, synthetic_set, **kw):
-    params = dict(meta_batch=2, hidden=8, seed=1) | kw
-    return cls(**params).setup(synthetic_set.task_info())
-
-
-def as_double(m, ep: Episode) -> Episode:
-    """Make m's meta-parameters float64 leaves and return the episode in float64."""
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
-                   ep.index, ep.spec_hash)
 
 
 def reference_grads(m: UnicornMAML, ep: Episode) -> dict[str, torch.Tensor]:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 import bench.bundle as bundle_format
 from bench import benchmarks
-from bench.bundle import MANIFEST, METADATA
+from bench.bundle import CONFORMANCE, MANIFEST, METADATA, make_bundle
 from bench.cli import main
-from bench.validation import RULES, validate_bundle
+from bench.errors import DataError
+from bench.results import ADDED_COLUMNS
+from bench.runner import RunConfig, RunDirs, run
+from bench.sources import SOURCES
+from bench.validation import RULES, describe_loader, validate_bundle
 from bench.verify import verify_bundle
-from bundlefixtures import BENCH, SEED0, edit_csv, edit_json, fresh_bundle, pristine_bundle, snapshot
+from bundlefixtures import (BENCH, SEED0, chance_bundles, edit_csv, edit_json, fresh_bundle, pristine_bundle, reseal,
+                            snapshot)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -26,6 +35,7 @@ def bundle(tmp_path_factory, tmp_path) -> Path:
 def test_pristine_bundle_is_valid_and_ranked(tmp_path_factory):
     v = validate_bundle(pristine_bundle(tmp_path_factory))
     assert v.ok and v.ranked and v.errors == [] and v.warnings == [] and v.failed == {}
+    assert v.conformance["ok"] and v.conformance["method"] == "fomaml"  # the suite, re-run here
 
 
 def test_few_seeds_or_partial_episodes_are_accepted_unranked(bundle):
@@ -156,6 +166,16 @@ def _params_tampered(b):
     edit_json(b, SEED0 + ".json", lambda c: c["params"].update(hidden=64))
 
 
+def _undeclared_code(b):
+    (b / "results" / "sitecustomize.py").write_text("import os\n")
+    reseal(b)
+
+
+def _conformance_garbage(b):
+    (b / CONFORMANCE).write_text(json.dumps({"ok": "yes"}))
+    reseal(b)
+
+
 BAD = {
     "symlinked bundle folder": (_linked_folder, "the bundle folder is a symbolic link"),
     "wrong columns": (_rename_column, "missing column(s) ['loss']"),
@@ -184,6 +204,9 @@ BAD = {
     "missing file": (_missing_file, "seed2.json: listed in MANIFEST.json but missing"),
     "card disagrees": (_card_disagrees, "seed 7 does not match the results (0)"),
     "params tampered": (_params_tampered, "params_hash does not match its hyperparameters"),
+    "undeclared code": (_undeclared_code, "results/sitecustomize.py: a code file the bundle does not declare as its "
+                                          "method source"),
+    "conformance report garbage": (_conformance_garbage, "conformance.json: not a conformance report"),
 }
 
 # the broken bundle each validation rule must reject, with its reason (a case of BAD)
@@ -192,6 +215,7 @@ RULE_CASES = {
     "files_match_manifest": "manifest sha mismatch",
     "metadata_is_well_formed": "metadata format",
     "run_files_are_listed": "traversal in metadata",
+    "code_files_are_declared": "undeclared code",
     "results_columns_are_valid": "wrong columns",
     "card_matches_results": "card disagrees",
     "params_hash_matches": "params tampered",
@@ -201,6 +225,7 @@ RULE_CASES = {
     "test_episodes_are_complete": "missing episode",
     "episode_hashes_match": "tampered hash",
     "seeds_are_distinct_and_enough": "seeds disagree",
+    "method_conforms": "conformance report garbage",
 }
 
 
@@ -223,7 +248,7 @@ def test_bad_bundle_is_rejected_with_a_reason_and_nothing_written(case, bundle, 
     assert not v.ok and not v.ranked
     assert any(reason in e for e in v.errors), v.errors
     r = verify_bundle(bundle, episodes=2)
-    assert not r.ok and not r.marked and any(reason in e for e in r.errors)
+    assert not r.ok and r.record is None and any(reason in e for e in r.errors)
     assert main(["validate", str(bundle)]) == 1
     err = capsys.readouterr().err
     assert "rejected" in err and reason in err
@@ -263,3 +288,95 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "empty").mkdir()
     v = validate_bundle(tmp_path / "empty")
     assert not v.ok and "MANIFEST.json is missing" in v.errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# old result files, conformance, code
+
+
+def test_a_bundle_of_result_files_without_the_added_columns_stays_valid(bundle):
+    for s in range(3):
+        edit_csv(bundle, lambda f: f.drop(columns=list(ADDED_COLUMNS)), rel=f"results/{BENCH}/fomaml/seed{s}.csv")
+    assert "adapt_batch" not in (bundle / f"{SEED0}.csv").read_text()
+    v = validate_bundle(bundle)
+    assert v.ok and v.ranked, v.errors
+
+
+def test_a_bundle_without_a_conformance_report_is_checked_here(bundle):
+    (bundle / CONFORMANCE).unlink()
+    reseal(bundle)
+    v = validate_bundle(bundle)
+    assert v.ok and v.ranked and v.conformance["ok"]
+    assert any("conformance.json is missing" in w for w in v.warnings)
+
+
+def test_a_method_failing_the_conformance_suite_is_accepted_unranked(tmp_path_factory, capsys):
+    broken = chance_bundles(tmp_path_factory)["broken"]
+    submitted = json.loads((broken / CONFORMANCE).read_text())
+    assert submitted["ok"] is False and submitted["failed"] == ["check_global_rng_untouched"]
+    v = validate_bundle(broken)  # not registered: not imported, so not re-run
+    assert v.ok and not v.ranked and v.conformance is None
+    assert any("the conformance suite was not re-run" in w and "--trust-code" in w for w in v.warnings)
+    v = validate_bundle(broken, trust_code=True)
+    assert v.ok and not v.ranked and v.conformance["failed"] == ["check_global_rng_untouched"]
+    assert any("fails the conformance suite (bench.checks): check_global_rng_untouched" in w for w in v.warnings)
+    assert main(["validate", str(broken), "--trust-code"]) == 0
+    assert "(unranked; conformance suite FAILED)" in capsys.readouterr().out
+
+
+def test_declared_method_source_must_be_python_under_code(bundle):
+    (bundle / "code").mkdir()
+    (bundle / "code" / "helper.so").write_bytes(b"\x7fELF")
+    edit_json(bundle, METADATA, lambda m: m.update(method_source=["code/helper.so", "code/missing.py"]))
+    v = validate_bundle(bundle)
+    assert not v.ok
+    assert any("method source 'code/helper.so' must be a .py file under code/" in e for e in v.errors)
+    assert any("method source code/missing.py is not in the bundle's MANIFEST.json" in e for e in v.errors)
+    assert any("code/helper.so: a code file the bundle does not declare" in e for e in v.errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# read-only: validation writes no data cache
+
+
+GOLDEN = json.loads((REPO / "tests" / "golden" / "spec_hashes.json").read_text())
+
+
+def test_glyphs_episodes_are_described_from_the_class_table_without_pixels(tmp_path):
+    es = benchmarks.load("glyphs-5w1s", tmp_path / "root", loader=describe_loader)
+    assert es.source.images.shape[0] == 0  # no pixels
+    for split in ("train", "val", "test"):
+        assert [es.describe(split, i).hash for i in range(5)] == GOLDEN["glyphs-5w1s"][split]
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_source_that_would_build_its_cache_is_refused_not_built(tmp_path):
+    with pytest.raises(DataError, match="'omniglot-small' is not prepared at 28px .* validation writes no data cache"):
+        describe_loader("omniglot-small", tmp_path / "root", 28)
+    assert not (tmp_path / "root").exists()
+
+
+def _fake_glyphs(root, image_size):
+    """The glyphs' classes with blank pixels: the same episodes (hashes) without rendering."""
+    src = describe_loader("glyphs", root, image_size)
+    return dataclasses.replace(src, images=np.zeros((int(src.class_count.sum()), image_size, image_size), np.uint8))
+
+
+def test_validating_a_glyphs_bundle_writes_no_cache(tmp_path, monkeypatch, capsys):
+    """`validate` without --root once rendered 29 MB of glyphs into the user's cache."""
+    dirs = RunDirs(tmp_path / "build-root", tmp_path / "results", tmp_path / "runs")
+    with monkeypatch.context() as m:
+        m.setitem(SOURCES._resolved, "glyphs", _fake_glyphs)
+        for seed in (0, 1, 2):
+            run(RunConfig("chance", "glyphs-5w1s", seed, steps=0, val_episodes=2), dirs, progress=False)
+    out = make_bundle("chance", dirs.results, dirs.runs, tmp_path / "bundle")
+    empty = tmp_path / "user-cache"
+    monkeypatch.setenv("METABENCH_ROOT", str(empty))
+    before = snapshot(out)
+    assert main(["validate", str(out)]) == 0
+    out_text = capsys.readouterr().out
+    assert "valid:" in out_text and "(ranked;" in out_text
+    assert not empty.exists() and snapshot(out) == before
+    v = validate_bundle(out)
+    assert v.ok and v.ranked, v.errors
+    assert not empty.exists()
