@@ -10,6 +10,10 @@ so the registry reuses MAML's per-family defaults (Omniglot 5-way inner lr 0.4, 
 10 at test, meta-batch 32; 20-way 0.1, 5 steps, meta-batch 16; miniImageNet 0.01, 5 steps,
 meta-batch 4, Conv-4 32) and MAML's numbers of outer steps; the ANIL appendix with its exact
 values was not retrieved (published_hyperparameters.csv: "App. B not retrieved").
+
+Backbones: any (the head is the linear layer after the backbone's features). The paper has no
+ResNet-12 settings (Conv-4, as MAML): a ResNet run takes the benchmark's preset with the backbone
+set over it.
 """
 
 from __future__ import annotations

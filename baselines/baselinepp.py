@@ -16,6 +16,8 @@ Differences from the reference code, stated: the class weight vectors are plain 
 (the paper's cosine); the code's distLinear additionally learns a per-class norm through weight
 normalisation (its issues #4 and #8), not reproduced. The code's fine-tuning uses mini-batches of
 4 and dampening 0.9; here it is `finetune`'s full-batch recipe.
+
+Backbones: any. The paper also runs ResNet-10/18/34 (its own variants, 224 px); no preset for them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ batches). Batch norm uses batch statistics at test (track_running_stats=False), 
 The paper has no Omniglot experiments: for the Omniglot keys we chose MAML's Omniglot settings
 (Finn et al. 2017; inner lr 0.4 / 0.1, steps 1 / 5 at train and 10 at test, meta-batch 32 / 16,
 40000 steps), applied to the body only.
+
+Backbones: any (the body is every backbone parameter). `miniimagenet-resnet12`: the repository's
+ResNet-12 commands (run_resnet.sh), written for CIFAR-FS; see its note.
 """
 
 from __future__ import annotations

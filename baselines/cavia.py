@@ -21,6 +21,11 @@ meta-batch (32 / 16), width 64 and 40000 steps.
 Initialisation: the shared Conv-4 initialisation (core.conv4_init) for the network; the FiLM
 layer as PyTorch's nn.Linear after the reference's kaiming init: weight U(+-sqrt(3 / n_context)),
 bias U(+-1 / sqrt(n_context)).
+
+Backbones: any; FiLM modulates the output of the last batch norm of block `film_block` (Conv-4:
+before the ReLU, as above; ResNet-12: the block's third batch norm, before the residual sum;
+ResNet-18: the stage's last batch norm, before the residual sum), with 2 x that block's width
+outputs. The paper has no ResNet settings.
 """
 
 from __future__ import annotations

@@ -10,12 +10,16 @@
   code that must.
 - `conv_layout` / `higher_order`: which memory layout a Conv-4 pass runs in (channels-last,
   except passes whose backward is differentiated again); the values do not depend on it.
+- `Ops`: the layer operations (layout, conv, batch norm) every backbone's forward pass is written
+  in (Conv-4 here, ResNet-12 and ResNet-18 in baselines/backbones.py); a fast path or a method
+  substitutes some (task-batched grouped convolutions, MAML++'s per-step batch norm, CAVIA's
+  FiLM, MT-nets' transformations), so each works on every backbone.
 - `inner_loop`: gradient steps on a subset of the parameters with `torch.autograd.grad`;
   second order by default, first order by detaching the inner gradients.
-- `GradientLearner`: the MetaLearner plumbing every gradient method shares (setup, the outer
-  loop over meta-batches with its tasks side by side on threads when `PARALLEL_TASKS`, Adam on
-  the meta-parameters, state_dict with optimizer and RNG state, adapt). A method overrides only
-  the hooks that make it different.
+- `GradientLearner`: the MetaLearner plumbing every gradient method shares (the backbone as a
+  hyperparameter, setup, the outer loop over meta-batches with its tasks side by side on threads
+  when `PARALLEL_TASKS`, Adam on the meta-parameters, state_dict with optimizer and RNG state,
+  adapt). A method overrides only the hooks that make it different.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ is deterministic). Pre-training: Adam 1e-3 (paper), one outer step per `meta_bat
 `pretraining_loss` (supervised pre-training on absolute class ids) is shared with scale-shift
 (baselines/scaleshift.py); the per-task head is two hooks (`new_head`, `head_logits`) that
 Baseline++ (baselines/baselinepp.py) overrides with its cosine classifier.
+
+Backbones: any. The paper also runs ResNet-10/18/34 (its own variants, 224 px); no preset for them.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ of the paper (Eq. 4) at every step. (2) Its CG operator is heavily damped,
 Adaptation at test follows the README (lam_test = 0); measured on omniglot-small-5w1s (100
 outer steps, meta-batch 4, Conv-4 16, 5 inner steps at lr 0.1, 10 test steps) it beat keeping the
 proximal term at test: 0.57 vs 0.43 accuracy over 100 test episodes.
+
+Backbones: any. No ResNet settings in the paper; DropBlock is not supported (its outer update sums
+implicit gradients itself: an error at construction).
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ seeded by (seed, outer step, episode index), so the tasks of a meta-batch can ru
 and a run resumes exactly; the first fine-tuning gradient is taken with a fresh prediction dropout
 mask (the reference reuses the last latent step's loss: the same weights, another mask). Omniglot
 is not in the paper: its presets are our choice.
+
+Backbones: any, pre-trained in phase 1 (the paper's features are a WRN-28-10's, not provided here);
+no ResNet preset.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ equal shapes, evaluation adapts EVAL_CHUNK tasks at once as one task-batched net
 (baselines/taskbatch.py, `adapt_many`), and training does so for `task_batch` tasks at a time
 when asked (it trades memory for speed). Both paths compute the same function
 (tests/test_taskbatch.py compares them in float64 and over several float32 steps).
+
+Backbones (baselines/backbones.py): any, with the task-batched fast path on each
+(taskbatch.TaskOps). Finn et al. used Conv-4 only; the `miniimagenet-resnet12` preset (selected by
+--set backbone=resnet12 on miniImageNet) is Ye & Chao 2022's MAML with ResNet-12, with what it does
+not take over stated in its note.
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ max-pool, four times; the reference uses leaky ReLU and Xavier-initialised convs
 inner_steps entries (the reference allocates one unused extra); the query set size is the
 benchmark's. Gradient clamping to [-10, 10] of the meta-gradient (the reference does it for
 ImageNet datasets only) is the `grad_clip` field.
+
+Backbones: any; per-step batch-norm weights, biases and running statistics exist for every batch
+norm of the backbone (MAMLpp.bn_stats keys "<bn>.running_mean"). The paper has no ResNet settings
+(Conv-4 only).
 """
 
 from __future__ import annotations

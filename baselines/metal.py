@@ -51,6 +51,10 @@ serves variable-way episodes (the reference is fixed-way: the two agree when way
 run with more inner steps than training reuses the last step's loss network (the reference
 evaluates with the training step count only); the shared Conv-4 (batch statistics of the batch
 being predicted, our initialisation) instead of MAML++'s network.
+
+Backbones: any (the task state has one mean per adapted conv or head tensor: 18 for ResNet-12). The
+paper also reports ResNet-12 runs, but the released config (MeTAL.json) is Conv-4's: no ResNet-12
+preset.
 """
 
 from __future__ import annotations

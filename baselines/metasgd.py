@@ -19,6 +19,9 @@ miniImageNet [0.005, 0.015]); the paper initialises alpha randomly (its interval
 classification was not retrieved), learn2learn/torchmeta use a constant. Meta-batch, Adam 1e-3,
 Conv-4 width and the number of outer steps follow MAML (Finn et al. 2017), since Meta-SGD uses
 MAML's architecture and setup.
+
+Backbones: any (one learning rate per parameter of the backbone). The paper has no ResNet settings:
+a ResNet run takes the benchmark's preset with the backbone set over it.
 """
 
 from __future__ import annotations

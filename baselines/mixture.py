@@ -33,6 +33,8 @@ evaluation 12 / 14 / 19 s (times on a shared machine: rough). Omniglot tasks are
 splitting the outer updates over components did not pay off at this budget (a 100-episode
 estimate, not a significance test); K = 2 is the cheapest real mixture, and K = 4 already left
 one component unused.
+
+Backbones: any (every component is the same network). No ResNet settings.
 """
 
 from __future__ import annotations

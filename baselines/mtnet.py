@@ -37,6 +37,10 @@ side by side and a run resumes exactly; at test the reference samples masks as w
 each adaptation draws them from a generator seeded by (seed, the support set's content), so
 adapting to the same support set is repeatable and different test episodes get independent
 masks.
+
+Backbones: any; T and M on every convolution of the backbone (ResNets: the shortcut convolutions
+too; their convolutions have no bias, so only weights adapt) and on the head. No ResNet settings in
+the paper.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ instead of the pretrained ResNet-18 at 126 px; batch norm statistics of the batc
 predicted (the reference normalises the query with support moments); batch-norm parameters are
 adapted in the inner loop like every other parameter (as our MAML does; the reference has
 adapt_batch_norm=False); the reference's L2 weight decay on the outer loss is not applied.
+
+Backbones: any. The paper's own network is ResNet-18 (pre-trained, 126 px; --set backbone=resnet18
+builds it, untrained); no preset switches to it, since the pre-training is not available here, and
+the paper has no ResNet-12 settings.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ query in one batch while training and uses running statistics at test), and the 
 per class is the benchmark's (15) rather than the reference's 5 for Omniglot training.
 
 `prototypes` and `squared_distances` are shared with Proto-MAML (baselines/protomaml.py).
+
+Backbones: any. The paper uses Conv-4 only; no ResNet preset.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ Omniglot 5-way 1-shot: Adam lr 0.00044, inner batch 5, 12 inner steps, meta-batc
 0.0012, batch 3, 19 steps, meta-batch 2, 0.235 -> 0, 200000, eval batch 3, 55 steps, 32 filters.
 Conv-4 here is the shared max-pool variant (the reference's Omniglot net uses strided convs).
 A run shorter than the paper's should set `total_steps` to its length so eps still reaches 0.
+
+Backbones: any (the inductive prediction, support plus one query, works on each). No ResNet settings
+in the paper; DropBlock is not supported (its outer step draws no per-task masks: an error at
+construction).
 """
 
 from __future__ import annotations

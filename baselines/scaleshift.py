@@ -27,8 +27,9 @@ scales of an output channel are normalised away, exactly as in the reference TF 
 + shift, then batch norm in training mode; the PyTorch code's convs have no bias, hence no shift):
 what phase 2 learns is the relative weighting of each conv's input channels, and the head init.
 
-Differences, stated: the paper's ResNet-12 is replaced by our Conv-4 (batch norm on the
-statistics of the batch being predicted); the pre-training classifier is linear (the TF code's;
+Differences, stated: the paper's ResNet-12 is replaced by our Conv-4 in the presets but
+`miniimagenet-resnet12` (batch norm on the statistics of the batch being predicted; every conv of a
+ResNet, shortcuts included, gets its own scale and shift); the pre-training classifier is linear (the TF code's;
 the PyTorch code uses a 640-1000-classes MLP); batch-norm parameters stay frozen in phase 2 (the
 paper's Theta; the PyTorch code's optimizer also updates them); the meta-gradient is second order
 through the head's inner loop (the TF code's tf.gradients; the PyTorch code detaches the inner

@@ -24,6 +24,9 @@ x10 for the head vector, x0.1 every 20 epochs), which suit a pre-trained backbon
 one; batch norm on the statistics of the batch being predicted (as all our MAML variants); the
 head vector's initialisation is the shared one (core.conv4_init with a one-row head, Xavier) where
 the reference uses torch's nn.Linear(640, 1) default.
+
+Backbones: any. `miniimagenet-resnet12` is the paper's own setting (ResNet-12, 1-shot command); see
+its note for what is not taken over.
 """
 
 from __future__ import annotations

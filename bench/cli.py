@@ -53,6 +53,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one method on one benchmark."""
+    from bench.report import preset_note, run_summary
     from bench.runner import RunConfig, RunDirs, run, warn_oversubscription
 
     root = resolve_root(args.root)
@@ -60,9 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     args.test_episodes, parse_overrides(args.set), args.patience, args.label, args.device)
     dirs = RunDirs(root, Path(args.results), Path(args.runs) if args.runs else root / "runs")
     warn_oversubscription()
-    from bench.report import preset_note, run_summary
-
-    note = None if args.quiet or args.restart else preset_note(cfg, dirs)
+    note = None if args.quiet else preset_note(cfg, dirs, args.restart)
     if note:
         print(note, file=sys.stderr, flush=True)
     path = run(cfg, dirs, restart=args.restart, overwrite=args.overwrite, progress=not args.quiet)

@@ -54,8 +54,8 @@ def fmt_seconds(seconds: float) -> str:
 
 def run_summary(csv_path: Path, runs_dir: Path | None = None) -> str:
     """The end-of-run lines: accuracy ± CI of this run, the seeds of this method and benchmark in
-    the results folder (and their mean), fit time, and where the CSV, card and checkpoint (under
-    `runs_dir`) are."""
+    the results folder (and their mean), fit time, where the card and checkpoint (under `runs_dir`)
+    are, and last "results: <csv path>" (what `metabench run` always printed last)."""
     from bench.results import read_card, read_csv
 
     csv_path = Path(csv_path)
@@ -75,25 +75,27 @@ def run_summary(csv_path: Path, runs_dir: Path | None = None) -> str:
     fit = float(card.get("fit_seconds", frame["fit_seconds"].iloc[0]))
     lines.append(f"  fit: {fmt_seconds(fit)} for {card.get('fit_steps', '?')} outer steps; checkpoint of step "
                  f"{card.get('selected_step', '?')} chosen by validation accuracy")
-    lines.append(f"  results: {csv_path} (card {csv_path.with_suffix('.json').name})")
+    lines.append(f"  run card: {csv_path.with_suffix('.json')}")
     if card.get("checkpoint"):
         where = Path(runs_dir) / card["checkpoint"] if runs_dir is not None else f"{card['checkpoint']} in the runs folder"
         lines.append(f"  checkpoint: {where}")
+    lines.append(f"results: {csv_path}")  # last, as before: `metabench grid` reads the CSV path from it
     return "\n".join(lines)
 
 
-def preset_note(cfg: Any, dirs: Any) -> str | None:
+def preset_note(cfg: Any, dirs: Any, restart: bool = False) -> str | None:
     """Before a run without --steps: how many outer steps the method's preset means, from which paper,
     and roughly how long fitting them takes here (two outer steps timed on a throwaway copy of the
-    learner; the run itself is unchanged). None when --steps is given or the run is finished."""
+    learner; the run itself is unchanged). None when --steps is given or the run is finished (and
+    not `restart`ed)."""
     from baselines import registry
     from bench import runner
 
     if cfg.steps is not None:
         return None
     plan = runner.plan(cfg, dirs)
-    if runner.finished(plan):
-        return None
+    if (not restart and runner.finished(plan)) or runner.existing_identity(plan) not in (None, plan.params_hash):
+        return None  # nothing to fit, or a clash the run reports at once
     preset = registry.preset(cfg.method, registry.preset_key(cfg.method, plan.bench.preset, cfg.overrides))
     paper = f" ({preset.paper})" if preset is not None and preset.paper else ""
     device = runner.resolve_device(cfg.device)

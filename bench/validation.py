@@ -495,7 +495,9 @@ def benchmark_is_known_and_current(b: Bundle) -> None:
     from bench import benchmarks
 
     for run in b.live():
-        try:
+        try:  # a registered or installed name only: a bundle's "pkg.module:NAME" or .toml path is never loaded
+            if run.benchmark not in benchmarks.BENCHMARKS:
+                raise MetabenchError(run.benchmark)
             bench = benchmarks.get_benchmark(run.benchmark)
         except MetabenchError:
             b.drop(run, f"{run.csv_rel}: unknown benchmark {run.benchmark!r} "

@@ -289,8 +289,11 @@ def write_record(folder: Path, b: Bundle, result: Verification, episodes: int | 
         "imports": result.imports, "warnings": result.warnings,
     }
     path = Path(folder) / f"{file_slug(record['method'])}-{sha[:16]}.json"
-    atomic_write_text(path, json_text(record))
-    path.chmod(0o644)
+    try:
+        atomic_write_text(path, json_text(record))
+        path.chmod(0o644)
+    except OSError as e:
+        raise MetabenchError(f"{folder}: cannot write the verification record there ({e.strerror or e})") from e
     return path
 
 

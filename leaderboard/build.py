@@ -546,14 +546,14 @@ def build_site(results_dirs: list[Path], out: Path, reference_csv: Path | None =
     """
     from bench.verify import read_records
 
-    validations = check_bundles(results_dirs, root, trust_code)
-    loaded = load_results([Path(d) for d in results_dirs])
-    frame = loaded.frame
-    ref = read_reference(Path(reference_csv)) if reference_csv is not None else None
     try:
         records = read_records(Path(verified_dir)) if verified_dir is not None else {}
     except MetabenchError as e:
         raise ResultsError(str(e)) from e
+    ref = read_reference(Path(reference_csv)) if reference_csv is not None else None
+    validations = check_bundles(results_dirs, root, trust_code)
+    loaded = load_results([Path(d) for d in results_dirs])
+    frame = loaded.frame
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -396,11 +396,13 @@ def omniglot_small(shared_data, data_root):
 
 @pytest.mark.slow
 def test_tiny_resnet12_maml_learns_omniglot_small(omniglot_small):
-    """Second-order MAML on ResNet-12 8-8-16-16: 60 outer steps of 2 tasks, 5 test steps, 60 test episodes."""
+    """Second-order MAML on ResNet-12 16-16-16-16: 100 outer steps of 2 tasks at outer lr 3e-3, inner lr 0.1
+    (Omniglot's 0.4 is Conv-4's: 0.42 here with 8-8-16-16 and 4 tasks, 0.1: 0.54), 5 test steps, 60 test
+    episodes. Measured: 0.59 in 27 s on one thread of a shared machine."""
     es = omniglot_small
-    m = registry.make("maml", es.bench.preset, seed=0, backbone="resnet12", widths="8-8-16-16", meta_batch=2,
-                      inner_steps=1, inner_steps_test=5)
+    m = registry.make("maml", es.bench.preset, seed=0, backbone="resnet12", widths="16-16-16-16", meta_batch=2,
+                      outer_lr=3e-3, inner_lr=0.1, inner_steps=1, inner_steps_test=5)
     m.setup(es.task_info())
-    m.fit(es.stream("train"), 60)
+    m.fit(es.stream("train"), 100)
     acc = float(np.mean([r["accuracy"] for r in m.evaluate(es.episodes("test", 60))]))
     assert acc >= 0.4, f"{acc:.3f} test accuracy (chance 0.2)"

@@ -118,3 +118,26 @@ def test_learn2learn_maml_computes_our_meta_gradient():
             torch.testing.assert_close(param.grad, g, rtol=1e-8, atol=1e-10)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_resnet12_workload_and_module_are_the_functional_resnet12(tiny):
+    """The ResNet-12 workload: its network is baselines' ResNet-12, the learn2learn side loads the same
+    parameters into ResNet12Module (same logits), and one metabench worker row runs (tiny widths)."""
+    from baselines.core import head_forward
+
+    w = perf.WORKLOADS["miniimagenet-5w1s-resnet12"]
+    assert (w.backbone, w.network().label, w.meta_batch, w.inner_steps, w.size) == \
+        ("resnet12", "resnet12-64-160-320-640", 4, 5, 84)
+    small = dataclasses.replace(TINY, size=20, backbone="resnet12", widths="4-6-8-4")
+    net = small.network()
+    p = net.init(torch.Generator().manual_seed(0), 1, small.way, small.size)
+    module = perf.network_module(small)
+    perf.load_functional_params(module, p)
+    x = torch.rand(5, 1, 20, 20)
+    torch.testing.assert_close(module(x), head_forward(p, net.features(p, x)), rtol=1e-5, atol=1e-5)
+    assert perf.workload_flops(small, False) > perf.workload_flops(small, True) > 0
+    for method in ("maml", "fomaml"):
+        step, evaluate = perf.metabench_impl(small, method, "cpu")
+        assert evaluate.__self__.tags.order == ("second" if method == "maml" else "first")  # not the ResNet preset's
+        step()
+        evaluate(perf.synthetic_episodes(small, 2))

@@ -153,8 +153,8 @@ def test_run_prints_its_summary_and_quiet_means_quiet(tmp_path, capsys):
     assert re.fullmatch(r"fomaml on synthetic-5w1s, seed 0: \d+\.\d\d% ± \d+\.\d\d% \(95% CI over 10 test episodes\)",
                         lines[0])
     assert "1 seed so far" in lines[1] and "for 2 outer steps" in lines[2]
-    assert f"results: {tmp_path / 'res' / 'synthetic-5w1s' / 'fomaml' / 'seed0.csv'}" in captured.out
-    assert f"checkpoint: {tmp_path / 'runs'}" in captured.out
+    assert lines[-1] == f"results: {tmp_path / 'res' / 'synthetic-5w1s' / 'fomaml' / 'seed0.csv'}"  # last: grid reads it
+    assert f"checkpoint: {tmp_path / 'runs'}" in captured.out and "run card: " in captured.out
     assert main([*args, *sets, "--seed", "1"]) == 0
     assert "2 seeds of fomaml here" in capsys.readouterr().out
 

@@ -117,7 +117,7 @@ def test_plateau_rule():
 
 def test_patience_stops_early(tmp_path, monkeypatch):
     values = iter([0.5, 0.6, 0.55, 0.55, 0.9, 0.9])
-    monkeypatch.setattr(runner, "mean_accuracy", lambda learner, episodes: next(values))
+    monkeypatch.setattr(runner, "mean_accuracy", lambda learner, episodes, *rest: next(values))
     cfg = RunConfig(**{**CFG.__dict__, "steps": 10, "chunk": 1, "patience": 2})
     card = read_card(run(cfg, dirs_in(tmp_path), progress=False))
     assert [p["step"] for p in card["curve"]] == [0, 1, 2, 3]
