@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import MetabenchError
-from baselines.core import PLAIN, Ops, Params, conv4_features, conv4_init
+from baselines.core import PLAIN, Ops, Params, conv4_features, conv4_init, head_init
 
 STANDARD_WIDTHS = {"resnet12": (64, 160, 320, 640), "resnet18": (64, 128, 256, 512)}
 """The published widths of each ResNet (`widths=""` selects them)."""
@@ -98,14 +98,6 @@ def drop_block(x: torch.Tensor, rate: float, size: int, gen: torch.Generator) ->
 def kaiming_normal(gen: torch.Generator, c_out: int, c_in: int, k: int) -> torch.Tensor:
     """A conv weight [c_out, c_in, k, k] ~ N(0, 2 / (c_out k^2)) (torch's kaiming_normal_, mode fan_out)."""
     return torch.randn(c_out, c_in, k, k, generator=gen) * math.sqrt(2.0 / (c_out * k * k))
-
-
-def head_init(gen: torch.Generator, p: Params, feat: int, n_out: int) -> Params:
-    """The shared linear head (as core.conv4_init's): Xavier-uniform weight [n_out, feat], zero bias."""
-    bound = math.sqrt(6.0 / (feat + n_out))
-    p["head.weight"] = (torch.rand(n_out, feat, generator=gen) * 2 - 1) * bound
-    p["head.bias"] = torch.zeros(n_out)
-    return p
 
 
 @dataclass(frozen=True)

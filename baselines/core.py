@@ -64,7 +64,11 @@ def conv4_init(gen: torch.Generator, in_channels: int, hidden: int, n_out: int, 
         p[f"bn{i}.weight"] = torch.ones(hidden)
         p[f"bn{i}.bias"] = torch.zeros(hidden)
         c_in, size = hidden, size // 2
-    feat = hidden * size * size
+    return head_init(gen, p, hidden * size * size, n_out)
+
+
+def head_init(gen: torch.Generator, p: Params, feat: int, n_out: int) -> Params:
+    """`p` with the shared linear head added: Xavier-uniform weight [n_out, feat] from `gen`, zero bias [n_out]."""
     bound = math.sqrt(6.0 / (feat + n_out))
     p["head.weight"] = (torch.rand(n_out, feat, generator=gen) * 2 - 1) * bound
     p["head.bias"] = torch.zeros(n_out)

@@ -190,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     except MetabenchError as e:
         print(f"metabench: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output folder that is read-only, full, or under a file
+        where = f"{e.filename}: " if e.filename else ""
+        what = ("a file is in the way of a folder" if isinstance(e, (FileExistsError, NotADirectoryError))
+                else e.strerror or str(e))
+        print(f"metabench: error: {where}{what} (nothing else was written)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("metabench: interrupted (run the same command again to continue)", file=sys.stderr)
         return 130

@@ -303,3 +303,22 @@ def check_consistent(frames: Iterable[pd.DataFrame], names: Iterable[str]) -> pd
                 raise ResultsError(f"{name}: episode {ep} of {bench} has hash {h}, but {first} has {h0[ep]} "
                                    "(not the same test episodes)")
     return pd.concat(frames, ignore_index=True)
+
+
+def fingerprint_conflicts(cards: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Runs of one benchmark whose cards record other data (cache content fingerprints) for a source.
+
+    cards: (label, run card) pairs. Cards without `data_fingerprints` (older runs) are not compared.
+    Returns one message per conflict (empty: the runs were made on the same data).
+    """
+    seen: dict[tuple[str, str], tuple[str, str]] = {}
+    out = []
+    for label, card in cards:
+        for source, fp in (card.get("data_fingerprints") or {}).items():
+            key = (str(card.get("benchmark")), str(source))
+            if key not in seen:
+                seen[key] = (label, str(fp))
+            elif seen[key][1] != str(fp):
+                out.append(f"{label}: ran {key[0]} on {source} data with fingerprint {fp}, but {seen[key][0]} "
+                           f"on data with fingerprint {seen[key][1]} (another or a modified cache): not comparable")
+    return out

@@ -589,6 +589,15 @@ def seeds_are_distinct_and_enough(b: Bundle) -> None:
                    f"{MIN_RANKED_SEEDS}: accepted, but unranked", unranked=True)
 
 
+@rule
+def data_fingerprints_agree(b: Bundle) -> None:
+    """Runs of one benchmark were made on the same data (the cache fingerprints in their cards)."""
+    from bench.results import fingerprint_conflicts
+
+    for message in fingerprint_conflicts((r.card_rel, r.card) for r in b.runs if isinstance(r.card, dict)):
+        b.error(message)
+
+
 def _submitted_conformance(b: Bundle) -> dict | None:
     """The bundle's conformance.json (None when absent or unreadable, with a warning or an error)."""
     if CONFORMANCE not in b.listed:

@@ -155,7 +155,13 @@ def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any) -> Any:
 
 
 def _rerun(run: Run, learner: Any, es: Any, chosen: list[int]) -> dict[int, dict]:
-    """The learner's result row of each chosen test episode (evaluated together, as the runner does)."""
+    """The learner's result row of each chosen test episode (evaluated together, as the runner does),
+    after checking that the data here is the data the run was made on (cache fingerprints)."""
+    for source, fp in (run.card.get("data_fingerprints") or {}).items():
+        here = es.sources[source].content_fingerprint() if source in es.sources else None
+        if here is not None and here != fp:
+            raise _Unverifiable(f"{_label(run)}: the run was made on {source} data with fingerprint {fp}, but the data "
+                                f"here has {here} (another or a modified cache): re-running would not be comparable")
     try:
         return dict(zip(chosen, learner.evaluate([es.episode("test", i) for i in chosen])))
     except Exception as e:  # noqa: BLE001

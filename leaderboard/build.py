@@ -58,7 +58,7 @@ from bench import plots, stats
 from bench.bundle import is_bundle
 from bench.errors import MetabenchError, ResultsError
 from bench.paths import atomic_write_text
-from bench.results import check_consistent, find_csvs, read_card, read_csv
+from bench.results import check_consistent, find_csvs, fingerprint_conflicts, read_card, read_csv
 from bench.validation import MIN_RANKED_SEEDS, Validation
 
 TEMPLATE_PACKAGE = "leaderboard"
@@ -189,6 +189,9 @@ def load_results(results_dirs: Sequence[Path]) -> Loaded:
     if not frames:
         raise ResultsError("no result folders given")
     frame = check_consistent(frames, names)
+    conflicts = fingerprint_conflicts((str(r.csv), r.card) for r in runs)
+    if conflicts:
+        raise ResultsError(conflicts[0])
     runs.sort(key=lambda r: (r.benchmark, r.method, r.seed))
     return Loaded(frame=frame, runs=runs)
 

@@ -40,6 +40,17 @@ def synthetic_set():
 
 
 @pytest.fixture(scope="module")
+def omniglot_small(shared_data, data_root):
+    """EpisodeSet of omniglot-small-5w1s (the real Omniglot subsets in the shared data folder); skipped without them."""
+    from bench.benchmarks import load
+
+    for name in ("images_background_small1.zip", "images_background_small2.zip"):
+        if not (shared_data / "omniglot" / name).is_file():
+            pytest.skip(f"shared data not available: {shared_data / 'omniglot' / name}")
+    return load("omniglot-small-5w1s", data_root)
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny models (faster than two for them; restored after)."""
     before = torch.get_num_threads()

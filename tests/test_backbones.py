@@ -28,7 +28,7 @@ from bench.errors import MetabenchError
 from bench.runner import build_learner, params_hash
 from baselines import registry
 from baselines.anil import ANIL
-from baselines.backbones import STANDARD_WIDTHS, dropping, drop_block, get_backbone
+from baselines.backbones import dropping, drop_block, get_backbone
 from baselines.boil import BOIL
 from baselines.cavia import CAVIA
 from baselines.core import BN_EPS, GradientLearner, head_forward
@@ -385,15 +385,7 @@ def test_resnet12_presets_are_selected_by_the_backbone():
     assert "miniimagenet-resnet12" not in registry.method_class("anil").PRESETS
 
 
-# --- learning on real data ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def omniglot_small(shared_data, data_root):
-    for name in ("images_background_small1.zip", "images_background_small2.zip"):
-        if not (shared_data / "omniglot" / name).is_file():
-            pytest.skip(f"shared data not available: {shared_data / 'omniglot' / name}")
-    return benchmarks.load("omniglot-small-5w1s", data_root)
-
-
+# --- learning on real data (the omniglot_small fixture: tests/conftest.py) ----------------------
 @pytest.mark.slow
 def test_tiny_resnet12_maml_learns_omniglot_small(omniglot_small):
     """Second-order MAML on ResNet-12 16-16-16-16: 100 outer steps of 2 tasks at outer lr 3e-3, inner lr 0.1

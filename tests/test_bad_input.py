@@ -209,3 +209,46 @@ def test_temporary_files_of_a_killed_writer_are_cleaned_by_the_next_one(place, c
     result_tmp.write_text("half a csv")
     assert main([*args, "--steps", "2"]) == 0
     assert not stale.exists() and not result_tmp.exists()
+
+
+def test_runs_on_other_data_are_not_joined(tmp_path):
+    """A card records the data's fingerprint; the page (and validation) refuse to join runs of one
+    benchmark made on different data."""
+    import json
+
+    from bench.errors import ResultsError
+    from bench.results import fingerprint_conflicts
+    from bench.runner import RunConfig, RunDirs, run
+    from leaderboard.build import load_results
+
+    dirs = RunDirs(tmp_path / "root", tmp_path / "results", tmp_path / "runs")
+    small = dict(hidden=4, meta_batch=1, inner_steps_test=1)
+    for method in ("fomaml", "chance"):
+        run(RunConfig(method, "synthetic-5w1s", 0, 0 if method == "chance" else 1, chunk=1, val_episodes=2,
+                      test_episodes=2, overrides=small if method == "fomaml" else {}, label=method), dirs, progress=False)
+    cards = sorted((tmp_path / "results").rglob("seed0.json"))
+    fps = [json.loads(c.read_text())["data_fingerprints"] for c in cards]
+    assert fps[0] == fps[1] and len(fps[0]["synthetic"]) == 16
+    assert load_results([tmp_path / "results"]).runs
+    card = json.loads(cards[0].read_text())
+    card["data_fingerprints"]["synthetic"] = "0" * 16  # as if run on a modified cache
+    cards[0].write_text(json.dumps(card))
+    assert fingerprint_conflicts([(str(c), json.loads(c.read_text())) for c in cards])
+    with pytest.raises(ResultsError, match="not comparable"):
+        load_results([tmp_path / "results"])
+
+
+@pytest.mark.parametrize("command", ["leaderboard", "submit"])
+def test_outputs_under_a_file_are_one_line(tmp_path, capsys, command):
+    assert main(["run", "chance", "synthetic-5w1s", "--steps", "0", "--val-episodes", "2", "--test-episodes", "2",
+                 *folders(tmp_path), "--quiet"]) == 0
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    if command == "leaderboard":
+        code = main(["leaderboard", str(tmp_path / "results"), "-o", str(tmp_path / "afile" / "site" / "index.html")])
+    else:
+        code = main(["submit", "chance", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+                     "--root", str(tmp_path / "root"), "-o", str(tmp_path / "afile" / "bundle")])
+    one_clean_error(capsys, code, "a file is in the way of a folder")
+    assert snapshot(tmp_path) == before

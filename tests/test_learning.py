@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import benchmarks
 from baselines import registry
 
 BENCHMARK = "omniglot-small-5w1s"
@@ -80,14 +79,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def omniglot_small(shared_data, data_root):
-    for name in ("images_background_small1.zip", "images_background_small2.zip"):
-        if not (shared_data / "omniglot" / name).is_file():
-            pytest.skip(f"shared data not available: {shared_data / 'omniglot' / name}")
-    return benchmarks.load(BENCHMARK, data_root)
 
 
 @pytest.mark.slow
