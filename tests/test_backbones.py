@@ -37,6 +37,7 @@ from baselines.mamlpp import LR_PREFIX, MAMLpp
 from baselines.metasgd import MetaSGD
 from baselines.protomaml import ProtoMAML, proto_head
 from baselines.protonet import prototypes
+from test_zoo import to_double  # tests/ is on sys.path (pytest's rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,11 +169,6 @@ def linear(p, feats, way):
 def double_episode(ep):
     return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
                    ep.index, ep.spec_hash)
-
-
-def to_double(m, ep):
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return double_episode(ep)
 
 
 def reference_grads(m, ep, start, keys, lr_of, forward, steps, weights=None):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.autograd.functional import hessian
 from torch.func import grad
 
-from bench.api import Episode
 from baselines.core import episode_loss, inner_loop
 from baselines.imaml import IMAML, conjugate_gradient, flatten, proximal_loss, unflatten
+from test_zoo import to_double  # tests/ is on sys.path (pytest's rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,12 +35,6 @@ class TinyIMAML(IMAML):
         if way is not None:
             w, b = w[:way], b[:way]
         return F.linear(h, w, b)
-
-
-def to_double(m, ep: Episode) -> Episode:
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
-                   ep.index, ep.spec_hash)
 
 
 def dense_implicit_gradient(m, phi, ep):

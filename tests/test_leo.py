@@ -17,6 +17,7 @@ from bench.checks import first_difference, save_load
 from baselines import registry
 from baselines.core import conv4_features
 from baselines.leo import LEO, REGULARISED, class_mean, clip_gradients, embed, gaussian, is_backbone, orthogonality
+from test_zoo import to_double  # tests/ is on sys.path (pytest's rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,12 +27,6 @@ def small(synthetic_set, **kw) -> LEO:
                   finetune_steps=2, inner_lr=0.5, finetune_lr=0.3, dropout=0.3, kl_weight=0.5, encoder_penalty=0.7,
                   l2_penalty=0.01, orthogonality_penalty=0.2, outer_lr=0.01, seed=1) | kw
     return LEO(**params).setup(synthetic_set.task_info())
-
-
-def to_double(m: LEO, ep: Episode) -> Episode:
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
-                   ep.index, ep.spec_hash)
 
 
 def reference_loss(m: LEO, ep: Episode) -> torch.Tensor:

@@ -13,6 +13,7 @@ from bench.api import Episode
 from baselines import registry
 from baselines.core import conv4_forward
 from baselines.mtnet import ADAPTED, LAYERS, MTNet, straight_through_mask, support_seed
+from test_zoo import to_double  # tests/ is on sys.path (pytest's rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,12 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small(synthetic_set, **kw) -> MTNet:
     params = dict(meta_batch=2, hidden=8, inner_lr=0.3, inner_steps=2, inner_steps_test=2, seed=1) | kw
     return MTNet(**params).setup(synthetic_set.task_info())
-
-
-def to_double(m: MTNet, ep: Episode) -> Episode:
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
-                   ep.index, ep.spec_hash)
 
 
 def reference_masks(m: MTNet, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from bench.checks import episode_set
 from baselines.core import conv4_features
 from baselines.protomaml import ProtoMAML, proto_head
 from baselines.protonet import prototypes, squared_distances
+from test_zoo import to_double  # tests/ is on sys.path (pytest's rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,12 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small(synthetic_set, **kw) -> ProtoMAML:
     params = dict(hidden=8, meta_batch=2, inner_lr=0.1, inner_steps=2, inner_steps_test=3, seed=1) | kw
     return ProtoMAML(**params).setup(synthetic_set.task_info())
-
-
-def to_double(m: ProtoMAML, ep: Episode) -> Episode:
-    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
-    return Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y, ep.classes, ep.split,
-                   ep.index, ep.spec_hash)
 
 
 def test_head_init_is_twice_the_prototypes_and_minus_their_squared_norms(synthetic_set):
