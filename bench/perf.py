@@ -463,7 +463,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=["maml", "fomaml"], help="registered methods (default maml fomaml)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS),
                    help="metabench (task by task), metabench-batched (whole meta-batch at once), l2l (learn2learn)")
-    p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []))
+    p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []),
+                   help="allocators to time under: glibc, tcmalloc (default: both where tcmalloc is installed)")
     p.add_argument("--repeats", type=int, default=5, help="timed meta-iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations after the first")
     p.add_argument("--eval-episodes", type=int, default=64, help="test episodes timed for evaluation throughput")

@@ -45,3 +45,21 @@ def test_bad_override_is_a_clear_error(capsys):
 def test_python_dash_m_bench():
     out = subprocess.run([sys.executable, "-m", "bench", "ls"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "benchmarks:" in out.stdout
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from bench.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, where: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{where} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield where, action
+
+    missing = [f"{where} {'/'.join(a.option_strings) or a.dest}" for where, a in walk(build_parser(), "metabench")
+               if not a.help]
+    assert not missing, missing
