@@ -83,6 +83,10 @@ def _extra_vs_card(b):
     edit_json(b, SEED0 + ".json", lambda c: c.update(test_episodes=40))
 
 
+def _other_data(b):
+    edit_json(b, SEED0 + ".json", lambda c: c["data_fingerprints"].update(synthetic="0" * 16))
+
+
 def _set(column, value, episode=None):
     """A spoil that sets `column` of seed 0's results to `value`, in the row of `episode` (None: every row)."""
     def spoil(b):
@@ -207,6 +211,7 @@ BAD = {
     "undeclared code": (_undeclared_code, "results/sitecustomize.py: a code file the bundle does not declare as its "
                                           "method source"),
     "conformance report garbage": (_conformance_garbage, "conformance.json: not a conformance report"),
+    "runs on other data": (_other_data, "(another or a modified cache): not comparable"),
 }
 
 # the broken bundle each validation rule must reject, with its reason (a case of BAD)
@@ -225,6 +230,7 @@ RULE_CASES = {
     "test_episodes_are_complete": "missing episode",
     "episode_hashes_match": "tampered hash",
     "seeds_are_distinct_and_enough": "seeds disagree",
+    "data_fingerprints_agree": "runs on other data",
     "method_conforms": "conformance report garbage",
 }
 
