@@ -109,8 +109,8 @@ def _label(run: Run) -> str:
 class _Sets:
     """The episode sets (with pixels) of the benchmarks being verified, loaded once each."""
 
-    def __init__(self, root: Path | None) -> None:
-        self.root, self.sets = resolve_root(root), {}
+    def __init__(self, root: Path | None, device: Any = "cpu") -> None:
+        self.root, self.sets, self.device = resolve_root(root), {}, device
 
     def __call__(self, name: str) -> Any:
         from bench import benchmarks
@@ -123,7 +123,7 @@ class _Sets:
         return self.sets[name]
 
 
-def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any) -> Any:
+def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any, device: Any) -> Any:
     """The run's method built from its card, set up, with its checkpoint loaded and its params_hash checked."""
     import torch
 
@@ -136,6 +136,7 @@ def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any) -> Any:
     try:
         with b.importable(code):
             learner = build_learner(code.name, run.bench, run.seed, params)
+        learner.device = device
         learner.setup(es.task_info())
     except Exception as e:  # noqa: BLE001 - a submitted method may fail in any way
         raise _Unverifiable(f"{label}: cannot build the method: {type(e).__name__}: {e}") from e
@@ -154,7 +155,7 @@ def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any) -> Any:
     return learner
 
 
-def _rerun(run: Run, learner: Any, es: Any, chosen: list[int]) -> dict[int, dict]:
+def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> dict[int, dict]:
     """The learner's result row of each chosen test episode (evaluated together, as the runner does),
     after checking that the data here is the data the run was made on (cache fingerprints)."""
     for source, fp in (run.card.get("data_fingerprints") or {}).items():
@@ -163,7 +164,7 @@ def _rerun(run: Run, learner: Any, es: Any, chosen: list[int]) -> dict[int, dict
             raise _Unverifiable(f"{_label(run)}: the run was made on {source} data with fingerprint {fp}, but the data "
                                 f"here has {here} (another or a modified cache): re-running would not be comparable")
     try:
-        return dict(zip(chosen, learner.evaluate([es.episode("test", i) for i in chosen])))
+        return dict(zip(chosen, learner.evaluate([es.episode("test", i).to(device) for i in chosen])))
     except Exception as e:  # noqa: BLE001
         raise _Unverifiable(f"{_label(run)}: re-running the test episodes failed: {type(e).__name__}: {e}") from e
 
@@ -217,10 +218,10 @@ def _verify_run(b: Bundle, run: Run, code: MethodCode, sets: _Sets, episodes: in
     """Re-run the seeded choice of `episodes` test episodes of `run`; record the outcome in `result`."""
     try:
         es = sets(run.benchmark)
-        learner = _rebuild(b, run, code, es)
+        learner = _rebuild(b, run, code, es, sets.device)
         index = sorted(int(e) for e in run.frame["episode"])
         chosen = [index[i] for i in choose_episodes(len(index), episodes, result.seed, run.benchmark, run.seed)]
-        rows = _rerun(run, learner, es, chosen)
+        rows = _rerun(run, learner, es, chosen, sets.device)
     except _Unverifiable as e:
         result.errors.append(str(e))
         return
@@ -229,7 +230,7 @@ def _verify_run(b: Bundle, run: Run, code: MethodCode, sets: _Sets, episodes: in
 
 
 def verify_bundle(path: Path, root: Path | None = None, episodes: int | str = 20, *, seed: int | None = None,
-                  trust_code: bool = False, record_to: Path | None = None) -> Verification:
+                  trust_code: bool = False, record_to: Path | None = None, device: str = "cpu") -> Verification:
     """Re-run `episodes` test episodes ("all": every one) of every run from its checkpoint.
 
     The bundle must validate first (`trust_code` as in validation). The method is imported only
@@ -243,7 +244,10 @@ def verify_bundle(path: Path, root: Path | None = None, episodes: int | str = 20
     LOSS_ATOL are warnings that name the tolerance. The bundle is never written; on success and
     with `record_to`, the verification record is written there (`write_record`).
     """
+    from bench.runner import resolve_device
+
     choose_episodes(1, episodes, 0, "", 0)  # a bad count fails before any work
+    dev = resolve_device(device)  # so does a device this machine does not have
     result = Verification(ok=False, seed=fresh_seed() if seed is None else int(seed))
     b = validate(path, root, trust_code)
     if b.errors:
@@ -259,18 +263,18 @@ def verify_bundle(path: Path, root: Path | None = None, episodes: int | str = 20
     if why:
         result.errors.append(why)
         return result
-    sets = _Sets(root)
+    sets = _Sets(root, dev)
     for run in b.live():
         _verify_run(b, run, code, sets, episodes, result)
     if not result.errors and result.n_compared == 0:
         result.errors.append("no episode was compared")
     result.ok = not result.errors
     if result.ok and record_to is not None:
-        result.record = write_record(Path(record_to), b, result, episodes)
+        result.record = write_record(Path(record_to), b, result, episodes, dev)
     return result
 
 
-def write_record(folder: Path, b: Bundle, result: Verification, episodes: int | str) -> Path:
+def write_record(folder: Path, b: Bundle, result: Verification, episodes: int | str, device: Any = None) -> Path:
     """Write the verification record of bundle `b` into `folder`; returns its path.
 
     The file, `<method>-<manifest sha256[:16]>.json`, holds: kind, format, method, bundle (the
@@ -287,7 +291,7 @@ def write_record(folder: Path, b: Bundle, result: Verification, episodes: int | 
         "kind": RECORD_KIND, "format": RECORD_FORMAT, "method": str(b.metadata.get("method")),
         "bundle": b.path.name, "manifest_sha256": sha, "ok": result.ok,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "code_rev": code_rev(), "torch_version": torch.__version__, "device": device_name(),
+        "code_rev": code_rev(), "torch_version": torch.__version__, "device": device_name(device),
         "seed": result.seed, "episodes_per_run": episodes, "runs": result.checked, "n_compared": result.n_compared,
         "max_accuracy_difference": result.max_accuracy_diff, "max_loss_difference": result.max_loss_diff,
         "tolerance": {"accuracy": f"equal at {RESULT_FORMAT}", "loss_rtol": LOSS_RTOL, "loss_atol": LOSS_ATOL,
@@ -347,7 +351,8 @@ def episodes_arg(text: str) -> int | str:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a submission bundle by re-running test episodes from its checkpoints."""
     r = verify_bundle(Path(args.bundle), resolve_root(args.root), args.episodes, seed=args.seed,
-                      trust_code=args.trust_code, record_to=Path(args.record_to) if args.record_to else None)
+                      trust_code=args.trust_code, record_to=Path(args.record_to) if args.record_to else None,
+                      device=args.device)
     if r.imports:
         print(f"verify: {r.imports}")
     print_report(f"verification failed: {args.bundle}", r.errors, r.warnings)
@@ -374,4 +379,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="import a method that is not registered or installed (the bundle's code/ or this "
                         "environment); without it only registered or installed methods are imported")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: where the episodes are re-run")
     s.set_defaults(func=cmd_verify)

@@ -251,3 +251,14 @@ def test_variable_way_meta_dataset_bundle_validates_and_verifies(shared_data, tm
     assert r.ok and r.n_compared == 5, r.errors
     assert r.checked == [{"benchmark": MD_BENCH, "seed": 0, "episodes": [0, 1, 2, 3, 4]}]
     assert validate_bundle(out, dirs.root).ok
+
+
+def test_verify_on_cuda_without_cuda_is_one_clear_error(bundle):
+    import torch
+
+    from bench.errors import MetabenchError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(MetabenchError, match="no CUDA device"):
+        verify_bundle(bundle, episodes=1, device="cuda")
