@@ -240,9 +240,12 @@ class Bundle:
         added = code.bundled and not code.registered and folder not in sys.path
         if added:
             sys.path.insert(0, folder)
+        bytecode = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True  # importing must not write __pycache__ into the bundle
         try:
             yield
         finally:
+            sys.dont_write_bytecode = bytecode
             if added:
                 sys.path.remove(folder)
 

@@ -4,9 +4,6 @@ sequential runs; failures are retried or reported; a finished grid does nothing.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -105,24 +102,18 @@ def test_local_grid_equals_sequential_runs_and_survives_a_killed_worker(tmp_path
 
 
 @pytest.mark.slow
-def test_ray_cluster_grid_equals_local_and_retries_a_dead_worker(tmp_path, killer):
+def test_ray_cluster_grid_equals_local_and_retries_a_dead_worker(tmp_path, killer, monkeypatch):
+    """A real local Ray cluster (started by the grid's ray.init, shut down after it)."""
     pytest.importorskip("ray")
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    port = "6391"
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
-    try:
-        spec = spec_for(tmp_path / "ray", ["fomaml", "killer_method:KillOnce"])
-        outcomes = grid.run_grid(spec, ray_address=f"127.0.0.1:{port}", use_ray=True, quiet=True)
-        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
-        assert killer.exists()  # Ray retried the task whose worker died
-        local = spec_for(tmp_path / "local", ["fomaml", "killer_method:KillOnce"], workers=2)
-        assert all(o.ok for o in grid.run_grid(local, quiet=True))
-        pd.testing.assert_frame_equal(numbers(tmp_path / "ray" / "results"), numbers(tmp_path / "local" / "results"))
-        assert not (tmp_path / "ray" / "runs" / ".ray-results-unused").exists()  # results only on the driver
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    monkeypatch.setenv("RAY_DISABLE_USAGE_STATS", "1")
+    spec = spec_for(tmp_path / "ray", ["fomaml", "killer_method:KillOnce"])
+    outcomes = grid.run_grid(spec, use_ray=True, quiet=True)
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert killer.exists()  # Ray retried the task whose worker died
+    local = spec_for(tmp_path / "local", ["fomaml", "killer_method:KillOnce"], workers=2)
+    assert all(o.ok for o in grid.run_grid(local, quiet=True))
+    pd.testing.assert_frame_equal(numbers(tmp_path / "ray" / "results"), numbers(tmp_path / "local" / "results"))
+    assert not (tmp_path / "ray" / "runs" / ".ray-results-unused").exists()  # results only on the driver
 
 
 def test_a_bad_cell_is_reported_and_the_others_finish(tmp_path, capsys):
