@@ -141,9 +141,8 @@ def load_grid_file(path: Path) -> dict[str, Any]:
 
 def spec_from(fields: dict[str, Any]) -> GridSpec:
     """A GridSpec from grid fields (a GRID.toml's or the command line's)."""
-    for key in ("results",):
-        if not fields.get(key):
-            raise MetabenchError(f"a grid needs --{key}")
+    if not fields.get("results"):
+        raise MetabenchError("a grid needs --results")
     root = resolve_root(fields.get("root"))
     cells = make_cells(list(fields["methods"]), list(fields["benchmarks"]), parse_seeds(fields.get("seeds", "0")),
                        fields)

@@ -307,7 +307,7 @@ def run_label(cfg: RunConfig, ph: str) -> str:
     the run overrides hyperparameters (so runs of different hyperparameters never share a file)."""
     if cfg.label:
         return cfg.label
-    base = cfg.method.replace(":", "_") if ":" in cfg.method else cfg.method
+    base = cfg.method.replace(":", "_")
     return f"{base}+{ph[:6]}" if cfg.overrides else base
 
 
