@@ -69,6 +69,8 @@ class BaselinePP(Finetune):
     scale_factor_many: float = 10.0
     many_classes: int = 200
 
+    PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
+
     def scale(self, n_classes: int) -> float:
         """The cosine scale of a classifier over `n_classes` classes."""
         return self.scale_factor if n_classes <= self.many_classes else self.scale_factor_many

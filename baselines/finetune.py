@@ -55,6 +55,7 @@ class Finetune(GradientLearner):
     head_weight_decay: float = 1e-3
 
     TAGS = Tags(bn_mode="transductive", order="none", transductive=True, variable_way=True, deterministic=True)
+    PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:
         """The backbone with a classifier over all n_classes source classes."""

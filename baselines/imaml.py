@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from bench.api import Episode, Preset, Tags
 from baselines.core import GradientLearner, LossFn, Params, episode_loss, higher_order, inner_loop
+from baselines.parallel import map_tasks
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, steps: int,
@@ -162,6 +163,7 @@ class IMAML(GradientLearner):
     adam_eps: float = 1e-3
 
     TAGS = Tags(bn_mode="transductive", order="second", transductive=True, variable_way=True, deterministic=True)
+    PARALLEL_TASKS: ClassVar[bool] = True  # meta_gradient only reads self
     DROPBLOCK_TASKS: ClassVar[bool] = False  # its outer step sums implicit gradients itself (no task_loss)
     # conformance suite (bench/checks.py): fewer inner steps on its tiny synthetic problems
     CHECK_PARAMS = dict(inner_steps=5, inner_steps_test=5)
@@ -206,10 +208,11 @@ class IMAML(GradientLearner):
         return self.implicit_gradient(phi, (ep.support_x, ep.support_y), (ep.query_x, ep.query_y))
 
     def outer_step(self, batch: list[Episode]) -> None:
-        """Mean implicit meta-gradient of the meta-batch, one Adam step."""
+        """Mean implicit meta-gradient of the meta-batch, one Adam step (each task's inner solve and CG
+        side by side on the task pool, summed in meta-batch order)."""
         total = {k: torch.zeros_like(v) for k, v in self.meta.items()}
-        for ep in batch:
-            for k, g in self.meta_gradient(ep).items():
+        for task in map_tasks(self.meta_gradient, batch):
+            for k, g in task.items():
                 total[k] += g / len(batch)
         self.optimizer.zero_grad(set_to_none=True)
         for k, v in self.meta.items():

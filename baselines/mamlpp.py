@@ -24,6 +24,9 @@ MAML on Conv-4 with the paper's fixes, each as in the reference code:
   prediction (evaluation backs them up and restores them). Here likewise: the statistics are
   tracked in `bn_stats` (updated by fit's forward passes, saved in state_dict, never changed by
   adapt), and normalisation is transductive (Tags bn_mode "transductive").
+  The tasks of a meta-batch run side by side (PARALLEL_TASKS): each task logs its statistics
+  updates instead of applying them, and the logs are applied in meta-batch order once every
+  task's gradient exists, so the statistics equal those of a task-by-task loop.
 - Derivative-order annealing (DA): first-order meta-gradients (inner gradients detached) for the
   first `first_order_epochs` epochs, second order after (the reference's
   first_order_to_second_order_epoch E corresponds to first_order_epochs = E + 1).
@@ -66,6 +69,7 @@ norm of the backbone (MAMLpp.bn_stats keys "<bn>.running_mean"). The paper has n
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -170,6 +174,9 @@ class MAMLpp(GradientLearner):
     bn_momentum: float = 0.1
     grad_clip: float = 0.0
 
+    PARALLEL_TASKS: ClassVar[bool] = True  # statistics updates are logged per task and applied in order
+    _stats_logs: ClassVar[threading.local] = threading.local()
+
     @property
     def tags(self) -> Tags:
         order = "first" if self.first_order_epochs >= self.total_epochs else "second"
@@ -242,7 +249,16 @@ class MAMLpp(GradientLearner):
         return head_forward(p, self.features(p, x, StepOps(self, step, track)), way)
 
     def track_stats(self, bn: str, step: int, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        """Running-statistics update of F.batch_norm (unbiased variance) for one batch norm and step."""
+        """Running-statistics update of F.batch_norm (unbiased variance) for one batch norm and step;
+        inside `training_loss` it is logged for that task and applied later (`backward_tasks`)."""
+        log = getattr(self._stats_logs, "entries", None)
+        if log is not None:
+            log.append((bn, step, mean.detach(), var.detach(), n))
+            return
+        self.apply_stats(bn, step, mean, var, n)
+
+    def apply_stats(self, bn: str, step: int, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Apply one running-statistics update (momentum `bn_momentum`) of batch norm `bn` at inner step `step`."""
         m = self.bn_momentum
         with torch.no_grad():
             rm, rv = self.bn_stats[f"{bn}.running_mean"], self.bn_stats[f"{bn}.running_var"]
@@ -279,6 +295,32 @@ class MAMLpp(GradientLearner):
 
     def meta_grad_clamp(self) -> float:
         return self.grad_clip
+
+    def training_loss(self, ep: Episode) -> torch.Tensor:
+        """The task's outer loss; inside `backward_tasks` its statistics updates are logged (in this
+        thread) and applied by it, elsewhere they are applied at once."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return super().training_loss(ep)
+        log: list[tuple[str, int, torch.Tensor, torch.Tensor, int]] = []
+        self._stats_logs.entries = log
+        try:
+            loss = super().training_loss(ep)
+        finally:
+            self._stats_logs.entries = None
+        pending.setdefault(id(ep), []).append(log)
+        return loss
+
+    def backward_tasks(self, batch: list[Episode]) -> None:
+        """The tasks' meta-gradients (side by side), then their statistics updates in meta-batch order."""
+        self._pending: dict[int, list[list[tuple[str, int, torch.Tensor, torch.Tensor, int]]]] = {}
+        try:
+            super().backward_tasks(batch)
+            for ep in batch:
+                for entry in self._pending[id(ep)].pop(0):
+                    self.apply_stats(*entry)
+        finally:
+            del self._pending
 
     def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         """Exactly `inner_steps` first-order LSLR steps from (detached) meta-parameters."""

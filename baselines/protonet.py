@@ -108,6 +108,7 @@ class ProtoNet(GradientLearner):
     lr_decay_every: int = 2000
 
     TAGS = Tags(bn_mode="transductive", order="none", transductive=True, variable_way=True, deterministic=True)
+    PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
     CHECK_PARAMS = dict(meta_batch=1)  # conformance suite (bench/checks.py): one (merged) task per update, as the paper
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -40,9 +41,10 @@ import subprocess
 import sys
 import time
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,9 @@ from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
 from baselines.parallel import task_workers
 
-IMPLS = ("metabench", "metabench-batched", "l2l")
+IMPLS = ("metabench", "metabench-batched", "reference", "l2l")
+DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
+"""What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
 COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device", "sec_per_iter",
            "sec_min", "sec_max", "peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
@@ -198,28 +202,134 @@ Step = Callable[[], None]
 Evaluate = Callable[[list[Episode]], None]
 
 
-def metabench_impl(w: Workload, method: str, device: str, batched: bool = False) -> tuple[Step, Evaluate]:
-    """metabench's method at the workload's settings: one `fit` step per call; `evaluate`.
-    batched: train the whole meta-batch as one task-batched network (task_batch = meta_batch)."""
+def make_learner(w: Workload, method: str, task_batch: int = 1) -> Any:
+    """Method `method` set up for the workload's images. maml and fomaml take the workload's settings
+    (they are MAML's paper settings); every other method its own preset for the workload's preset key
+    (its paper settings), on the workload's backbone. task_batch > 1 only for methods that have it."""
     from baselines import registry
 
-    if device != "cpu":
-        raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
     network = {}
     if w.backbone != "conv4":  # (the backbone's own preset may set the order: the method's name decides here)
         network = dict(backbone=w.backbone, widths=w.widths)
         if method in ("maml", "fomaml"):
             network["first_order"] = method == "fomaml"
-    m = registry.make(method, w.preset, seed=0, hidden=w.hidden, meta_batch=w.meta_batch,
-                      inner_steps=w.inner_steps, inner_lr=w.inner_lr, inner_steps_test=w.test_steps,
-                      **network, **({"task_batch": w.meta_batch} if batched else {}))
-    m.setup(TaskInfo((w.channels, w.size, w.size), w.way, w.way))
-    batch = synthetic_episodes(w, w.meta_batch)
+    if task_batch > 1:
+        network["task_batch"] = task_batch
+    if method in ("maml", "fomaml"):
+        m = registry.make(method, w.preset, seed=0, hidden=w.hidden, meta_batch=w.meta_batch,
+                          inner_steps=w.inner_steps, inner_lr=w.inner_lr, inner_steps_test=w.test_steps, **network)
+    else:
+        m = registry.make(method, w.preset, seed=0, **network)
+    if hasattr(m, "setup"):
+        m.setup(TaskInfo((w.channels, w.size, w.size), w.way, w.way))
+    return m
+
+
+def episodes_per_step(m: Any, w: Workload) -> int:
+    """Episodes one outer step of `m` consumes (the workload's meta-batch for methods without the notion)."""
+    return m.episodes_per_step() if hasattr(m, "episodes_per_step") else w.meta_batch
+
+
+def metabench_impl(w: Workload, method: str, device: str, batched: bool = False) -> tuple[Step, Evaluate]:
+    """metabench's method at the workload's settings (`make_learner`): one `fit` step per call; `evaluate`.
+    batched: train the whole meta-batch as one task-batched network (task_batch = meta_batch)."""
+    if device != "cpu":
+        raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
+    m = make_learner(w, method, w.meta_batch if batched else 1)
+    batch = synthetic_episodes(w, episodes_per_step(m, w))
 
     def step() -> None:
         m.fit(iter(batch), 1)
 
     return step, m.evaluate
+
+
+def uses_plain_outer_step(m: Any) -> bool:
+    """Whether `m`'s outer update is GradientLearner's (mean task loss, optional clamp, optimizer step;
+    MAML's with task_batch 1 is), which `reference_step` writes out; other methods keep their own."""
+    from baselines.core import GradientLearner
+    from baselines.maml import MAML
+
+    own = getattr(type(m), "outer_step", None)
+    return isinstance(m, GradientLearner) and (own is GradientLearner.outer_step
+                                               or (own is MAML.outer_step and m.task_batch < 2))
+
+
+@contextmanager
+def plain_path() -> Iterator[None]:
+    """The reference's setting: NCHW everywhere (`higher_order` keeps conv_layout from channels-last)
+    and the task pool off (METABENCH_TASK_WORKERS=0: tasks one after another in this thread)."""
+    from baselines.core import higher_order
+
+    before = os.environ.get("METABENCH_TASK_WORKERS")
+    os.environ["METABENCH_TASK_WORKERS"] = "0"
+    try:
+        with higher_order():
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("METABENCH_TASK_WORKERS", None)
+        else:
+            os.environ["METABENCH_TASK_WORKERS"] = before
+
+
+def reference_step(m: Any, batch: list[Episode]) -> None:
+    """One outer step of `m` as a plain per-task autograd loop (`plain_path`: NCHW, no task pool, no
+    task batching, `.backward()` per task).
+
+    For methods with GradientLearner's outer update the loop is written out here (the method's
+    `training_loss` per task, its learning-rate schedule and meta-gradient clamp); methods with their
+    own outer update (Reptile, iMAML, LEO, ProtoNet's merged tasks, scale-and-shift) run it on the
+    plain path, where their tasks are computed one after another.
+    """
+    with plain_path():
+        if not uses_plain_outer_step(m):
+            m.fit(iter(batch), 1)
+            return
+        m.ensure_setup(batch[0])
+        lr = m.current_outer_lr()
+        if lr is not None:
+            for group in m.optimizer.param_groups:
+                group["lr"] = lr
+        m.optimizer.zero_grad(set_to_none=True)
+        for ep in batch:
+            (m.training_loss(ep) / len(batch)).backward()
+        limit = m.meta_grad_clamp()
+        if limit > 0:
+            for v in m.meta.values():
+                if v.grad is not None:
+                    v.grad.clamp_(-limit, limit)
+        m.optimizer.step()
+        m.fit_episodes += len(batch)
+        m.fit_steps += 1
+
+
+def reference_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
+    """The method in the plain per-task autograd loop (`reference_step`); evaluation adapts one
+    episode at a time on the plain path (no task-batched adaptation)."""
+    if device != "cpu":
+        raise MetabenchError("the reference runs on the CPU only so far; use --device cpu")
+    m = make_learner(w, method)
+    batch = synthetic_episodes(w, episodes_per_step(m, w))
+
+    def evaluate(episodes: list[Episode]) -> None:
+        with plain_path():
+            for ep in episodes:
+                m.adapt(ep.support_x, ep.support_y)(ep.query_x).argmax(1)
+
+    return (lambda: reference_step(m, batch)), evaluate
+
+
+def method_flops(w: Workload, method: str) -> float:
+    """FLOPs (convolutions and matmuls) of one outer step of `method` at the workload's settings,
+    counted with FlopCounterMode on the reference path (`reference_step`) of a fresh learner."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = make_learner(w, method)
+    batch = synthetic_episodes(w, episodes_per_step(m, w))
+    with FlopCounterMode(display=False) as counter:
+        reference_step(m, batch)
+    return float(counter.get_total_flops())
 
 
 def import_learn2learn_maml() -> type:
@@ -234,6 +344,8 @@ def import_learn2learn_maml() -> type:
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [str(path)]
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)  # (find_spec reads it)
+            module.__spec__.submodule_search_locations = [str(path)]
             sys.modules[name] = module
     from learn2learn.algorithms.maml import MAML as L2LMAML
 
@@ -353,6 +465,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         w = dataclasses.replace(w, inner_steps=int(job["inner_steps"]))
     if job["impl"] == "l2l":
         step, evaluate = l2l_impl(w, job["method"], device)
+    elif job["impl"] == "reference":
+        step, evaluate = reference_impl(w, job["method"], device)
     else:
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
     matmul_before = matmul_gflops(device)
@@ -368,9 +482,10 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     times = [timed(step, device) for _ in range(job["repeats"])]
     episodes = synthetic_episodes(w, job["eval_episodes"], seed=1)
     eval_seconds = timed(lambda: evaluate(episodes), device)
-    flops = workload_flops(w, first_order=job["method"] == "fomaml")
+    flops = (workload_flops(w, first_order=job["method"] == "fomaml") if job["method"] in ("maml", "fomaml")
+             else method_flops(w, job["method"]))
     matmul = max(matmul_before, matmul_gflops(device))
-    workers = task_workers() if job["impl"] != "l2l" else 0
+    workers = task_workers() if job["impl"] not in ("l2l", "reference") else 0
     median = statistics.median(times)
     return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
             "allocator": job["allocator"], "threads": torch.get_num_threads(),
@@ -413,12 +528,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             for r in rows]
     ratios = []
     by_key = {(r["workload"], r["impl"], r["method"], r["allocator"]): r for r in rows}
-    for (wl, impl, method, alloc), r in by_key.items():
-        ref = by_key.get((wl, "l2l", method, alloc))
-        if impl != "l2l" and ref:
-            ratios.append(f"{wl} {impl} {method} {alloc}: {ref['sec_per_iter'] / r['sec_per_iter']:.2f}x learn2learn's "
-                          f"speed, peak memory {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}x, evaluation "
-                          f"{r['eval_eps_per_s'] / ref['eval_eps_per_s']:.2f}x")
+    for against, name in (("l2l", "learn2learn's"), ("reference", "the plain per-task loop's")):
+        for (wl, impl, method, alloc), r in by_key.items():
+            ref = by_key.get((wl, against, method, alloc))
+            if impl not in ("l2l", "reference") and ref:
+                ratios.append(f"{wl} {impl} {method} {alloc}: {ref['sec_per_iter'] / r['sec_per_iter']:.2f}x {name} "
+                              f"speed, peak memory {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}x, evaluation "
+                              f"{r['eval_eps_per_s'] / ref['eval_eps_per_s']:.2f}x")
     return "\n".join([head, *body, "", *ratios])
 
 
@@ -434,21 +550,31 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The jobs to run (learn2learn rows only for maml/fomaml, and only when it is installed)."""
-    for name, known, what in ((args.workloads, WORKLOADS, "workload"), (args.impls, IMPLS, "implementation"),
+    """The jobs to run (learn2learn rows only for maml/fomaml, and only when it is installed; batched rows
+    only for methods with `task_batch`). `--methods all`: every registered method, by default on
+    omniglot-5w1s against the reference loop."""
+    from baselines import registry
+
+    every = args.methods == ["all"]
+    methods = registry.METHODS.names() if every else args.methods
+    workloads = args.workloads or (["omniglot-5w1s"] if every else list(WORKLOADS))
+    impls = args.impls or (["metabench", "reference"] if every else list(DEFAULT_IMPLS))
+    for name, known, what in ((workloads, WORKLOADS, "workload"), (impls, IMPLS, "implementation"),
                               (args.allocators, ALLOCATORS, "allocator")):
         for n in name:
             if n not in known:
                 raise unknown(what, n, list(known))
     have_l2l = importlib.util.find_spec("learn2learn") is not None
-    if "l2l" in args.impls and not have_l2l:
+    if "l2l" in impls and not have_l2l:
         print("learn2learn is not installed: its rows are skipped (README: Performance)", file=sys.stderr)
+    batched = {m for m in methods if any(f.name == "task_batch" for f in dataclasses.fields(registry.method_class(m)))}
     jobs = []
     for alloc in args.allocators:
-        for wl in args.workloads:
-            for method in args.methods:
-                for impl in args.impls:
-                    if impl == "l2l" and (not have_l2l or method not in ("maml", "fomaml")):
+        for wl in workloads:
+            for method in methods:
+                for impl in impls:
+                    if ((impl == "l2l" and (not have_l2l or method not in ("maml", "fomaml")))
+                            or (impl == "metabench-batched" and method not in batched)):
                         continue
                     jobs.append({"workload": wl, "impl": impl, "method": method, "allocator": alloc,
                                  "threads": args.threads, "device": args.device, "repeats": args.repeats,
@@ -459,10 +585,15 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by `python -m bench.perf` and `metabench perf`)."""
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help=f"of {', '.join(WORKLOADS)}")
-    p.add_argument("--methods", nargs="+", default=["maml", "fomaml"], help="registered methods (default maml fomaml)")
-    p.add_argument("--impls", nargs="+", default=list(IMPLS),
-                   help="metabench (task by task), metabench-batched (whole meta-batch at once), l2l (learn2learn)")
+    p.add_argument("--workloads", nargs="+", default=None,
+                   help=f"of {', '.join(WORKLOADS)} (default: all; with --methods all: omniglot-5w1s)")
+    p.add_argument("--methods", nargs="+", default=["maml", "fomaml"],
+                   help="registered methods (default maml fomaml); 'all': every registered method at its paper "
+                        "settings, against the plain per-task loop")
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="metabench (the default mode: tasks on the task pool), metabench-batched (whole meta-batch "
+                        "at once), reference (plain per-task autograd loop, NCHW, no pool), l2l (learn2learn) "
+                        f"(default: {' '.join(DEFAULT_IMPLS)}; with --methods all: metabench reference)")
     p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []),
                    help="allocators to time under: glibc, tcmalloc (default: both where tcmalloc is installed)")
     p.add_argument("--repeats", type=int, default=5, help="timed meta-iterations (the median is reported)")

@@ -8,7 +8,9 @@ import torch
 
 from bench.api import Episode
 from baselines.core import GradientLearner
+from baselines.imaml import IMAML
 from baselines.maml import MAML
+from baselines.mamlpp import MAMLpp
 from baselines.mixture import Mixture
 from baselines.parallel import map_tasks, summed_grads, task_workers
 
@@ -66,13 +68,8 @@ def make_maml(synthetic_set, **kw) -> MAML:
 
 
 def test_parallel_outer_step_equals_the_task_by_task_loop_in_float64(synthetic_set, monkeypatch):
-    stream = synthetic_set.stream("train")
-    batch = [next(stream) for _ in range(4)]
-    batch = [Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y, e.classes, e.split, e.index,
-                     e.spec_hash) for e in batch]
-    par, seq = make_maml(synthetic_set), make_maml(synthetic_set)
-    for m in (par, seq):
-        m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
+    batch = double_batch(synthetic_set)
+    par, seq = to_float64(make_maml(synthetic_set)), to_float64(make_maml(synthetic_set))
     monkeypatch.setattr(seq, "PARALLEL_TASKS", False)
     assert par.PARALLEL_TASKS
     g_par, g_seq = meta_grads(par, batch), meta_grads(seq, batch)
@@ -97,3 +94,44 @@ def test_results_do_not_depend_on_the_number_of_workers(synthetic_set, monkeypat
 
 def test_methods_that_write_state_in_task_loss_stay_sequential():
     assert not Mixture.PARALLEL_TASKS and MAML.PARALLEL_TASKS and not GradientLearner.PARALLEL_TASKS
+
+
+def to_float64(m: GradientLearner) -> GradientLearner:
+    m.meta = {k: v.detach().double().requires_grad_(True) for k, v in m.meta.items()}
+    return m
+
+
+def double_batch(synthetic_set, n: int = 4) -> list[Episode]:
+    stream = synthetic_set.stream("train")
+    return [Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y, e.classes, e.split, e.index,
+                    e.spec_hash) for e in (next(stream) for _ in range(n))]
+
+
+def test_mamlpp_tasks_side_by_side_equal_the_task_by_task_loop_statistics_included(synthetic_set, monkeypatch):
+    """MAML++ logs each task's running-statistics updates and applies them in meta-batch order: the
+    meta-gradient and the per-step statistics equal those of the sequential loop (float64)."""
+    batch = double_batch(synthetic_set)
+    info = synthetic_set.task_info()
+    par, seq = (to_float64(MAMLpp(meta_batch=4, hidden=8, seed=1, inner_steps=2).setup(info)) for _ in range(2))
+    for m in (par, seq):
+        m.bn_stats = {k: v.double() for k, v in m.bn_stats.items()}
+    monkeypatch.setattr(seq, "PARALLEL_TASKS", False)
+    monkeypatch.setenv("METABENCH_TASK_WORKERS", "3")
+    assert par.PARALLEL_TASKS
+    g_par, g_seq = meta_grads(par, batch), meta_grads(seq, batch)
+    for k in g_seq:
+        torch.testing.assert_close(g_par[k], g_seq[k], rtol=1e-10, atol=1e-13, msg=k)
+    for k in seq.bn_stats:
+        torch.testing.assert_close(par.bn_stats[k], seq.bn_stats[k], rtol=1e-12, atol=1e-14, msg=k)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in seq.bn_stats.items() if k.endswith("mean"))
+
+
+def test_imaml_tasks_side_by_side_equal_the_task_by_task_loop(synthetic_set, monkeypatch):
+    batch = double_batch(synthetic_set)
+    grads = []
+    for workers in ("0", "3"):
+        monkeypatch.setenv("METABENCH_TASK_WORKERS", workers)
+        m = to_float64(IMAML(meta_batch=4, hidden=8, seed=1, inner_steps=3, cg_steps=3).setup(synthetic_set.task_info()))
+        grads.append(meta_grads(m, batch))
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-10, atol=1e-13, msg=k)

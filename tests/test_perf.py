@@ -141,3 +141,44 @@ def test_resnet12_workload_and_module_are_the_functional_resnet12(tiny):
         assert evaluate.__self__.tags.order == ("second" if method == "maml" else "first")  # not the ResNet preset's
         step()
         evaluate(perf.synthetic_episodes(small, 2))
+
+
+def test_method_flops_count_maml_as_the_workload_count():
+    """The per-method count (FlopCounterMode over the reference outer step) is the hand-written MAML one."""
+    for method in ("maml", "fomaml"):
+        assert perf.method_flops(TINY, method) == perf.workload_flops(TINY, method == "fomaml")
+
+
+@pytest.mark.parametrize("method", ["maml", "mamlpp", "protonet", "imaml"])
+def test_reference_step_is_the_methods_fit_step(method):
+    """The plain per-task loop (NCHW, no pool) computes the same meta-gradient as `fit` (up to float32
+    round-off of the other memory layout and summation order), running statistics included. (Gradients,
+    not parameters: Adam turns the round-off of a conv bias before batch norm, whose gradient is zero,
+    into a full step.)"""
+    fast, ref = perf.make_learner(TINY, method), perf.make_learner(TINY, method)
+    batch = perf.synthetic_episodes(TINY, perf.episodes_per_step(fast, TINY))
+    fast.fit(iter(batch), 1)
+    perf.reference_step(ref, batch)
+    assert ref.fit_steps == fast.fit_steps == 1
+    scale = max(v.grad.abs().max().item() for v in fast.meta.values())
+    for k in fast.meta:
+        assert (ref.meta[k].grad - fast.meta[k].grad).abs().max() <= 1e-3 * scale, k
+    for k in getattr(fast, "bn_stats", {}):
+        torch.testing.assert_close(ref.bn_stats[k], fast.bn_stats[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_plan_all_methods_times_each_against_the_reference():
+    from baselines import registry
+
+    jobs = perf.plan(args(methods=["all"], allocators=["glibc"]))
+    assert {j["workload"] for j in jobs} == {"omniglot-5w1s"}
+    assert [j["method"] for j in jobs if j["impl"] == "reference"] == registry.METHODS.names()
+    assert [j["method"] for j in jobs if j["impl"] == "metabench"] == registry.METHODS.names()
+    assert len(jobs) == 2 * len(registry.METHODS.names())
+
+
+def test_reference_row_for_a_method_with_its_own_outer_step(tiny):
+    job = {"workload": "tiny", "impl": "reference", "method": "protonet", "allocator": "glibc", "threads": 1,
+           "device": "cpu", "repeats": 1, "warmup": 0, "eval_episodes": 2}
+    row = perf.measure(job)
+    assert row["task_workers"] == 0 and row["gflop_per_iter"] > 0 and math.isfinite(row["sec_per_iter"])
