@@ -176,8 +176,8 @@ def _md() -> list[Benchmark]:
     # The two regimes as the paper reports them: suites that train once (ILSVRC-only or the eight
     # training sources), select on ILSVRC validation episodes, and test on the 10 sources' test
     # episodes of the matching single-source benchmarks above (one CSV per source).
-    for suite, regime, train, seed in (("md-imagenet", "md-", ("md-ilsvrc-2012",), 20260401),
-                                       ("md-all", "md-all-", tuple(source_key(s) for s in TRAIN_ALL), 20260402)):
+    for suite, regime, train, seed in (("md-imagenet", "md-", ("md-ilsvrc-2012",), 20260361),
+                                       ("md-all", "md-all-", tuple(source_key(s) for s in TRAIN_ALL), 20260362)):
         out.append(Benchmark(suite, "md-ilsvrc-2012", MDEpisodes(MDConfig(), train, "md-ilsvrc-2012"), 84,
                              "meta-dataset", 1, seed, 600, 600,
                              members=tuple(regime + source_key(n)[3:] for n in OFFICIAL)))
