@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping
 
-from bench.api import Preset
+from bench.api import Preset, with_meta_dataset
 from baselines.core import HEAD_KEYS
 from baselines.maml import FINN_KEYS, MAML
 
@@ -35,12 +35,12 @@ class ANIL(MAML):
 
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: replace(p, paper="Raghu, Raghu, Bengio, Vinyals. Rapid Learning or Feature Reuse? Towards Understanding "
                               "the Effectiveness of MAML. ICLR 2020",
                      note="inner loop on the head only; 'same architecture and setup as Finn et al.': MAML's "
                           "hyperparameters and steps (the appendix with exact values was not retrieved)")
-        for key, p in MAML.PRESETS.items() if key in FINN_KEYS}
+        for key, p in MAML.PRESETS.items() if key in FINN_KEYS})
 
     def adapted_keys(self) -> list[str]:
         return [k for k in self.meta if k in HEAD_KEYS]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping
 
-from bench.api import Preset
+from bench.api import Preset, with_meta_dataset
 from baselines.core import HEAD_KEYS
 from baselines.maml import MAML
 
@@ -38,7 +38,7 @@ class BOIL(MAML):
 
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         **{key: replace(MAML.PRESETS[key], paper=_OH,
                         note="Omniglot is not in the paper: MAML's Omniglot settings, our choice")
            for key in ("omniglot-5w", "omniglot-20w")},
@@ -56,7 +56,7 @@ class BOIL(MAML):
                                         "us, not confirmed from the paper; not taken over: the paper's disconnection "
                                         "trick (blocks-type b: no skip connection in the last block); widths: "
                                         "MetaOptNet's 64-160-320-640, not checked against the reference's model.py"),
-    }
+    })
 
     inner_lr: float = 0.5
     inner_steps: int = 1

@@ -37,7 +37,7 @@ from typing import ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Preset, TaskInfo
+from bench.api import Preset, TaskInfo, with_meta_dataset
 from baselines.core import Ops, Params, episode_loss, head_forward, inner_loop, step_decay
 from baselines.maml import MAML
 
@@ -68,7 +68,7 @@ class CAVIA(MAML):
     """
 
     PARALLEL_TASKS: ClassVar[bool] = True
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset(dict(n_context=100, inner_lr=1.0, inner_steps=2, inner_steps_test=2, meta_batch=batch,
                          outer_lr=1e-3, outer_lr_decay=0.9, outer_lr_decay_every=5000, hidden=hidden), steps,
                     "Zintgraf, Shiarlis, Kurin, Hofmann, Whiteson. Fast Context Adaptation via Meta-Learning. ICML 2019",
@@ -77,7 +77,7 @@ class CAVIA(MAML):
                     "1e-3 x0.9 every 5000, grad clamp 10, 32 filters, 60000 steps; Omniglot is not in the paper: the "
                     "same with MAML's Omniglot meta-batch and width, our choice")
         for key, batch, hidden, steps in (("omniglot-5w", 32, 64, 40000), ("omniglot-20w", 16, 64, 40000),
-                                          ("miniimagenet", 16, 32, 60000))}
+                                          ("miniimagenet", 16, 32, 60000))})
 
     meta_batch: int = 16
     inner_lr: float = 1.0

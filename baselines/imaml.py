@@ -49,7 +49,7 @@ from typing import Callable, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, Tags
+from bench.api import Episode, Preset, Tags, with_meta_dataset
 from baselines.core import GradientLearner, LossFn, Params, episode_loss, higher_order, inner_loop
 from baselines.parallel import map_tasks
 
@@ -139,7 +139,7 @@ class IMAML(GradientLearner):
     adam_eps: eps of the outer Adam (1e-3 in the reference code).
     """
 
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset({**_IMAML_OMNIGLOT, **changes}, steps,
                     "Rajeswaran, Finn, Kakade, Levine. Meta-Learning with Implicit Gradients. NeurIPS 2019",
                     "aravindr93/imaml_dev", "examples/README.md (replication command), implicit_maml/learner_model.py",
@@ -151,7 +151,7 @@ class IMAML(GradientLearner):
                     "miniImageNet inner lr 0.01, meta-batch 4, width 32, 60000 steps")
         for key, changes, steps in (("omniglot-5w", {}, 20000),
                                     ("omniglot-20w", dict(inner_steps=25, inner_steps_test=25), 20000),
-                                    ("miniimagenet", dict(inner_lr=0.01, meta_batch=4, hidden=32), 60000))}
+                                    ("miniimagenet", dict(inner_lr=0.01, meta_batch=4, hidden=32), 60000))})
 
     meta_batch: int = 32
     inner_lr: float = 0.1

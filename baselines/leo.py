@@ -64,7 +64,7 @@ from typing import Callable, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, Tags, TaskInfo, new_generator
+from bench.api import Episode, Preset, Tags, TaskInfo, new_generator, with_meta_dataset
 from baselines.core import GradientLearner, Params, conv4_features, inner_loop
 from baselines.finetune import pretraining_loss
 
@@ -201,14 +201,14 @@ class LEO(GradientLearner):
     pretrain_lr: float = 1e-3
 
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self (per-task generators)
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset({**_LEO_MINI_1SHOT, **_LEO_CODE, **_PRETRAIN, "hidden": hidden}, 140000, _RUSU,
                     "google-deepmind/leo", "config.py (defaults) + README.md (tuned values)",
                     _NOTE.format(hidden=hidden) + extra)
         for key, hidden, extra in (
             ("miniimagenet", 32, ""),
             ("omniglot-5w", 64, "; Omniglot is not in the paper: the miniImageNet 1-shot settings, our choice"),
-            ("omniglot-20w", 64, "; Omniglot is not in the paper: the miniImageNet 1-shot settings, our choice"))}
+            ("omniglot-20w", 64, "; Omniglot is not in the paper: the miniImageNet 1-shot settings, our choice"))})
 
     # conformance suite (bench/checks.py): a phase boundary after 2 steps, so the resume checks
     # (fit(2) + fit(1)) cross it

@@ -76,7 +76,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, Tags, TaskInfo
+from bench.api import Episode, Preset, Tags, TaskInfo, with_meta_dataset
 from baselines.backbones import layer_kind
 from baselines.core import BN_EPS, GradientLearner, Ops, Params, head_forward
 
@@ -143,7 +143,7 @@ class MAMLpp(GradientLearner):
     first_order_epochs >= total_epochs.
     """
 
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset(values, 50000, "Antoniou, Edwards, Storkey. How to train your MAML. ICLR 2019",
                     "AntreasAntoniou/HowToTrainYourMAMLPytorch", file,
                     "5 inner steps at train and test (evaluates with the steps it was trained with: per-step lrs and "
@@ -159,7 +159,7 @@ class MAMLpp(GradientLearner):
               for k in ("omniglot-5w", "omniglot-20w")),
             ("miniimagenet", "experiment_config/mini-imagenet_maml++-mini-imagenet_1_2_0.01_48_5_0.json",
              dict(inner_lr=0.01, inner_steps=5, meta_batch=2, outer_lr=1e-3, min_outer_lr=1e-3, hidden=48,
-                  epoch_steps=500, total_epochs=100, msl_epochs=15, first_order_epochs=0, grad_clip=10.0)))}
+                  epoch_steps=500, total_epochs=100, msl_epochs=15, first_order_epochs=0, grad_clip=10.0)))})
 
     meta_batch: int = 8
     outer_lr: float = 1e-3

@@ -67,7 +67,7 @@ from typing import ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Predictor, Preset, TaskInfo
+from bench.api import Episode, Predictor, Preset, TaskInfo, with_meta_dataset
 from baselines.backbones import layer_kind
 from baselines.core import Params, inner_loop
 from baselines.maml import MAML
@@ -128,7 +128,7 @@ class MeTAL(MAML):
     use_query: bool = True
 
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         **{key: Preset(dict(inner_lr=0.1, inner_steps=5, inner_steps_test=5, meta_batch=batch, outer_lr=1e-3,
                             hidden=64), 40000, _BAIK, "baiksung/MeTAL", "experiment_config/MeTAL.json",
                        "Omniglot is not in the paper: MAML's Omniglot settings (Finn et al. 2017) with MAML's 20-way "
@@ -142,7 +142,7 @@ class MeTAL(MAML):
                                "100 epochs x 500 = 50000 updates, second order throughout, no multi-step loss, "
                                "Conv-4 48 (the released config is 5-shot; the same for 1-shot); not taken over: "
                                "the outer cross-entropy over support and query together (query only here)"),
-    }
+    })
 
     # conformance suite (bench/checks.py): its 10x outer lr (0.01) makes the learned query loss unstable
     # (synthetic-5w1s, 60 steps: accuracy 0.515 -> 0.52, oscillating; 3e-3: -> 0.71; 1e-3: -> 0.69)

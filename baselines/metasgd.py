@@ -31,7 +31,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from bench.api import Preset, TaskInfo
+from bench.api import Preset, TaskInfo, with_meta_dataset
 from baselines.core import Params
 from baselines.maml import FINN_KEYS, MAML
 
@@ -50,14 +50,14 @@ class MetaSGD(MAML):
 
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: replace(p, values={**p.values, "inner_steps": 1, "inner_steps_test": 1, "alpha_spread": 0.5},
                      paper="Li, Zhou, Chen, Li. Meta-SGD: Learning to Learn Quickly for Few-Shot Learning. "
                            "arXiv:1707.09835, 2017",
                      note="one inner step; per-parameter learning rates initialised uniformly at MAML's inner lr "
                           "+-50% (our choice); meta-batch, outer Adam 1e-3, width and steps as MAML, not confirmed "
                           "from the paper")
-        for key, p in MAML.PRESETS.items() if key in FINN_KEYS}
+        for key, p in MAML.PRESETS.items() if key in FINN_KEYS})
 
     inner_steps: int = 1
     inner_steps_test: int = 1

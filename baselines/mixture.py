@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, TaskInfo
+from bench.api import Episode, Preset, TaskInfo, with_meta_dataset
 from baselines.core import Params, episode_loss, inner_loop
 from baselines.maml import FINN_KEYS, MAML
 
@@ -60,7 +60,7 @@ class Mixture(MAML):
     n_components: K, the number of initialisations (K = 1 is MAML).
     """
 
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: replace(p, values={**p.values, "n_components": 2},
                      paper="Jerfel, Grant, Griffiths, Heller. Reconciling meta-learning and continual learning with "
                            "online mixtures of tasks. NeurIPS 2019",
@@ -69,7 +69,7 @@ class Mixture(MAML):
                           "of MAML initialisations, Carbonaraa/TSA-MAML README); inner loop, meta-batch, outer Adam, widths and steps: MAML's (Finn et al. 2017, cbfinn/maml), "
                           "as every component is a MAML initialisation; K = 2 is our choice: cost grows with K, and "
                           "K = 1 / 2 / 4 compared on omniglot-small-5w1s showed no gain from more components")
-        for key, p in MAML.PRESETS.items() if key in FINN_KEYS}
+        for key, p in MAML.PRESETS.items() if key in FINN_KEYS})
 
     PARALLEL_TASKS: ClassVar[bool] = False  # task_loss counts assignments (assign_counts)
 

@@ -52,7 +52,7 @@ from typing import ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, TaskInfo, new_generator
+from bench.api import Episode, Preset, TaskInfo, new_generator, with_meta_dataset
 from baselines.core import Ops, Params, episode_loss, head_forward, inner_loop
 from baselines.maml import MAML
 
@@ -111,7 +111,7 @@ class MTNet(MAML):
 
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self (per-task generators)
     TASK_BATCHED: ClassVar[bool] = False  # its per-task computation is not MAML's (T, masks)
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         "omniglot-5w": Preset(dict(inner_lr=0.4, inner_steps=1, inner_steps_test=10, meta_batch=32, outer_lr=1e-3,
                                    hidden=64, temperature=1.0, logit_init=0.0, grad_clip=0.0), 40000, _LEE,
                               "yoonholee/MT-net", "experiments/omniglot.sh; main.py (defaults)",
@@ -127,7 +127,7 @@ class MTNet(MAML):
                                "yoonholee/MT-net", "experiments/miniimagenet.sh; main.py; maml.py",
                                "share_M, use_T, use_M, max_pool, 32 filters; meta-gradient clipped to [-10, 10] "
                                "(maml.py); 10 test steps, Adam 1e-3, temperature 1, logit init 0"),
-    }
+    })
 
     # --- parameters ---------------------------------------------------------------------
     def layers(self) -> list[str]:

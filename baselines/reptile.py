@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, new_generator
+from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, new_generator, with_meta_dataset
 from baselines.core import GradientLearner, Params
 
 
@@ -84,7 +84,7 @@ class Reptile(GradientLearner):
     transductive: predict all queries in one batch (batch norm over the query set).
     """
 
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset({**values, "outer_lr_final": 0.0, "total_steps": 200000}, 200000,
                     "Nichol, Achiam, Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018",
                     "openai/supervised-reptile", "README.md (the commands 'used for the paper', 1-shot rows)",
@@ -95,7 +95,7 @@ class Reptile(GradientLearner):
             ("omniglot-20w", dict(inner_lr=0.00046, inner_batch=15, inner_steps=12, eval_batch=10, inner_steps_test=97,
                                   meta_batch=3, outer_lr=1.0, hidden=64)),
             ("miniimagenet", dict(inner_lr=0.0012, inner_batch=3, inner_steps=19, eval_batch=3, inner_steps_test=55,
-                                  meta_batch=2, outer_lr=0.235, hidden=32)))}
+                                  meta_batch=2, outer_lr=0.235, hidden=32)))})
 
     meta_batch: int = 3
     outer_lr: float = 1.0

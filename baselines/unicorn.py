@@ -37,7 +37,7 @@ from typing import ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Predictor, Preset, TaskInfo
+from bench.api import Episode, Predictor, Preset, TaskInfo, with_meta_dataset
 from baselines.core import Params, episode_loss, inner_loop
 from baselines.maml import MAML, YE_CHAO as _YE
 
@@ -61,7 +61,7 @@ class UnicornMAML(MAML):
     temperature: float = 1.0
 
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
-    PRESETS: ClassVar[Mapping[str, Preset]] = {
+    PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         **{key: Preset(dict(inner_lr=0.1, inner_steps=10, inner_steps_test=10, meta_batch=batch, outer_lr=1e-3,
                             hidden=64), 40000, _YE, "Han-Jia/UNICORN-MAML", "model/models/mamlone.py",
                        "Omniglot is not in the paper: MAML's Omniglot settings (Finn et al. 2017: Adam 1e-3, "
@@ -91,7 +91,7 @@ class UnicornMAML(MAML):
                                         "over: the FEAT pre-trained initialisation and its SGD (Adam 1e-3 from scratch "
                                         "here), running batch-norm statistics for the query at test (batch statistics "
                                         "here)"),
-    }
+    })
 
     # conformance suite (bench/checks.py): 3 inner steps at train and test (MAML's check-time test count)
     # instead of the Omniglot preset's 10 second-order steps, which made check_learns take ~80 s

@@ -111,6 +111,26 @@ class Preset:
         return "; ".join(part for part in (self.paper, where, self.note) if part)
 
 
+MD_STEPS = 75000
+"""Outer updates of a Meta-Dataset run: the official trainer's setup default (published fo-MAML and
+fo-Proto-MAML settings, one episode per update)."""
+
+
+def with_meta_dataset(presets: Mapping[str, Preset]) -> dict[str, Preset]:
+    """`presets` plus a "meta-dataset" preset when it has none: for a method without published
+    Meta-Dataset settings, the values of its "miniimagenet" preset (its paper's 84 px setting, the
+    image size of the Meta-Dataset benchmarks here) and MD_STEPS outer updates, with a note saying
+    so. Presets without a "miniimagenet" entry are returned unchanged."""
+    out = dict(presets)
+    mini = out.get("miniimagenet")
+    if "meta-dataset" not in out and mini is not None:
+        out["meta-dataset"] = Preset(dict(mini.values), MD_STEPS, mini.paper, mini.repository, mini.file,
+                                     "no published Meta-Dataset value: the method's miniImageNet (84 px) settings, "
+                                     f"{MD_STEPS} updates as the official Meta-Dataset trainer's default"
+                                     + (f"; miniImageNet note: {mini.note}" if mini.note else ""))
+    return out
+
+
 @dataclass
 class MetaLearner(abc.ABC):
     """Base class of every method. Subclasses are dataclasses of hyperparameters.

@@ -38,6 +38,11 @@ class Benchmark:
     way/shot/query, Meta-Dataset's variable episodes, ...); preset: the key of the method
     presets that apply ("omniglot-5w", "miniimagenet", "meta-dataset", ...; "" for none:
     runs then need --steps); seed: the benchmark's own episode seed.
+
+    members: a suite's test benchmarks (empty for a plain benchmark). A suite trains once on its
+    protocol's training episodes, selects the checkpoint on its validation episodes, then tests on
+    the test episodes of every member (the member's own episodes: same specs and hashes as running
+    the member alone) and writes one result CSV per member. Its own test split is unused.
     """
 
     name: str
@@ -49,19 +54,44 @@ class Benchmark:
     seed: int = 0
     test_episodes: int = 600
     val_episodes: int = 200
+    members: tuple[str, ...] = ()
 
     @property
     def max_way(self) -> int:
-        """The largest way of any episode."""
-        return self.protocol.max_way
+        """The largest way of any episode (of a suite: of any member's too)."""
+        return max([self.protocol.max_way, *(m.max_way for m in self.member_benchmarks())])
+
+    @property
+    def is_suite(self) -> bool:
+        """True for a suite (train once, test on every member)."""
+        return bool(self.members)
+
+    def member_benchmarks(self) -> list["Benchmark"]:
+        """A suite's test benchmarks, in order ([] for a plain benchmark)."""
+        return [get_benchmark(m) for m in self.members]
+
+    def source_names(self) -> tuple[str, ...]:
+        """Every source the benchmark needs: its protocol's, then each member's (each once)."""
+        names = list(self.protocol.source_names(self))
+        for m in self.member_benchmarks():
+            names += [n for n in m.protocol.source_names(m) if n not in names]
+        return tuple(names)
+
+    def member_sets(self, es: EpisodeSet) -> list[EpisodeSet]:
+        """The members' episodes on the sources already loaded in a suite's EpisodeSet `es`."""
+        return [EpisodeSet(m, es.sources) for m in self.member_benchmarks()]
 
     def with_episodes(self, loader: Callable[[str, Path, int], ArraySource] | None, root: Path) -> EpisodeSet:
-        """This benchmark's episodes on its sources, each loaded with `loader(name, root, image_size)`."""
+        """This benchmark's episodes on its sources, each loaded with `loader(name, root, image_size)`.
+
+        Every source is loaded first (a suite's members' too), so a missing one fails before any
+        training, and one DataError names every missing source with what prepares it.
+        """
         load = loader or get_source
         if loader is None:
             check_root(root)
         sources, missing = {}, []
-        for n in self.protocol.source_names(self):
+        for n in self.source_names():
             try:
                 sources[n] = load(n, Path(root), self.image_size)
             except DataError as e:
@@ -72,8 +102,8 @@ class Benchmark:
         if len(missing) == 1:
             raise missing[0][1]
         if missing:
-            raise DataError(f"{self.name} needs {len(missing)} sources that are not usable in {root}: "
-                            + "; ".join(f"{n}: {e}" for n, e in missing))
+            raise DataError(f"{self.name} needs {len(missing)} sources that are not usable in {root}:\n"
+                            + "\n".join(f"  {n}: {e}" for n, e in missing))
         return EpisodeSet(self, sources)
 
 
@@ -143,6 +173,14 @@ def _md() -> list[Benchmark]:
             out.append(Benchmark(regime + source_key(name)[3:], source_key(name),
                                  MDEpisodes(MDConfig(), train, "md-ilsvrc-2012"), 84, "meta-dataset", 1,
                                  seed + (100 if regime == "md-all-" else 0), 600, 600))
+    # The two regimes as the paper reports them: suites that train once (ILSVRC-only or the eight
+    # training sources), select on ILSVRC validation episodes, and test on the 10 sources' test
+    # episodes of the matching single-source benchmarks above (one CSV per source).
+    for suite, regime, train, seed in (("md-imagenet", "md-", ("md-ilsvrc-2012",), 20260361),
+                                       ("md-all", "md-all-", tuple(source_key(s) for s in TRAIN_ALL), 20260362)):
+        out.append(Benchmark(suite, "md-ilsvrc-2012", MDEpisodes(MDConfig(), train, "md-ilsvrc-2012"), 84,
+                             "meta-dataset", 1, seed, 600, 600,
+                             members=tuple(regime + source_key(n)[3:] for n in OFFICIAL)))
     # the genuine small Omniglot records (shared test data): its own train/valid/test alphabets
     out.append(Benchmark("md-omniglot-small", "md-omniglot-small", MDEpisodes(), 84, "meta-dataset", 1, 20260351,
                          600, 600))

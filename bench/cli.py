@@ -25,10 +25,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
         paper = next(iter(presets.values())).paper.split(".")[0] if presets else "no presets"
         print(f"  {name:12s} {entry.target:32s} {paper}")
     print("benchmarks:")
+    suites = []
     for name in BENCHMARKS:
         b = BENCHMARKS.get(name)
+        if b.is_suite:
+            suites.append(b)
+            continue
         print(f"  {name:22s} v{b.version} {b.source:14s} {b.protocol.shape()}, "
               f"{b.test_episodes} test episodes, {b.image_size}px")
+    print("suites (train once, test on each member; one CSV per member):")
+    for b in suites:
+        train = ", ".join(b.protocol.split_sources(b, "train"))
+        print(f"  {b.name:22s} v{b.version} train on {train}; validate on {b.protocol.split_sources(b, 'val')[0]}; "
+              f"test {len(b.members)} benchmarks: {', '.join(b.members)}")
     print("sources:")
     for name, entry in SOURCES.entries().items():
         print(f"  {name:14s} {entry.about}")

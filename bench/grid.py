@@ -261,8 +261,7 @@ def run_ray(spec: GridSpec, address: str | None, report: Callable[[Outcome], Non
         import ray
     except ImportError as e:
         raise MetabenchError("--ray needs Ray: pip install 'metabench[ray]'") from e
-    from bench.results import write_run
-    from bench.runner import RunDirs, check_identity, finished, plan
+    from bench.runner import RunDirs, check_identity, finished, plan, write_outputs
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -290,7 +289,7 @@ def run_ray(spec: GridSpec, address: str | None, report: Callable[[Outcome], Non
             try:
                 rows, card = ray.get(done[0])
                 check_identity(p, overwrite=False)
-                out.csv, out.ok = write_run(spec.results, rows, card), True
+                out.csv, out.ok = write_outputs(spec.results, rows, card), True
             except Exception as e:  # noqa: BLE001 - a cell may fail in any way; the others go on
                 cause = getattr(e, "cause", None) or e
                 out.error = f"{type(cause).__name__}: {cause}".splitlines()[0]
@@ -313,10 +312,10 @@ def summary_table(results: Path, outcomes: list[Outcome]) -> str:
     """method x benchmark: mean accuracy +- 95% CI over the runs' episodes, seeds done."""
     import pandas as pd
 
-    from bench.results import read_csv
+    from bench.results import outputs_csvs, read_csv
     from bench.stats import summarize
 
-    frames = [read_csv(o.csv) for o in outcomes if o.ok and o.csv]
+    frames = [read_csv(c) for o in outcomes if o.ok and o.csv for c in outputs_csvs(o.csv)]
     if not frames:
         return "no finished cells"
     table = summarize(pd.concat(frames, ignore_index=True))

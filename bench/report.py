@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import sys
 import time
@@ -56,9 +57,22 @@ def run_summary(csv_path: Path, runs_dir: Path | None = None) -> str:
     """The end-of-run lines: accuracy ± CI of this run, the seeds of this method and benchmark in
     the results folder (and their mean), fit time, where the card and checkpoint (under `runs_dir`)
     are, and last "results: <csv path>" (what `metabench run` always printed last)."""
-    from bench.results import read_card, read_csv
+    from bench.results import outputs_csvs, read_card, read_csv
 
     csv_path = Path(csv_path)
+    if csv_path.suffix == ".json":  # a suite's card: one line per member, then the card and checkpoint
+        card = json.loads(csv_path.read_text(encoding="utf-8"))
+        table = stats.summarize(pd.concat([read_csv(c) for c in outputs_csvs(csv_path)], ignore_index=True))
+        lines = [f"{card['method']} trained once on {card['benchmark']}, seed {card['seed']} (step "
+                 f"{card.get('selected_step', '?')} chosen by validation accuracy); test episodes per source:"]
+        lines += [f"  {row['benchmark']:22s} {100 * row['mean']:6.2f}% ± {100 * row['ci95']:.2f}% "
+                  f"({int(row['n_episodes'])} episodes)" for _, row in table.iterrows()]
+        lines.append(f"  fit: {fmt_seconds(float(card.get('fit_seconds', 0.0)))} for {card.get('fit_steps', '?')} "
+                     "outer steps")
+        if card.get("checkpoint"):
+            lines.append(f"  checkpoint: {Path(runs_dir) / card['checkpoint'] if runs_dir else card['checkpoint']}")
+        lines.append(f"results: {csv_path}")
+        return "\n".join(lines)
     frame = read_csv(csv_path)
     card = read_card(csv_path)
     mine = stats.summarize(frame).iloc[0]

@@ -262,6 +262,19 @@ def read_card(csv_path: Path) -> dict:
     return card
 
 
+def outputs_csvs(path: Path) -> list[Path]:
+    """The result CSVs of a run's output: the CSV itself, or the members' CSVs a suite card lists
+    (bench.runner.write_outputs: paths relative to the results folder, two levels above the card)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return [path]
+    try:
+        csvs = json.loads(path.read_text(encoding="utf-8"))["csvs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResultsError(f"{path}: not a suite run card with the members' CSVs ({e})") from e
+    return [path.parent.parent.parent / rel for rel in csvs.values()]
+
+
 def find_csvs(results_dir: Path) -> list[Path]:
     """All result CSVs under a results folder, sorted."""
     results_dir = Path(results_dir)

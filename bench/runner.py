@@ -4,6 +4,10 @@
 optimizer, RNG, stream position), the validation curve and the best checkpoint are written
 atomically, so a run killed at any point continues from its last chunk and produces exactly
 the same results as an uninterrupted run.
+
+A suite (a Benchmark with members, e.g. md-imagenet) is one run: it trains and selects once, then
+tests the chosen checkpoint on every member's test episodes and writes one CSV (with its card)
+per member, plus one suite run card (`<results>/<suite>/<method>/seed<N>.json`) that lists them.
 """
 
 from __future__ import annotations
@@ -328,11 +332,34 @@ def plan(cfg: RunConfig, dirs: RunDirs) -> Plan:
     return Plan(cfg, bench, learner, steps, n_val, n_test, label, ph, csv, card, run_dir(cfg, dirs, learner))
 
 
+def result_identity(card: dict[str, Any], suite: str | None) -> str:
+    """The identity of a written result as a run of `suite` (None: of the benchmark alone) sees it:
+    its params hash, marked when the result came from another suite or from a run of its own."""
+    ph, came_from = str(card.get("params_hash", "unknown")), card.get("suite")
+    if came_from == suite:
+        return ph
+    return f"{ph} (written by {'suite ' + came_from if came_from else 'a run of the benchmark alone'})"
+
+
+def member_csvs(p: Plan) -> list[Path]:
+    """The result CSVs a plan writes: one per member of a suite, else the plan's own."""
+    if not p.bench.is_suite:
+        return [p.csv]
+    return [run_paths(p.csv.parent.parent.parent, m, p.label, p.cfg.seed)[0] for m in p.bench.members]
+
+
 def existing_identity(p: Plan) -> str | None:
-    """The params hash of the result already at the plan's path (None when there is none)."""
-    if not p.csv.exists():
-        return None
-    return str(read_card(p.csv).get("params_hash", "unknown"))
+    """The identity of a result already at the plan's paths (None when there is none); for a suite the
+    first member result of another identity, else its suite card's params hash."""
+    suite = p.bench.name if p.bench.is_suite else None
+    for csv in member_csvs(p):
+        if csv.exists():
+            ident = result_identity(read_card(csv), suite)
+            if ident != p.params_hash:
+                return ident
+    if suite is None:
+        return p.params_hash if p.csv.exists() else None
+    return str(json.loads(p.card.read_text()).get("params_hash", "unknown")) if p.card.exists() else None
 
 
 def check_identity(p: Plan, overwrite: bool) -> None:
@@ -346,9 +373,9 @@ def check_identity(p: Plan, overwrite: bool) -> None:
 
 def finished(p: Plan) -> bool:
     """True when this exact run (identity, steps, test episodes) has already written its results."""
-    if existing_identity(p) != p.params_hash:
+    if existing_identity(p) != p.params_hash or not all(c.exists() for c in member_csvs(p)):
         return False
-    card = read_card(p.csv)
+    card = json.loads(p.card.read_text()) if p.bench.is_suite else read_card(p.csv)
     return card.get("steps") == p.steps and card.get("test_episodes") == p.n_test
 
 
@@ -391,7 +418,8 @@ def move_aside(folder: Path) -> Path | None:
 
 def run(cfg: RunConfig, dirs: RunDirs, restart: bool = False, overwrite: bool = False,
         progress: bool = True) -> Path:
-    """Fit, select, test and write the results of one run; returns the result CSV path.
+    """Fit, select, test and write the results of one run; returns the result CSV path (a suite: its
+    suite card, see `write_outputs`).
 
     The run continues from its last checkpoint when one exists; a finished run does nothing.
     restart: move the old checkpoints aside and start from step 0. overwrite: replace a result
@@ -419,7 +447,7 @@ def run(cfg: RunConfig, dirs: RunDirs, restart: bool = False, overwrite: bool = 
                 print(f"old checkpoints moved to {aside}", file=sys.stderr)
         rows, card = execute(p, dirs, progress)
         check_identity(p, overwrite)  # another identity may have been written while this one ran
-        csv_path = write_run(dirs.results, rows, card)
+        csv_path = write_outputs(dirs.results, rows, card)
         atomic_write_text(p.folder / "done.json", json.dumps({"csv": str(csv_path), "steps": p.steps,
                                                                "test_episodes": p.n_test}))
     return csv_path
@@ -483,17 +511,21 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
     ph = params_hash(learner.params())
     dev = device_name(device)
     rows = []
-    test_bar = tqdm(total=n_test, desc=f"test {p.label} {bench.name}", unit="ep", disable=not progress)
-    for first in range(0, n_test, EVAL_CHUNK):
-        eps = list(on_device((es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n_test))), device))
-        for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):
-            rows.append({"benchmark": bench.name, "benchmark_version": bench.version, "split": "test",
-                         "episode": i, "episode_hash": ep.spec_hash, "method": p.label, "params_hash": ph,
-                         "seed": cfg.seed, "code_rev": rev, "device": dev, "shot": protocol_shot(bench.protocol),
-                         "inner_steps_test": inner_steps_of(learner.params()), **r,
-                         "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
-        test_bar.update(len(eps))
-    test_bar.close()
+    for test_es in (bench.member_sets(es) if bench.is_suite else [es]):
+        tb = test_es.bench
+        n = min(n_test, tb.test_episodes)
+        test_bar = tqdm(total=n, desc=f"test {p.label} {tb.name}", unit="ep", disable=not progress)
+        for first in range(0, n, EVAL_CHUNK):
+            eps = list(on_device((test_es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n))),
+                                 device))
+            for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):
+                rows.append({"benchmark": tb.name, "benchmark_version": tb.version, "split": "test",
+                             "episode": i, "episode_hash": ep.spec_hash, "method": p.label, "params_hash": ph,
+                             "seed": cfg.seed, "code_rev": rev, "device": dev, "shot": protocol_shot(tb.protocol),
+                             "inner_steps_test": inner_steps_of(learner.params()), **r,
+                             "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
+            test_bar.update(len(eps))
+        test_bar.close()
     tags = learner.tags
     card = {
         "method": p.label, "base_method": cfg.method, "overrides": dict(cfg.overrides),
@@ -508,4 +540,28 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
         "curve": curve, "checkpoint": best.relative_to(dirs.runs).as_posix(),
         "data_fingerprints": {n: src.content_fingerprint() for n, src in es.sources.items()},
     }
+    if bench.is_suite:
+        card["members"] = list(bench.members)
     return rows, card
+
+
+def write_outputs(results: Path, rows: list[dict[str, Any]], card: dict[str, Any]) -> Path:
+    """Write a run's results: its CSV and card (`write_run`); returns the CSV path.
+
+    A suite's rows (card["members"]) go to one CSV per member, each with a card of that benchmark
+    that names the suite; then the suite card (the run's card, plus the members' CSV paths relative to
+    `results`) is written atomically beside where the suite's own CSV would be, and its path returned.
+    """
+    if "members" not in card:
+        return write_run(results, rows, card)
+    csvs = {}
+    for member in card["members"]:
+        mine = [r for r in rows if r["benchmark"] == member]
+        member_card = {**card, "benchmark": member, "benchmark_version": mine[0]["benchmark_version"],
+                       "suite": card["benchmark"], "test_episodes": len(mine)}
+        del member_card["members"]
+        csvs[member] = write_run(results, mine, member_card).relative_to(results).as_posix()
+    path = run_paths(results, card["benchmark"], card["method"], int(card["seed"]))[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({**card, "csvs": csvs}, indent=1, sort_keys=True))
+    return path

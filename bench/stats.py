@@ -320,3 +320,31 @@ def average_rank(rank_table: pd.DataFrame, benchmarks: Iterable[str] | None = No
                      "n_missing": int(len(suite) - group["benchmark"].nunique())})
     out = pd.DataFrame(rows, columns=["method", "average_rank", "n_benchmarks", "n_missing"])
     return out.sort_values(["average_rank", "method"], kind="mergesort").reset_index(drop=True)
+
+
+def md_ranks(summary: pd.DataFrame, benchmarks: Iterable[str]) -> pd.DataFrame:
+    """Meta-Dataset-style ranks per benchmark (source) from summary rows (benchmark, method, mean, ci95).
+
+    Per benchmark, methods sorted by mean; the best one and every remaining method not significantly
+    different from it (|mean difference| <= sqrt(ci95_a^2 + ci95_b^2), i.e. 1.96 * sqrt(sd_a^2/n_a +
+    sd_b^2/n_b)) form a tie group; a group of t methods after r already ranked shares rank
+    r + 1 + (t - 1) / 2; the rest are ranked likewise. Columns: benchmark, method, mean, ci95,
+    rank (float). `benchmarks` restricts the table (a regime's ten sources).
+    """
+    rows: list[dict] = []
+    if summary.empty:  # nothing ranked (yet) in this regime
+        return pd.DataFrame(rows, columns=["benchmark", "method", "mean", "ci95", "rank"])
+    _require(summary, ["benchmark", "method", "mean", "ci95"])
+    for bench in sorted(set(benchmarks)):
+        sub = summary[summary["benchmark"] == bench].sort_values(["mean", "method"], ascending=[False, True])
+        remaining = [(str(r["method"]), float(r["mean"]), float(r["ci95"]) if r["ci95"] == r["ci95"] else 0.0)
+                     for _, r in sub.iterrows()]
+        ranked = 0
+        while remaining:
+            lead = remaining[0]
+            group = [m for m in remaining if abs(lead[1] - m[1]) <= math.hypot(lead[2], m[2])]
+            rank = ranked + 1 + (len(group) - 1) / 2
+            rows += [{"benchmark": bench, "method": m[0], "mean": m[1], "ci95": m[2], "rank": rank} for m in group]
+            ranked += len(group)
+            remaining = [m for m in remaining if m not in group]
+    return pd.DataFrame(rows, columns=["benchmark", "method", "mean", "ci95", "rank"])

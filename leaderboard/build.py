@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import jinja2
+import numpy as np
 import pandas as pd
 
 from bench import plots, stats
@@ -196,8 +197,47 @@ def load_results(results_dirs: Sequence[Path]) -> Loaded:
     return Loaded(frame=frame, runs=runs)
 
 
+PUBLISHED_COLUMNS = ["method", "dataset", "ways", "shots", "accuracy", "ci95", "source"]
+"""The columns of a published-results table by dataset (method, dataset, ways, shots, accuracy, ci95,
+backbone, transductive, source), which `read_reference` also reads (`published_as_reference`)."""
+MD_REGIMES = {"IN-only": "md-", "all": "md-all-"}
+
+
+def published_as_reference(table: pd.DataFrame) -> pd.DataFrame:
+    """Published rows by dataset as reference rows by benchmark: "MD/<source> [IN-only]" and "[all]" ->
+    md-<source> / md-all-<source> (Meta-Dataset display names, e.g. "MD/VGG Flower [all]" ->
+    md-all-vgg-flower); Omniglot and miniImageNet W-way K-shot -> omniglot-WwKs / miniimagenet-WwKs;
+    other rows are left out. Citation: the source column, with the backbone when given. An accuracy or
+    ci95 that is not a plain number (e.g. "0.7 (over 3 seeds)") is kept as its leading number (the
+    note stays in the shared file)."""
+    from bench.sources.meta_dataset import OFFICIAL
+
+    md_keys = {o.display: o.key for o in OFFICIAL.values()}
+    rows = []
+    for _, r in table.iterrows():
+        dataset, bench = str(r["dataset"]), None
+        m = re.fullmatch(r"MD/(.+) \[(IN-only|all)\]", dataset)
+        if m and m.group(1) in md_keys:
+            bench = MD_REGIMES[m.group(2)] + md_keys[m.group(1)]
+        elif dataset in ("Omniglot", "miniImageNet") and str(r["ways"]).isdigit() and str(r["shots"]).isdigit():
+            bench = f"{dataset.lower()}-{r['ways']}w{r['shots']}s"
+        if bench is None:
+            continue
+        backbone = f" ({r['backbone']})" if "backbone" in table.columns and pd.notna(r.get("backbone")) else ""
+        rows.append({"method": str(r["method"]), "benchmark": bench, "accuracy": _leading_number(r["accuracy"]),
+                     "ci95": _leading_number(r["ci95"]), "citation": f"{r['source']}{backbone}"})
+    return pd.DataFrame(rows, columns=REFERENCE_COLUMNS)
+
+
+def _leading_number(value: object) -> float:
+    """The number a published cell starts with ("0.7 (over 3 seeds)" -> 0.7); NaN when there is none."""
+    m = re.match(r"\s*([0-9]+(?:\.[0-9]*)?)", str(value))
+    return float(m.group(1)) if m else float("nan")
+
+
 def read_reference(path: Path) -> pd.DataFrame:
-    """Read published numbers: columns method, benchmark, accuracy, ci95 (may be empty), citation.
+    """Read published numbers: columns method, benchmark, accuracy, ci95 (may be empty), citation; or a
+    published-results table by dataset (`PUBLISHED_COLUMNS`, converted by `published_as_reference`).
 
     Accuracy and ci95 may be fractions or percent: when any accuracy exceeds 1 the whole file is
     taken as percent. Returned as fractions, sorted by benchmark, method, citation.
@@ -208,6 +248,8 @@ def read_reference(path: Path) -> pd.DataFrame:
                           keep_default_na=True)
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise ResultsError(f"{path}: not a readable CSV ({e})") from e
+    if set(PUBLISHED_COLUMNS) <= set(ref.columns) and "benchmark" not in ref.columns:
+        ref = published_as_reference(ref)
     missing = [c for c in REFERENCE_COLUMNS if c not in ref.columns]
     if missing:
         raise ResultsError(f"{path}: missing column(s) {missing}; a reference file needs {REFERENCE_COLUMNS}")
@@ -533,6 +575,64 @@ def _method_row(m: str, mine: list[Pair]) -> dict:
             "failed_checks": sorted({c for p in mine for c in p.failed})}
 
 
+def md_sections(summary: pd.DataFrame, pairs: Mapping[tuple[str, str], Pair], ref: pd.DataFrame | None
+                ) -> list[dict]:
+    """The Meta-Dataset section: one table per regime (suite) with results or published rows.
+
+    Rows: methods with results on any of the regime's ten sources; cells mean ± 95% CI with the
+    Meta-Dataset-style rank (`stats.md_ranks`, among ranked rows only: tied methods share the mean
+    of their positions); the average rank over the sources a method is ranked on. The published
+    rows of the regime follow in their own table (never ranked, never mixed with measured rows).
+    """
+    from bench.benchmarks import BENCHMARKS
+    from bench.sources.meta_dataset import OFFICIAL
+
+    display = {"md-" + o.key: o.display for o in OFFICIAL.values()}
+    out = []
+    for suite in (BENCHMARKS.get(n) for n in BENCHMARKS):
+        if not suite.is_suite:
+            continue
+        members = list(suite.members)
+        mine = summary[summary["benchmark"].isin(members)]
+        ranked = mine.loc[np.array([pairs[(b, m)].ranked for b, m in zip(mine["benchmark"], mine["method"])],
+                                   dtype=bool)]
+        rank = stats.md_ranks(ranked, members).set_index(["benchmark", "method"])
+        rows = []
+        for method in sorted(set(mine["method"]), key=str.lower):
+            cells, got = [], []
+            for b in members:
+                p = pairs.get((b, method))
+                if p is None:
+                    cells.append({"text": "—", "value": "", "best": False, "rank": None})
+                    continue
+                r = float(rank.loc[(b, method), "rank"]) if (b, method) in rank.index else None
+                got += [r] if r is not None else []
+                cells.append({"text": mean_ci(float(p.summary["mean"]), float(p.summary["ci95"])),
+                              "value": sort_value(float(p.summary["mean"])), "best": r is not None and r < 2,
+                              "rank": None if r is None else f"{r:g}",
+                              "meta": f"rank {r:g}" if r is not None else "unranked"})
+            avg = sum(got) / len(got) if got else None
+            rows.append({"method": method, "cells": cells,
+                         "avg_text": "—" if avg is None else f"{avg:.2f}" + (f" ({len(got)}/{len(members)})"
+                                                                             if len(got) < len(members) else ""),
+                         "avg_value": "" if avg is None else sort_value(avg, 4)})
+        rows.sort(key=lambda r: (r["avg_value"] == "", r["avg_value"], r["method"]))
+        reference = _reference_table(ref, members)
+        if reference is not None:  # columns in the regime's source order, named by source
+            order = {b: i for i, b in enumerate(members)}
+            cols = [c["name"] for c in reference["benchmarks"]]
+            perm = sorted(range(len(cols)), key=lambda i: order[cols[i]])
+            reference["benchmarks"] = [{"name": display[cols[i].replace("md-all-", "md-")], "page": None} for i in perm]
+            for row in reference["rows"]:
+                row["cells"] = [row["cells"][i] for i in perm]
+        if rows or reference is not None:
+            regime = "ImageNet only" if suite.name == "md-imagenet" else "all datasets"
+            out.append({"suite": suite.name, "regime": regime, "rows": rows, "reference": reference,
+                        "sources": [{"name": display[b.replace("md-all-", "md-")], "page": None, "bench": b}
+                                    for b in members]})
+    return out
+
+
 def build_site(results_dirs: list[Path], out: Path, reference_csv: Path | None = None, *,
                verified_dir: Path | None = None, root: Path | None = None, trust_code: bool = False,
                index_name: str = "index.html", alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> Path:
@@ -610,7 +710,9 @@ def build_site(results_dirs: list[Path], out: Path, reference_csv: Path | None =
         alpha=alpha,
         accuracy_figure=write_figure(plots.plot_accuracy(summary), out, "accuracy",
                                      "Mean test accuracy with 95% CI over episodes, per benchmark.", "accuracy"),
-        reference=_reference_table(ref),
+        reference=_reference_table(ref, [b for b in ref["benchmark"].unique() if not b.startswith("md-")])
+        if ref is not None else None,
+        md=md_sections(summary, pairs, ref),
     )
     _write(out / index_name, index_html)
 

@@ -208,3 +208,84 @@ def mini_hdf5(folder: Path, decoded) -> Path:
                 g.create_dataset(w, data=arr)
         (folder / f"{split}_labels.json").write_text(json.dumps(sorted(classes)))
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-Dataset: generated records of the official layout
+# ---------------------------------------------------------------------------------------------
+
+def md_jpeg(rng: np.random.Generator, size: int = 20, quality: int = 90) -> bytes:
+    """A smooth random RGB JPEG (a blurred gradient plus noise: compresses like a photo)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / max(1, size - 1)
+    base = rng.uniform(0, 255, (3, 3))
+    img = base[:, 0, None, None] * x + base[:, 1, None, None] * y + base[:, 2, None, None] * (1 - x) * (1 - y) / 2
+    img = np.clip(img.transpose(1, 2, 0) + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def md_spec(name: str, kind: str, per_split: tuple[int, int, int], per_class: int) -> dict:
+    """A dataset_spec.json of the official converter for a small source: plain (DatasetSpecification),
+    bilevel (one superclass per non-empty split) or hierarchical (one root node per split over its leaves)."""
+    total = sum(per_split)
+    keys = ("TRAIN", "VALID", "TEST")
+    if kind == "hierarchical":
+        names = {str(i): f"n{i:08d}" for i in range(total)}
+        graphs, ipc, start = {}, {}, 0
+        for key, n in zip(keys, per_split):
+            leaves = [f"n{i:08d}" for i in range(start, start + n)]
+            graphs[key] = [{"wn_id": f"r{key}", "words": key, "children_ids": leaves}] + \
+                [{"wn_id": w, "words": w, "children_ids": []} for w in leaves]
+            ipc[key] = {w: per_class for w in leaves}
+            start += n
+        return {"__class__": "HierarchicalDatasetSpecification", "name": name, "file_pattern": "{}.tfrecords",
+                "class_names": names, "split_subgraphs": graphs, "images_per_class": ipc}
+    spec = {"name": name, "file_pattern": "{}.tfrecords", "images_per_class": {str(i): per_class for i in range(total)},
+            "class_names": {str(i): f"{name}-{i}" for i in range(total)}}
+    if kind == "plain":
+        return {"__class__": "DatasetSpecification", **spec, "classes_per_split": dict(zip(keys, per_split))}
+    sizes = [n for n in per_split if n]
+    return {"__class__": "BiLevelDatasetSpecification", **spec,
+            "superclass_names": {str(k): f"alphabet{k}" for k in range(len(sizes))},
+            "classes_per_superclass": {str(k): n for k, n in enumerate(sizes)},
+            "superclasses_per_split": dict(zip(keys, [int(n > 0) for n in per_split]))}
+
+
+def md_source_records(folder: Path, spec: dict, seed: int = 0, size: int = 20) -> Path:
+    """Write `spec` and one <class>.tfrecords per class (tf.train.Example image + label) into `folder`."""
+    from bench.sources.tfrecord import encode_example, write_records
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset_spec.json").write_text(json.dumps(spec))
+    rng = np.random.default_rng(seed)
+    counts = spec["images_per_class"]
+    if spec["__class__"] == "HierarchicalDatasetSpecification":
+        counts = {str(i): counts[k][w] for k in counts for i, w in spec["class_names"].items() if w in counts[k]}
+    for c in range(len(spec["class_names"])):
+        write_records(folder / f"{c}.tfrecords",
+                      [encode_example({"image": [md_jpeg(rng, size)], "label": [c]}) for _ in range(counts[str(c)])])
+    return folder
+
+
+SMALL_MD = {"ilsvrc_2012": ("hierarchical", (6, 6, 6)), "omniglot": ("bilevel", (5, 5, 5)),
+            "aircraft": ("plain", (5, 5, 5)), "cu_birds": ("plain", (5, 5, 5)), "dtd": ("plain", (5, 5, 5)),
+            "quickdraw": ("plain", (5, 5, 5)), "fungi": ("plain", (5, 5, 5)), "vgg_flower": ("plain", (5, 5, 5)),
+            "traffic_sign": ("plain", (0, 0, 5)), "mscoco": ("plain", (0, 5, 5))}
+"""The ten official sources in miniature: spec kind and train/valid/test classes."""
+
+
+def small_meta_dataset(records: Path, per_class: int = 4, only: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Records of the ten official sources (folder names, spec types and file layout of the official
+    converter) in miniature (SMALL_MD, `per_class` images per class), under `records`. Returns
+    official name -> (classes per split, images): what `OFFICIAL` must say for `prepare` to accept
+    them as those sources (tests patch it)."""
+    out = {}
+    for k, (name, (kind, per_split)) in enumerate(SMALL_MD.items()):
+        if only and name not in only:
+            continue
+        md_source_records(records / name, md_spec(name, kind, per_split, per_class), seed=k)
+        out[name] = (per_split, sum(per_split) * per_class)
+    return out

@@ -11,6 +11,7 @@ foundation's guarantees (pure function of the index, multi-source streams, the f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -196,9 +197,11 @@ def test_ilsvrc_hierarchy(specs):
     check_common(train, spec.images_per_class)
     w = ways_of(train)
     assert w.min() >= 5 and w.max() == 50
-    share = np.mean([len(g) > 50 for g in nodes["train"]])  # 16 of the 113 nodes
-    assert abs(share - 16 / 113) < 1e-12
-    assert within((w == 50).mean(), share, share * (1 - share), len(w))
+    # a node of 50 or more leaves gives a 50-way episode: 16 nodes span more, one exactly 50
+    assert sum(len(g) > 50 for g in nodes["train"]) == 16 and sum(len(g) == 50 for g in nodes["train"]) == 1
+    share = np.mean([len(g) >= 50 for g in nodes["train"]])
+    assert abs(share - 17 / 113) < 1e-12
+    assert within((w == 50).mean(), share, share * (1 - share), len(w), k=3.0)
     mean = np.mean([min(50, len(g)) for g in nodes["train"]])
     assert within(w.mean(), mean, np.mean([min(50, len(g)) ** 2 for g in nodes["train"]]) - mean ** 2, len(w))
     # every episode's classes are the leaves (or 50 of them) of one eligible node
@@ -290,3 +293,93 @@ def test_multi_source_episode_set_offsets_and_channels():
     assert max(c for i in range(20) for c in es.episode("test", i).classes) < info.n_classes
     grey = es.episode("train", next(i for i in range(40) if es.describe("train", i).source == "md-a"))
     assert grey.support_x[:, 0].equal(grey.support_x[:, 1])  # a 1-channel source expanded to 3
+
+
+# --- partial shapes, small classes, ignore_hierarchy_probability (official EpisodeDescriptionConfig) ---------
+
+def test_fixed_shapes_exclude_classes_too_small_for_them(specs):
+    """Deliberate: a class with fewer than shot + query images is never drawn (the official sampler keeps
+    it and fails when an episode draws it); on Fungi 221/42/42 of 994/200/200 classes have < 20 images."""
+    fungi = specs["fungi"]
+    cfg = MDConfig(num_ways=5, num_support=10, num_query=10)
+    for split, total, small in (("train", 994, 221), ("val", 200, 42), ("test", 200, 42)):
+        ids = fungi.splits[split]
+        assert len(ids) == total and int((fungi.images_per_class[ids] < 20).sum()) == small
+        s = SplitSampler.from_spec(fungi, split, cfg)
+        assert len(s.classes) == total - small and (fungi.images_per_class[s.classes] >= 20).all()
+    eps = episodes(specs, "md-fungi", "test", n=500, cfg=cfg)
+    assert all(fungi.images_per_class[list(e.classes)].min() >= 20 for e in eps)
+    assert {len(x) for e in eps for x in e.support} == {10} and {len(x) for e in eps for x in e.query} == {10}
+    # the same episodes as the official sampler with min_examples_in_class = shot + query
+    same = episodes(specs, "md-fungi", "test", n=50, cfg=dataclasses.replace(cfg, min_examples_in_class=20))
+    assert [e.hash for e in same] == [e.hash for e in eps[:50]]
+    with pytest.raises(MetabenchError, match="have at least 110 images; cannot sample 5-way"):
+        SplitSampler.from_spec(specs["aircraft"], "test", MDConfig(num_ways=5, num_support=100, num_query=10))
+
+
+def test_fixed_ways_with_variable_shots(specs):
+    cfg = MDConfig(num_ways=10)
+    eps = episodes(specs, "md-aircraft", "test", n=500, cfg=cfg)
+    check_common(eps, specs["aircraft"].images_per_class)
+    assert set(ways_of(eps)) == {10}
+    assert len({tuple(len(s) for s in e.support) for e in eps}) > 100  # shots vary per class and episode
+    assert MDEpisodes(cfg).variable_way is False and MDEpisodes(cfg).max_way == 10
+
+
+def test_support_range_and_fixed_support_with_derived_query(specs):
+    fungi = specs["fungi"]
+    cfg = MDConfig(num_support=(2, 6))
+    eps = episodes(specs, "md-fungi", "train", n=500, cfg=cfg)
+    shots = np.array([len(s) for e in eps for s in e.support])
+    assert shots.min() == 2 and shots.max() == 6 and within(shots.mean(), 4.0, 2.0, len(shots))
+    assert any(len({len(s) for s in e.support}) > 1 for e in eps)  # drawn per class
+    for e in eps:  # compute_num_query: q = min(10, min_c |Im(c)| - 6); every class has at least 7 images
+        ipc = fungi.images_per_class[list(e.classes)]
+        assert ipc.min() >= 7 and {len(q) for q in e.query} == {min(10, int(ipc.min()) - 6)}
+    # fixed support, derived query, Omniglot's alphabets kept (the ontology is ignored only with num_ways)
+    spec = specs["omniglot"]
+    alphabet = {int(c): k for k, ids in enumerate(spec.superclass_classes) for c in ids}
+    eps = episodes(specs, "md-omniglot", "test", n=300, cfg=MDConfig(num_support=5))
+    assert all(len({alphabet[c] for c in e.classes}) == 1 for e in eps)
+    assert {len(s) for e in eps for s in e.support} == {5} and {len(q) for e in eps for q in e.query} == {10}
+    assert len(set(ways_of(eps))) > 10
+
+
+def test_partial_shapes_rows_and_config_errors():
+    p = MDEpisodes(MDConfig(num_ways=5, num_support=(1, 3)))
+    assert p.shape() == "partly fixed: 5-way, query <=10, 1-3 shots"
+    assert p.row_problem(5, 10, 50) is None and p.row_problem(5, 16, 50) == "n_support 16 is outside 5..15 for way 5"
+    assert "has 5" in p.row_problem(6, 10, 60)
+    assert MDEpisodes(MDConfig(num_query=4)).row_problem(7, 30, 21) == \
+        "n_query 21, but the protocol (partly fixed: ways 5-50, 4 query, support <=500) has 28"
+    for bad in (dict(num_support=(5, 2)), dict(num_support=0), dict(num_ways=0), dict(num_query=True),
+                dict(ignore_hierarchy_probability=1.5), dict(min_examples_in_class=-1)):
+        with pytest.raises(MetabenchError, match="MDConfig"):
+            MDConfig(**bad)
+    assert MDConfig(num_support=[2, 4]).num_support == (2, 4)  # a TOML list
+
+
+def test_ignore_hierarchy_probability(specs):
+    spec = specs["ilsvrc_2012"]
+    nodes = [set(g.tolist()) for g in SplitSampler.from_spec(spec, "train").groups]
+    n = 1500
+    eps = episodes(specs, "md-ilsvrc-2012", "train", n=n, cfg=MDConfig(ignore_hierarchy_probability=0.5))
+    in_node = np.array([any(set(e.classes) <= g for g in nodes) for e in eps])
+    # a uniform draw of >= 5 of the 712 classes lies under one node with negligible probability
+    assert within(1 - in_node.mean(), 0.5, 0.25, n, k=4.0)
+    assert ways_of([e for e, inside in zip(eps, in_node) if not inside]).max() > 40
+    default = episodes(specs, "md-ilsvrc-2012", "train", n=20)
+    zero = episodes(specs, "md-ilsvrc-2012", "train", n=20, cfg=MDConfig(ignore_hierarchy_probability=0.0))
+    assert [e.hash for e in zero] == [e.hash for e in default]  # p = 0 draws nothing extra
+    # only the DAG: Omniglot's alphabets are kept
+    spec = specs["omniglot"]
+    alphabet = {int(c): k for k, ids in enumerate(spec.superclass_classes) for c in ids}
+    om = episodes(specs, "md-omniglot", "train", n=200, cfg=MDConfig(ignore_hierarchy_probability=1.0))
+    assert all(len({alphabet[c] for c in e.classes}) == 1 for e in om)
+
+
+def test_min_examples_in_class(specs):
+    fungi = specs["fungi"]
+    eps = episodes(specs, "md-fungi", "train", n=300, cfg=MDConfig(min_examples_in_class=100))
+    assert all(fungi.images_per_class[list(e.classes)].min() >= 100 for e in eps)
+    check_common(eps, fungi.images_per_class)

@@ -220,7 +220,7 @@ def test_missing_sources_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such folder"):
         md.prepare(tmp_path / "nope", tmp_path / "root", 28, say=lambda m: None)
     # every missing source of the benchmark is named (ILSVRC: training and validation source)
-    with pytest.raises(DataError, match=r"md-aircraft needs 2 .*ILSVRC \(ilsvrc_2012\) is not prepared.*"
+    with pytest.raises(DataError, match=r"(?s)md-aircraft needs 2 .*ILSVRC \(ilsvrc_2012\) is not prepared.*"
                                         r"Aircraft \(aircraft\) is not prepared.*metabench data prepare meta-dataset"):
         benchmarks.load("md-aircraft", tmp_path)
     with pytest.raises(DataError, match="needs 9 "):
@@ -248,7 +248,7 @@ def test_meta_dataset_benchmarks_registered():
             assert b.source == "md-" + off.key and b.protocol.val_source == "md-ilsvrc-2012"
             assert b.protocol.train_sources == (("md-ilsvrc-2012",) if regime == "md-" else
                                                 tuple(md.source_key(s) for s in md.TRAIN_ALL))
-    assert len(names) == 22 and len({benchmarks.get_benchmark(n).seed for n in names}) == 22
+    assert len(names) == 24 and len({benchmarks.get_benchmark(n).seed for n in names}) == 24  # 22 + 2 suites
     assert "md-traffic-sign" not in benchmarks.get_benchmark("md-all-aircraft").protocol.train_sources
 
 

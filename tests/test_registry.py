@@ -46,8 +46,26 @@ def test_star_preset_applies_to_every_other_key():
 
 def test_run_without_steps_and_without_a_preset_says_pass_steps():
     with pytest.raises(MetabenchError, match="pass --steps") as e:
-        registry.outer_steps("anil", "meta-dataset", "md-omniglot-small")
-    assert "omniglot-5w" in str(e.value) and "md-omniglot-small" in str(e.value)
+        registry.outer_steps("anil", "my-own-key", "my-benchmark")
+    assert "omniglot-5w" in str(e.value) and "my-benchmark" in str(e.value)
+
+
+def test_every_method_has_meta_dataset_settings_and_says_where_they_come_from():
+    published = {"maml", "fomaml", "protomaml"}  # google-research/meta-dataset best gin configs
+    for name in registry.METHODS:
+        presets = registry.method_class(name).PRESETS
+        found = registry.preset(name, "meta-dataset")
+        assert found is not None, name
+        if "meta-dataset" not in presets:
+            assert "*" in presets  # one preset for every benchmark (finetune, protonet, baseline++, ...)
+            continue
+        assert found.steps == 75000
+        if name in published:
+            assert "google-research/meta-dataset" in found.repository
+        else:
+            assert found.note.startswith("no published Meta-Dataset value: the method's miniImageNet")
+            assert dict(found.values) == dict(presets["miniimagenet"].values)
+        registry.make(name, "meta-dataset")  # the values are valid hyperparameters
 
 
 def test_unknown_method_suggests_closest():
