@@ -718,7 +718,8 @@ def _axis_tables(loaded: Loaded, bench: str, axis: str) -> list[tuple[str, int, 
 def axes_section(out: Path, loaded: Loaded, bench: str, summary: pd.DataFrame, stem: str) -> dict:
     """The evaluation-axes part of a benchmark page: figures (accuracy against test-time steps, against
     FLOPs), the permutation table and the equal-budget table, each present only when some run has it."""
-    figures, part = [], {}
+    figures: list[dict] = []
+    part: dict[str, Any] = {"perms": None, "budget": None}
     steps = _axis_tables(loaded, bench, "steps")
     if steps:
         figures.append(write_figure(plots.plot_steps(axes.step_summary(steps), title=bench), out, f"{stem}-steps",

@@ -239,3 +239,78 @@ def test_a_run_writes_the_axes_and_switching_them_off_changes_no_result(tmp_path
     assert (at_test == main["accuracy"]).all()
     identity = perms[perms["perm"] == 0].set_index("episode")["accuracy"]
     assert (identity == main["accuracy"]).all() and len(perms) == 4 * 6
+
+
+# --- submit / validate / verify ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def axis_bundle(tmp_path_factory) -> "Path":
+    """A bundle of one tiny fomaml run with every axis on (accepted, unranked: one seed)."""
+    from bench.bundle import make_bundle
+    from bench.runner import RunConfig, RunDirs, run
+
+    base = tmp_path_factory.mktemp("axis-bundle")
+    dirs = RunDirs(base / "root", base / "results", base / "runs")
+    run(RunConfig("fomaml", "synthetic-5w1s", 0, steps=2, chunk=1, val_episodes=2, label="fomaml",
+                  overrides=dict(meta_batch=2, hidden=8, inner_steps_test=1)), dirs, progress=False)
+    return make_bundle("fomaml", dirs.results, dirs.runs, base / "bundle")
+
+
+def copied(bundle, tmp_path):
+    import shutil
+
+    shutil.copytree(bundle, tmp_path / "b")
+    return tmp_path / "b"
+
+
+@pytest.mark.slow
+def test_a_bundle_carries_validates_and_verifies_its_axes(axis_bundle, tmp_path):
+    from bench.validation import validate_bundle
+    from bench.verify import verify_bundle
+
+    rel = "results/synthetic-5w1s/fomaml/seed0"
+    assert (axis_bundle / f"{rel}.steps.csv").is_file() and (axis_bundle / f"{rel}.perms.csv").is_file()
+    v = validate_bundle(axis_bundle)
+    assert v.ok, v.errors
+    r = verify_bundle(axis_bundle, episodes=5, seed=3)
+    assert r.ok, r.errors
+
+
+def _rewrite_axis(bundle, axis: str, fn) -> None:
+    """Change an axis file and the sha256 its card records (as a submitter rewriting both would); reseal."""
+    import hashlib
+    import json
+
+    from bundlefixtures import reseal
+
+    path = bundle / f"results/synthetic-5w1s/fomaml/seed0.{axis}.csv"
+    frame = fn(pd.read_csv(path, dtype={"episode_hash": str, "labels": str}))
+    frame.to_csv(path, index=False)
+    card_path = path.parent / "seed0.json"
+    card = json.loads(card_path.read_text())
+    card["axes"][axis]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    card_path.write_text(json.dumps(card))
+    reseal(bundle)
+
+
+@pytest.mark.slow
+def test_validation_rejects_axis_files_of_other_episodes_or_permutations(axis_bundle, tmp_path):
+    from bench.validation import validate_bundle
+
+    b = copied(axis_bundle, tmp_path)
+    _rewrite_axis(b, "perms", lambda f: f.assign(labels=f["labels"].where(f["perm"] != 1, "4-3-2-1-0")))
+    v = validate_bundle(b)
+    assert not v.ok and any("are not the ones its hash draws" in e for e in v.failed["axis_files_match_results"])
+    b = copied(axis_bundle, tmp_path / "2")
+    _rewrite_axis(b, "steps", lambda f: f[f["episode"] != 3])
+    v = validate_bundle(b)
+    assert not v.ok and any("its episodes (and hashes) are not those" in e for e in v.failed["axis_files_match_results"])
+
+
+@pytest.mark.slow
+def test_verify_catches_a_changed_step_accuracy(axis_bundle, tmp_path):
+    from bench.verify import verify_bundle
+
+    b = copied(axis_bundle, tmp_path)
+    _rewrite_axis(b, "steps", lambda f: f.assign(accuracy=f["accuracy"].where(f["step"] != 0, 0.99)))
+    r = verify_bundle(b, episodes="all", seed=0)
+    assert not r.ok and any("the steps axis differs" in e for e in r.errors)
