@@ -259,10 +259,10 @@ class MetaLearner(abc.ABC):
                 logits = [predict(ep.query_x) for predict, ep in zip(predictors, chunk)]
             seconds = (time.perf_counter() - start - extra) / len(chunk)
             rows = [score(lg, ep) | {"adapt_seconds": seconds, "adapt_batch": len(chunk)} for lg, ep in zip(logits, chunk)]
-            for row, curve, ep in zip(rows, curves or [], chunk):
+            for row, curve, ep, lg, predict in zip(rows, curves or [], chunk, logits, predictors):
                 with torch.no_grad():
-                    row["steps"] = [(s, *(score(curve[s](ep.query_x), ep)[k] for k in ("accuracy", "loss")))
-                                    for s in sorted(curve)]
+                    row["steps"] = [(s, *(score(lg if curve[s] is predict else curve[s](ep.query_x), ep)[k]
+                                          for k in ("accuracy", "loss"))) for s in sorted(curve)]
             out.extend(rows)
         return out
 
