@@ -33,6 +33,7 @@ REGISTER = {"anil": "ANIL"}
 class ANIL(MAML):
     """MAML with the inner loop on the head only (`head.weight`, `head.bias`)."""
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({

@@ -36,6 +36,7 @@ _OH = "Oh, Yoo, Kim, Yun. BOIL: Towards Representation Change for Few-shot Learn
 class BOIL(MAML):
     """MAML with the inner loop on the body only; the head is frozen in the inner loop."""
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({

@@ -67,6 +67,7 @@ class CAVIA(MAML):
     grad_clip: element-wise clamp of the meta-gradient (0 disables).
     """
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset(dict(n_context=100, inner_lr=1.0, inner_steps=2, inner_steps_test=2, meta_batch=batch,

@@ -17,6 +17,7 @@ REGISTER = {"chance": "Chance"}
 class Chance(MetaLearner):
     """No learning: all-equal logits, so the top prediction is class 0 and accuracy is 1/way."""
 
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = True  # all-equal logits whatever the labels
     PRESETS: ClassVar[Mapping[str, Preset]] = {"*": Preset({}, 0, "uniform prediction (accuracy 1/way)")}
 
     TAGS = Tags(bn_mode="none", order="none", transductive=False, variable_way=True, deterministic=True)

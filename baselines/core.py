@@ -15,7 +15,9 @@
   substitutes some (task-batched grouped convolutions, MAML++'s per-step batch norm, CAVIA's
   FiLM, MT-nets' transformations), so each works on every backbone.
 - `inner_loop`: gradient steps on a subset of the parameters with `torch.autograd.grad`;
-  second order by default, first order by detaching the inner gradients.
+  second order by default, first order by detaching the inner gradients. Inside `tracing(upto)` it
+  also records the parameters after every step, continuing to `upto` steps past its own count
+  (the test-time inner-steps axis; what it returns stays the parameters at its own count).
 - `GradientLearner`: the MetaLearner plumbing every gradient method shares (the backbone as a
   hyperparameter, setup, the outer loop over meta-batches with its tasks side by side on threads
   when `PARALLEL_TASKS`, Adam on the meta-parameters, state_dict with optimizer and RNG state,
@@ -27,15 +29,16 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, MetaLearner, Predictor, Tags, TaskInfo, new_generator, rng_state
-from bench.errors import MetabenchError
+from bench.api import Episode, MetaLearner, Predictor, StepCurves, Tags, TaskInfo, new_generator, rng_state
+from bench.errors import MetabenchError, MethodError
 from baselines.parallel import summed_grads
 
 Params = dict[str, torch.Tensor]
@@ -46,6 +49,9 @@ CAPABILITIES = ("PARALLEL_TASKS", "TASK_BATCHED")
 """Fast paths a gradient method may declare (class attributes, True or False). Each class declares
 them for itself: a subclass that does not gets False, so overriding a hook never silently keeps a
 fast path that would bypass it."""
+DECLARED_PER_CLASS = CAPABILITIES + ("STEP_TRACE",)
+"""Class flags that are not inherited (a subclass that does not declare one gets False): the fast paths
+and STEP_TRACE (GradientLearner)."""
 
 
 def conv4_init(gen: torch.Generator, in_channels: int, hidden: int, n_out: int, image_size: int) -> Params:
@@ -170,6 +176,31 @@ def conv4_forward(p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int | Non
 LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class StepTrace:
+    """What `inner_loop` records inside `tracing(upto)`: for each call, the (detached) parameters after
+    0, 1, ..., max(steps, upto) steps; `extra_seconds`: time spent on steps beyond each call's own count."""
+
+    upto: int
+    calls: list[list[Params]] = dataclasses.field(default_factory=list)
+    extra_seconds: float = 0.0
+
+
+_TRACE: contextvars.ContextVar[StepTrace | None] = contextvars.ContextVar("metabench_step_trace", default=None)
+
+
+@contextmanager
+def tracing(upto: int) -> Iterator[StepTrace]:
+    """Inside: every `inner_loop` call records its parameters after each step and continues to `upto`
+    steps when its own count is lower (returning, as always, the parameters at its own count)."""
+    trace = StepTrace(int(upto))
+    token = _TRACE.set(trace)
+    try:
+        yield trace
+    finally:
+        _TRACE.reset(token)
+
+
 def inner_loop(loss_fn: LossFn, params: Params, keys: list[str], data: tuple[torch.Tensor, torch.Tensor],
                steps: int, lr: float | Mapping[str, torch.Tensor], first_order: bool = False) -> Params:
     """`steps` gradient steps on params[keys] of loss_fn(params, x, y); returns the adapted dict.
@@ -184,14 +215,40 @@ def inner_loop(loss_fn: LossFn, params: Params, keys: list[str], data: tuple[tor
     """
     x, y = data
     fast = dict(params)
-    for _ in range(steps):
-        zeros = [torch.zeros_like(fast[k], requires_grad=True) for k in keys]
-        with higher_order(not first_order):
-            loss = loss_fn({**fast, **{k: fast[k] + z for k, z in zip(keys, zeros)}}, x, y)
-        grads = torch.autograd.grad(loss, zeros, create_graph=not first_order, allow_unused=True)
-        for k, z, g in zip(keys, zeros, grads):
-            g = torch.zeros_like(z) if g is None else g
-            fast[k] = fast[k] - (lr[k] * g if isinstance(lr, Mapping) else lr * g)
+    trace = _TRACE.get()
+    if trace is None:
+        for _ in range(steps):
+            fast = _inner_step(loss_fn, fast, keys, (x, y), lr, first_order)
+        return fast
+    states, result, extra_start = [_detached(fast)], fast, 0.0
+    for step in range(max(steps, trace.upto)):
+        if step == steps:
+            result, extra_start = fast, time.perf_counter()
+        fast = _inner_step(loss_fn, fast, keys, (x, y), lr, first_order)
+        states.append(_detached(fast))
+    if steps >= trace.upto:
+        result = fast
+    else:
+        trace.extra_seconds += time.perf_counter() - extra_start
+    trace.calls.append(states)
+    return result
+
+
+def _detached(p: Params) -> Params:
+    return {k: v.detach() for k, v in p.items()}
+
+
+def _inner_step(loss_fn: LossFn, fast: Params, keys: list[str], data: tuple[torch.Tensor, torch.Tensor],
+                lr: float | Mapping[str, torch.Tensor], first_order: bool) -> Params:
+    """One step of `inner_loop`: fast with fast[keys] moved against their (partial) gradients."""
+    zeros = [torch.zeros_like(fast[k], requires_grad=True) for k in keys]
+    with higher_order(not first_order):
+        loss = loss_fn({**fast, **{k: fast[k] + z for k, z in zip(keys, zeros)}}, *data)
+    grads = torch.autograd.grad(loss, zeros, create_graph=not first_order, allow_unused=True)
+    fast = dict(fast)
+    for k, z, g in zip(keys, zeros, grads):
+        g = torch.zeros_like(z) if g is None else g
+        fast[k] = fast[k] - (lr[k] * g if isinstance(lr, Mapping) else lr * g)
     return fast
 
 
@@ -257,6 +314,10 @@ class GradientLearner(MetaLearner):
     # then run many tasks as one task-batched network (baselines/maml.py).
     PARALLEL_TASKS: ClassVar[bool] = False
     TASK_BATCHED: ClassVar[bool] = False
+    STEP_TRACE: ClassVar[bool] = False
+    """Adaptation ends in ONE `inner_loop` call per task (or one task-batched call for a chunk) over the whole
+    parameter dict that `predictor` takes: `adapt_steps` then records the query accuracy after every
+    test-time inner step from that call (`tracing`). Declared per class (DECLARED_PER_CLASS)."""
     LIMITS: ClassVar[dict[str, str]] = {"hidden": ">=1", "meta_batch": ">=1", "outer_lr": ">0", "dropblock": "0..0.99"}
     OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("backbone", "widths", "dropblock")
     DROPBLOCK_TASKS: ClassVar[bool] = True
@@ -266,7 +327,7 @@ class GradientLearner(MetaLearner):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in CAPABILITIES:
+        for name in DECLARED_PER_CLASS:
             if name not in cls.__dict__:
                 setattr(cls, name, False)
 
@@ -412,6 +473,34 @@ class GradientLearner(MetaLearner):
         with torch.enable_grad():
             fast = self.adapt_params(support_x, support_y)
         return self.predictor({k: v.detach() for k, v in fast.items()}, int(support_y.max()) + 1)
+
+    @property
+    def test_steps(self) -> int | None:
+        """The test-time inner steps (inner_steps_test, else inner_steps; None for a method without them)."""
+        params = self.params()
+        value = params.get("inner_steps_test", params.get("inner_steps"))
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def adapt_steps(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    upto: int) -> tuple[list[Predictor], StepCurves, float]:
+        """With STEP_TRACE: `adapt_many`'s predictors, and per task a predictor after each inner step
+        0..max(test_steps, upto) recorded from the same inner loop (`tracing`), and the seconds spent
+        beyond the test steps. Without: MetaLearner's single point."""
+        if not self.STEP_TRACE:
+            return super().adapt_steps(supports, upto)
+        with tracing(upto) as trace:
+            predictors = self.adapt_many(supports)
+        ways = [int(y.max()) + 1 for _, y in supports]
+        if len(trace.calls) == len(supports):
+            curves = [{s: self.predictor(p, way) for s, p in enumerate(states)}
+                      for states, way in zip(trace.calls, ways)]
+        elif len(trace.calls) == 1 and len(supports) > 1:  # one task-batched inner loop: parameters [T, ...]
+            curves = [{s: self.predictor({k: v[t] for k, v in p.items()}, way) for s, p in enumerate(trace.calls[0])}
+                      for t, way in enumerate(ways)]
+        else:
+            raise MethodError(f"{type(self).__name__} declares STEP_TRACE, but adapting {len(supports)} task(s) made "
+                              f"{len(trace.calls)} inner_loop call(s); it must end in one call per task")
+        return predictors, curves, trace.extra_seconds
 
     def predictor(self, fast: Params, way: int) -> Predictor:
         """query_x [n_query, C, H, W] -> logits [n_query, way] of the adapted parameters `fast`."""

@@ -41,6 +41,7 @@ REGISTER = {"finetune": "Finetune"}
 class Finetune(GradientLearner):
     """Pre-train on all training classes, then fit a new linear head per task."""
 
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = True  # fresh all-zero head
     PRESETS: ClassVar[Mapping[str, Preset]] = {
         key: Preset(dict(meta_batch=4, outer_lr=1e-3, hidden=hidden, head_steps=100, head_lr=0.01), 40000,
                     "Chen, Liu, Kira, Wang, Huang. A Closer Look at Few-shot Classification. ICLR 2019",
@@ -63,6 +64,11 @@ class Finetune(GradientLearner):
 
     def task_loss(self, ep: Episode) -> torch.Tensor:
         return pretraining_loss(self.forward, self.meta, ep)
+
+    @property
+    def test_steps(self) -> int | None:
+        """Its test-time steps are the head's SGD steps (its single point on the steps axis)."""
+        return self.head_steps
 
     def new_head(self, way: int, feat_dim: int) -> Params:
         """A fresh per-task head: zero weight [way, feat_dim] and bias [way]."""

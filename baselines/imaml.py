@@ -139,6 +139,7 @@ class IMAML(GradientLearner):
     adam_eps: eps of the outer Adam (1e-3 in the reference code).
     """
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset({**_IMAML_OMNIGLOT, **changes}, steps,
                     "Rajeswaran, Finn, Kakade, Levine. Meta-Learning with Implicit Gradients. NeurIPS 2019",

@@ -200,6 +200,7 @@ class LEO(GradientLearner):
     pretrain_batch: int = 4
     pretrain_lr: float = 1e-3
 
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = True  # per-class codes, pairwise relation net; means at test
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self (per-task generators)
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         key: Preset({**_LEO_MINI_1SHOT, **_LEO_CODE, **_PRETRAIN, "hidden": hidden}, 140000, _RUSU,

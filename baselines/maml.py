@@ -67,6 +67,7 @@ class MAML(GradientLearner):
     first_order: bool = False
     task_batch: int = 1
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
     TASK_BATCHED: ClassVar[bool] = True
     LIMITS: ClassVar[dict[str, str]] = {"inner_steps": ">=1", "task_batch": ">=1"}
@@ -166,6 +167,7 @@ class FOMAML(MAML):
 
     first_order: bool = True
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = {

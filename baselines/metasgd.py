@@ -48,6 +48,7 @@ class MetaSGD(MAML):
     inner_lr: centre of alpha's initialisation; alpha_spread: relative half-width of it.
     """
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     TASK_BATCHED: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({

@@ -109,6 +109,7 @@ class MTNet(MAML):
     logit_init: float = 0.0
     grad_clip: float = 0.0
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self (per-task generators)
     TASK_BATCHED: ClassVar[bool] = False  # its per-task computation is not MAML's (T, masks)
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({

@@ -56,6 +56,8 @@ class ProtoMAML(MAML):
     outer_lr_decay / outer_lr_decay_every: step decay of the outer learning rate (0: constant).
     """
 
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = True  # head from the prototypes
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = {
         **{key: replace(p, values={**p.values, "first_order": True}, paper=_TRIANTAFILLOU,

@@ -87,6 +87,7 @@ class ProtoNet(GradientLearner):
     lr_decay_every outer updates (0: constant).
     """
 
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = True  # per-class prototypes
     PRESETS: ClassVar[Mapping[str, Preset]] = {
         key: Preset(dict(meta_batch=1, outer_lr=1e-3, lr_decay=0.5, lr_decay_every=2000, hidden=64,
                          episodes_per_task=merged), 20000,

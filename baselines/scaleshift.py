@@ -89,6 +89,7 @@ class ScaleShift(MAML):
     pretrain_lr_decay, pretrain_lr_decay_every: its SGD.
     """
 
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True
     PRESETS: ClassVar[Mapping[str, Preset]] = {
         "*": Preset(dict(meta_batch=1, outer_lr=1e-4, head_lr=1e-3, inner_lr=0.01, inner_steps=50, inner_steps_test=50,

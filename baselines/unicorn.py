@@ -60,6 +60,8 @@ class UnicornMAML(MAML):
 
     temperature: float = 1.0
 
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = True  # one shared head vector copied to every row
+    STEP_TRACE: ClassVar[bool] = True  # adaptation ends in one inner_loop call (test-time steps axis)
     PARALLEL_TASKS: ClassVar[bool] = True  # task_loss only reads self
     PRESETS: ClassVar[Mapping[str, Preset]] = with_meta_dataset({
         **{key: Preset(dict(inner_lr=0.1, inner_steps=10, inner_steps_test=10, meta_batch=batch, outer_lr=1e-3,

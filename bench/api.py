@@ -22,6 +22,8 @@ from bench.errors import MetabenchError, MethodError
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """query_x [n_query, C, H, W] -> logits [n_query, way]."""
+StepCurves = list[dict[int, Predictor]]
+"""Per task: test-time inner step -> the predictor after that many steps (`MetaLearner.adapt_steps`)."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,20 @@ class MetaLearner(abc.ABC):
 
     TAGS: ClassVar[Tags] = Tags()
     PRESETS: ClassVar[Mapping[str, Preset]] = {}
+    LABEL_PERMUTATION_INVARIANT: ClassVar[bool] = False
+    """Permuting which class gets which label of the support set permutes the logits' columns the same way
+    and changes nothing else (ProtoNet's prototypes, a head initialised the same for every class). Declared
+    per class, not inherited (a subclass that does not declare it gets False); the conformance suite checks
+    it (bench.checks.check_label_permutation_invariance)."""
     OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ()
     """Fields params() leaves out while they hold their default: hyperparameters added after results were
     recorded (e.g. GradientLearner's backbone), so that the params_hash of those runs does not change."""
     seed: int = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "LABEL_PERMUTATION_INVARIANT" not in cls.__dict__:
+            cls.LABEL_PERMUTATION_INVARIANT = False
 
     # --- state set by setup / fit (class attributes, not hyperparameter fields) -----------
     device = torch.device("cpu")  # where setup puts the meta-parameters (the runner's --device)
@@ -204,6 +216,22 @@ class MetaLearner(abc.ABC):
         """
         return [self.adapt(x, y) for x, y in supports]
 
+    @property
+    def test_steps(self) -> int | None:
+        """Test-time inner steps of adaptation (None: the method has no inner loop)."""
+        return None
+
+    def adapt_steps(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    upto: int) -> tuple[list[Predictor], StepCurves, float]:
+        """`adapt_many`'s predictors; per task, {test-time inner step: predictor} after each step of
+        adaptation up to at least `upto` steps, recorded from the same pass; and the seconds spent on steps
+        beyond the method's own test steps (left out of adapt_seconds). This default has no inner loop to
+        record: a single point per task, at `test_steps` (0 without), and no extra time. A gradient method
+        that declares STEP_TRACE records every step (baselines.core.GradientLearner.adapt_steps).
+        """
+        predictors = self.adapt_many(supports)
+        return predictors, [{self.test_steps or 0: p} for p in predictors], 0.0
+
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: tensors and primitives only."""
@@ -220,7 +248,7 @@ class MetaLearner(abc.ABC):
                                  "it is given")
 
     # --- defined once -------------------------------------------------------------------
-    def evaluate(self, episodes: Iterable[Episode]) -> list[dict[str, float]]:
+    def evaluate(self, episodes: Iterable[Episode], steps_upto: int | None = None) -> list[dict[str, Any]]:
         """Adapt on each support set, predict its query set, and score it.
 
         Returns one dict per episode: accuracy, loss (cross-entropy of the logits), way, n_support,
@@ -228,21 +256,34 @@ class MetaLearner(abc.ABC):
         episodes per call (e.g. one task-batched inner loop): its adapt_seconds is that call's time
         plus prediction, divided by its episodes, and adapt_batch says how many shared it. Any other
         method is adapted and timed one episode at a time (adapt_batch 1), with the same results.
+
+        steps_upto: also record the query accuracy and loss after each test-time inner step up to at least
+        this many, in the same adaptation pass (`adapt_steps`): each dict then has "steps", a list of
+        (step, accuracy, loss). The main numbers are those without it; adapt_seconds leaves out the steps
+        beyond the method's own and the per-step predictions.
         """
-        out: list[dict[str, float]] = []
+        out: list[dict[str, Any]] = []
         it = iter(episodes)
         batched = type(self).adapt_many is not MetaLearner.adapt_many
         while chunk := list(itertools.islice(it, EVAL_CHUNK if batched else 1)):
             for ep in chunk:
                 self.check_way(ep)
+            supports = [(ep.support_x, ep.support_y) for ep in chunk]
             start = time.perf_counter()
-            predictors = self.adapt_many([(ep.support_x, ep.support_y) for ep in chunk]) if batched else \
-                [self.adapt(chunk[0].support_x, chunk[0].support_y)]
+            curves, extra = None, 0.0
+            if steps_upto is not None:
+                predictors, curves, extra = self.adapt_steps(supports, steps_upto)
+            else:
+                predictors = self.adapt_many(supports) if batched else [self.adapt(*supports[0])]
             with torch.no_grad():
                 logits = [predict(ep.query_x) for predict, ep in zip(predictors, chunk)]
-            seconds = (time.perf_counter() - start) / len(chunk)
-            out.extend(score(lg, ep) | {"adapt_seconds": seconds, "adapt_batch": len(chunk)}
-                       for lg, ep in zip(logits, chunk))
+            seconds = (time.perf_counter() - start - extra) / len(chunk)
+            rows = [score(lg, ep) | {"adapt_seconds": seconds, "adapt_batch": len(chunk)} for lg, ep in zip(logits, chunk)]
+            for row, curve, ep, lg, predict in zip(rows, curves or [], chunk, logits, predictors):
+                with torch.no_grad():
+                    row["steps"] = [(s, *(score(lg if curve[s] is predict else curve[s](ep.query_x), ep)[k]
+                                          for k in ("accuracy", "loss"))) for s in sorted(curve)]
+            out.extend(rows)
         return out
 
 

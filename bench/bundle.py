@@ -9,6 +9,7 @@ BUNDLE/
   conformance.json                               the conformance suite's report (bench.checks)
   results/<benchmark>/<method>/seed<N>.csv       per-episode rows (bench.results columns)
   results/<benchmark>/<method>/seed<N>.json      run cards, as written by the runner
+  results/<benchmark>/<method>/seed<N>.<axis>.csv  evaluation axes the card records (bench.axes)
   checkpoints/<benchmark>/<method>/seed<N>.pt    the selected checkpoint (best.pt) of each run
   code/...                                       optional: the method's source (.py), declared in
                                                  metadata.json "method_source"
@@ -339,7 +340,9 @@ def _collect(method: str, results_dir: Path) -> list[tuple[Path, Any, dict]]:
 
 
 def _plan_run(csv_path: Path, frame: Any, card: dict, runs_dir: Path, slug: str) -> tuple[list[tuple[Path, str]], dict]:
-    """The files of one run ((source, bundle path) pairs) and its metadata entry."""
+    """The files of one run ((source, bundle path) pairs, its evaluation-axis files included) and its metadata entry."""
+    from bench.results import axis_path
+
     bench, seed = str(frame["benchmark"].iloc[0]), int(frame["seed"].iloc[0])
     card_path = csv_path.with_suffix(".json")
     if not card:
@@ -356,6 +359,8 @@ def _plan_run(csv_path: Path, frame: Any, card: dict, runs_dir: Path, slug: str)
     rel = {"csv": f"{RESULTS_DIR}/{base}.csv", "card": f"{RESULTS_DIR}/{base}.json",
            "checkpoint": f"{CHECKPOINTS_DIR}/{base}.pt"}
     files = [(csv_path, rel["csv"]), (card_path, rel["card"]), (ckpt, rel["checkpoint"])]
+    axes = {axis: f"{RESULTS_DIR}/{base}.{axis}.csv" for axis in sorted(card.get("axes") or {})}
+    files += [(axis_path(csv_path, axis), path) for axis, path in axes.items()]
     for src, _ in files:
         size = src.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -364,7 +369,7 @@ def _plan_run(csv_path: Path, frame: Any, card: dict, runs_dir: Path, slug: str)
         "benchmark": bench, "benchmark_version": int(frame["benchmark_version"].iloc[0]), "seed": seed,
         "test_episodes": int(len(frame)), "params": card.get("params"),
         "params_hash": str(frame["params_hash"].iloc[0]), "code_rev": str(frame["code_rev"].iloc[0]),
-        **rel,
+        **rel, **({"axes": axes} if axes else {}),
     }
     return files, entry
 

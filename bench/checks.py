@@ -565,6 +565,53 @@ def check_query_permutation(s: Subject) -> str | None:
 
 
 @check
+def check_step_curve(s: Subject) -> str | None:
+    """Recording the accuracy after each test-time inner step (evaluate's steps_upto) changes no main number,
+    and its point at the method's test steps is the main accuracy."""
+    m = s.ready()
+    m.fit(s.train_stream(), 1)
+    eps = [s.episode(index=i) for i in range(3)]
+    upto = 2 * (m.test_steps or 0)
+    plain, traced = m.evaluate(eps), m.evaluate(eps, steps_upto=upto)
+    for i, (a, b) in enumerate(zip(plain, traced)):
+        require((a["accuracy"], a["loss"]) == (b["accuracy"], b["loss"]),
+                f"episode {i}: recording the per-step curve changed the main result (accuracy {a['accuracy']} -> "
+                f"{b['accuracy']}, loss {a['loss']:.6g} -> {b['loss']:.6g}); steps beyond the test steps must not "
+                "change the adapted parameters")
+        points = {step: acc for step, acc, _ in b["steps"]}
+        require((m.test_steps or 0) in points and points[m.test_steps or 0] == a["accuracy"],
+                f"episode {i}: the curve's point at the test steps ({m.test_steps or 0}) is "
+                f"{points.get(m.test_steps or 0)}, the main accuracy {a['accuracy']}")
+        if getattr(m, "STEP_TRACE", False):
+            require(sorted(points) == list(range(max(upto, m.test_steps or 0) + 1)),
+                    f"episode {i}: a STEP_TRACE method records steps 0..{max(upto, m.test_steps or 0)}, got "
+                    f"{sorted(points)}")
+    return None
+
+
+@check
+def check_label_permutation_invariance(s: Subject) -> str | None:
+    """A method declaring LABEL_PERMUTATION_INVARIANT: relabelling the classes permutes its logits' columns
+    the same way and changes nothing else (up to round-off)."""
+    from bench.axes import label_permutations, permuted
+
+    if not getattr(s.cls, "LABEL_PERMUTATION_INVARIANT", False):
+        raise NotApplicable("does not declare LABEL_PERMUTATION_INVARIANT")
+    m = s.ready()
+    m.fit(s.train_stream(), 1)
+    for index in range(2):
+        ep = s.episode(index=index)
+        base = predict(m, ep)
+        for perm in label_permutations(ep.spec_hash, ep.way, 4)[1:]:
+            got = predict(m, permuted(ep, perm))[:, list(perm)]
+            require(close(base, got),
+                    f"episode {index}, labels permuted {list(perm)}: the logits are not the original ones with "
+                    f"permuted columns (max abs difference {(base - got).abs().max().item():.3g}); a method that "
+                    "declares LABEL_PERMUTATION_INVARIANT must not depend on which class gets which label")
+    return None
+
+
+@check
 def check_adapt_uses_support(s: Subject) -> str | None:
     """Predictions follow the support labels: relabelling the support set changes the predictions."""
     m = s.ready()

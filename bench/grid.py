@@ -34,9 +34,12 @@ from typing import Any, Callable
 from bench.errors import MetabenchError
 from bench.paths import resolve_root
 
+AXIS_KEYS = ("step_curve", "permutations", "flops")
+"""Run fields of the evaluation axes (bench.axes; RunConfig): step_curve and flops true/false, permutations N."""
+RUN_KEYS = ("chunk", "val_episodes", "test_episodes", "patience", *AXIS_KEYS)
 GRID_KEYS = {"methods", "benchmarks", "seeds", "steps", "chunk", "val_episodes", "test_episodes", "patience",
              "results", "runs", "root", "device", "retries", "workers", "threads", "set", "method_set",
-             "benchmark_steps", "label"}
+             "benchmark_steps", "label", *AXIS_KEYS}
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +149,7 @@ def spec_from(fields: dict[str, Any]) -> GridSpec:
     root = resolve_root(fields.get("root"))
     cells = make_cells(list(fields["methods"]), list(fields["benchmarks"]), parse_seeds(fields.get("seeds", "0")),
                        fields)
-    run_args = {k: fields[k] for k in ("chunk", "val_episodes", "test_episodes", "patience") if fields.get(k) is not None}
+    run_args = {k: fields[k] for k in RUN_KEYS if fields.get(k) is not None}
     return GridSpec(cells, Path(fields["results"]), Path(fields.get("runs") or root / "runs"), root, run_args,
                     fields.get("device", "cpu"), int(fields.get("retries", 2)), fields.get("workers"),
                     fields.get("threads"))
@@ -196,7 +199,10 @@ def run_args_cli(cell: Cell, spec: GridSpec) -> list[str]:
     if cell.label:
         args += ["--label", cell.label]
     for key, value in spec.run_args.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        if isinstance(value, bool):  # an axis switch: only "off" has a flag
+            args += [] if value else [f"--no-{key.replace('_', '-')}"]
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
     for key, value in cell.overrides.items():
         args += ["--set", f"{key}={value!r}"]
     return args
@@ -241,8 +247,8 @@ def run_local(spec: GridSpec, report: Callable[[Outcome], None]) -> list[Outcome
 
 
 # --- the Ray executor -----------------------------------------------------------------------------------
-def ray_cell(cfg: Any, root: str, runs: str, threads: int) -> tuple[list[dict], dict]:
-    """A cell on a Ray worker: fit and test under the run's lock; the rows and card go back to the driver."""
+def ray_cell(cfg: Any, root: str, runs: str, threads: int) -> tuple[list[dict], dict, dict]:
+    """A cell on a Ray worker: fit and test under the run's lock; the rows, card and axes go back to the driver."""
     import torch
 
     from bench.runner import RunDirs, execute, plan, run_lock
@@ -287,9 +293,9 @@ def run_ray(spec: GridSpec, address: str | None, report: Callable[[Outcome], Non
             cell, p = pending.pop(done[0])
             out = Outcome(cell, False, attempts=1, seconds=time.perf_counter() - starts[cell])
             try:
-                rows, card = ray.get(done[0])
+                rows, card, axes = ray.get(done[0])
                 check_identity(p, overwrite=False)
-                out.csv, out.ok = write_outputs(spec.results, rows, card), True
+                out.csv, out.ok = write_outputs(spec.results, rows, card, axes), True
             except Exception as e:  # noqa: BLE001 - a cell may fail in any way; the others go on
                 cause = getattr(e, "cause", None) or e
                 out.error = f"{type(cause).__name__}: {cause}".splitlines()[0]
@@ -361,8 +367,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             raise MetabenchError("a grid needs --methods and --benchmarks (or a GRID.toml)")
         fields = {"methods": _split(args.methods), "benchmarks": _split(args.benchmarks), "seeds": args.seeds,
                   "steps": args.steps, "set": parse_overrides(args.set)}
-    for key in ("results", "runs", "root", "device", "workers", "threads", "chunk", "val_episodes",
-                "test_episodes", "patience"):
+    for key in ("results", "runs", "root", "device", "workers", "threads", *RUN_KEYS):
         if getattr(args, key, None) is not None:
             fields[key] = getattr(args, key)
     if args.retries is not None:
@@ -387,6 +392,20 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_axis_flags(parser: argparse.ArgumentParser, default: bool | None = True) -> None:
+    """The flags that switch the evaluation axes (bench.axes) off, for `run` and `grid` (default None: the
+    grid file's or the run's own default)."""
+    from bench.axes import DEFAULT_PERMUTATIONS
+
+    parser.add_argument("--no-step-curve", dest="step_curve", action="store_false", default=default,
+                        help="do not record the accuracy after each test-time inner step (the steps axis)")
+    parser.add_argument("--permutations", type=int, default=None if default is None else DEFAULT_PERMUTATIONS,
+                        metavar="P", help=f"label permutations per test episode, the identity included (default "
+                                          f"{DEFAULT_PERMUTATIONS}; 0 or 1: the permutation axis off)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", default=default,
+                        help="do not count the FLOPs of one outer step and one adaptation")
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
@@ -408,6 +427,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val-episodes", type=int, default=None, help="validation episodes (default: the benchmark's)")
     s.add_argument("--test-episodes", type=int, default=None, help="test episodes (default: the benchmark's)")
     s.add_argument("--patience", type=int, default=None, help="early stop after this many chunks without gain")
+    add_axis_flags(s, default=None)
     s.add_argument("--workers", type=int, default=None, help="cells at a time (default: usable cores)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / workers)")
     s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

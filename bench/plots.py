@@ -293,13 +293,21 @@ def plot_steps(data: pd.DataFrame, title: str | None = None, path: str | Path | 
     return _maybe_save(fig, path)
 
 
-def plot_compute(table: pd.DataFrame, benchmark: str | None = None,
-                 path: str | Path | None = None) -> Figure:
-    """Accuracy against compute: fit seconds (left panel) and adapt seconds per episode (right).
+COMPUTE_PANELS = (("fit_seconds", "meta-training time per seed (s)"),
+                  ("adapt_seconds", "adaptation time per episode (s)"))
+"""plot_compute's default panels: (summary column, x label)."""
+FLOP_PANELS = (("train_flops", "meta-training FLOPs per seed"), ("adapt_flops", "FLOPs of one adaptation"))
+"""plot_compute's panels of accuracy against FLOPs (columns added by the leaderboard from the run cards)."""
+
+
+def plot_compute(table: pd.DataFrame, benchmark: str | None = None, path: str | Path | None = None,
+                 panels: Sequence[tuple[str, str]] = COMPUTE_PANELS) -> Figure:
+    """Accuracy against compute: by default fit seconds (left panel) and adapt seconds per episode (right);
+    `panels` names other columns of the table, e.g. FLOP_PANELS.
 
     `table` is a `stats.summarize` table or a raw result table; `benchmark` restricts it to one
     benchmark (otherwise every benchmark is drawn with its own marker). Log-scaled x axes when all
-    times are positive and span more than a factor of 3; one figure legend names the methods (and
+    values are positive and span more than a factor of 3; one figure legend names the methods (and
     the benchmarks' markers).
     """
     summary = _as_summary(table)
@@ -310,9 +318,8 @@ def plot_compute(table: pd.DataFrame, benchmark: str | None = None,
     markers = "osD^v<>ph*"
     with _rc():
         fig = _new_figure(9.0 if len(benches) < 2 else 10.0, 3.6)
-        axes = fig.subplots(1, 2, squeeze=False).ravel()
-        for ax, col, xlabel in ((axes[0], "fit_seconds", "meta-training time per seed (s)"),
-                                (axes[1], "adapt_seconds", "adaptation time per episode (s)")):
+        axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+        for ax, (col, xlabel) in zip(axes, panels):
             if summary.empty:
                 _empty(fig, ax, "no results")
                 continue

@@ -57,7 +57,7 @@ def run_summary(csv_path: Path, runs_dir: Path | None = None) -> str:
     """The end-of-run lines: accuracy ± CI of this run, the seeds of this method and benchmark in
     the results folder (and their mean), fit time, where the card and checkpoint (under `runs_dir`)
     are, and last "results: <csv path>" (what `metabench run` always printed last)."""
-    from bench.results import outputs_csvs, read_card, read_csv
+    from bench.results import find_csvs, outputs_csvs, read_card, read_csv
 
     csv_path = Path(csv_path)
     if csv_path.suffix == ".json":  # a suite's card: one line per member, then the card and checkpoint
@@ -79,7 +79,7 @@ def run_summary(csv_path: Path, runs_dir: Path | None = None) -> str:
     bench, method, seed = str(mine["benchmark"]), str(mine["method"]), int(frame["seed"].iloc[0])
     lines = [f"{method} on {bench}, seed {seed}: {100 * mine['mean']:.2f}% ± {100 * mine['ci95']:.2f}% "
              f"(95% CI over {int(mine['n_episodes'])} test episodes)"]
-    seeds = [read_csv(p) for p in sorted(csv_path.parent.glob("seed*.csv"))]
+    seeds = [read_csv(p) for p in find_csvs(csv_path.parent)]
     if len(seeds) > 1:
         both = stats.summarize(pd.concat(seeds, ignore_index=True)).iloc[0]
         lines.append(f"  {len(seeds)} seeds of {method} here: {100 * both['mean']:.2f}% ± {100 * both['ci95']:.2f}% "

@@ -8,6 +8,11 @@ A CSV and its card are one pair: the card records the CSV's sha256 (`csv_sha256`
 `.prev` hard links, rename both into place), so a writer killed at any point leaves either the
 previous pair or the new one readable: `read_csv` / `read_card` read the pair whose hashes
 agree (the `.prev` pair while a replacement is half done) and refuse a torn pair.
+
+Evaluation axes (bench.axes) are plain CSV files beside the pair, `seed<N>.<axis>.csv` (`AXIS_COLUMNS`),
+written in the same transaction (before the CSV and card are renamed into place); the card records each
+one's file name and sha256 under "axes", and `read_axis` reads the copy (current or `.prev`) that its card
+names. A run without them (older runs, or an axis switched off) simply has none.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ INT_COLUMNS = ["benchmark_version", "episode", "seed", "way", "shot", "n_support
                "adapt_batch", "fit_episodes"]
 FLOAT_COLUMNS = ["accuracy", "loss", "adapt_seconds", "fit_seconds"]
 STR_COLUMNS = ["benchmark", "split", "episode_hash", "method", "params_hash", "code_rev", "device"]
+AXIS_COLUMNS = {
+    "steps": ["episode", "episode_hash", "step", "accuracy", "loss"],
+    "perms": ["episode", "episode_hash", "perm", "labels", "accuracy"],
+}
+"""The evaluation-axis files beside a result CSV and their columns: "steps", the query accuracy and loss
+after each test-time inner step (bench.axes); "perms", the accuracy of each label permutation of each
+test episode (perm 0 is the identity, `labels` the new label of each class, "2-0-1-4-3")."""
 OLD_EVAL_CHUNK = 32
 """Episodes adapted together by every method when files without adapt_batch were written."""
 
@@ -52,29 +64,50 @@ def run_paths(results_dir: Path, benchmark: str, method: str, seed: int) -> tupl
     return base / f"seed{seed}.csv", base / f"seed{seed}.json"
 
 
-def write_run(results_dir: Path, rows: list[Mapping[str, Any]], card: Mapping[str, Any]) -> Path:
+def csv_text(frame: pd.DataFrame) -> str:
+    """A table as result files write it (no index, floats as %.6g)."""
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False, float_format="%.6g")
+    return buf.getvalue()
+
+
+def axis_path(csv_path: Path, axis: str) -> Path:
+    """The file of evaluation axis `axis` beside a result CSV: seed<N>.<axis>.csv."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(f"{csv_path.stem}.{axis}.csv")
+
+
+def write_run(results_dir: Path, rows: list[Mapping[str, Any]], card: Mapping[str, Any],
+              axes: Mapping[str, list[Mapping[str, Any]]] | None = None) -> Path:
     """Write one run's rows and card as one pair (see the module docstring); returns the CSV path.
 
     Rows are validated first; the card gets `csv_sha256`. Staged files of a killed earlier write
-    are replaced.
+    are replaced. axes: rows of evaluation axes (AXIS_COLUMNS names), written beside the pair in the
+    same transaction, their file names and hashes in the card's "axes".
     """
     first = rows[0]
     csv_path, card_path = run_paths(results_dir, first["benchmark"], first["method"], int(first["seed"]))
     frame = fill_added_columns(pd.DataFrame(list(rows)), card)
     validate_frame(frame, str(csv_path))
-    frame = frame[COLUMNS]
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False, float_format="%.6g")
-    text = buf.getvalue()
+    text = csv_text(frame[COLUMNS])
+    staged = {}
+    for axis, axis_rows in (axes or {}).items():
+        path = axis_path(csv_path, axis)
+        axis_frame = validate_axis(pd.DataFrame(list(axis_rows), columns=AXIS_COLUMNS[axis]), axis, str(path))
+        staged[path] = csv_text(axis_frame)
     card = {**card, "csv_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    staged = {csv_path: text, card_path: json.dumps(card, indent=1, sort_keys=True)}
+    if staged:
+        card["axes"] = {axis: {"file": path.name, "sha256": hashlib.sha256(t.encode()).hexdigest()}
+                        for axis, (path, t) in zip(axes, staged.items())}
+    staged |= {csv_path: text, card_path: json.dumps(card, indent=1, sort_keys=True)}
     for path, content in staged.items():
         atomic_write_text(_side(path, "next"), content)
     if csv_path.exists() and card_path.exists() and _pair_ok(csv_path, card_path):
         for path in staged:  # the previous pair stays readable until the new one is complete
             prev = _side(path, "prev")
             prev.unlink(missing_ok=True)
-            os.link(path, prev)
+            if path.exists():
+                os.link(path, prev)
     for path in staged:
         os.replace(_side(path, "next"), path)
     for path in staged:
@@ -276,11 +309,76 @@ def outputs_csvs(path: Path) -> list[Path]:
 
 
 def find_csvs(results_dir: Path) -> list[Path]:
-    """All result CSVs under a results folder, sorted."""
+    """All result CSVs under a results folder, sorted (not the evaluation-axis files beside them)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ResultsError(f"{results_dir}: results folder not found")
-    return sorted(results_dir.rglob("*.csv"))
+    return sorted(p for p in results_dir.rglob("*.csv") if not is_axis_file(p))
+
+
+def is_axis_file(path: Path) -> bool:
+    """True for an evaluation-axis file (seed<N>.<axis>.csv)."""
+    return any(Path(path).name.endswith(f".{axis}.csv") for axis in AXIS_COLUMNS)
+
+
+def validate_axis(frame: pd.DataFrame, axis: str, where: str) -> pd.DataFrame:
+    """Check the columns, types and ranges of an evaluation-axis table; raise ResultsError naming `where`.
+
+    Returns the table with typed columns, sorted by episode and step (or perm)."""
+    columns = AXIS_COLUMNS[axis]
+    if list(frame.columns) != columns:
+        raise ResultsError(f"{where}: columns {list(frame.columns)}; a {axis} file has {columns}")
+    if frame.empty:
+        raise ResultsError(f"{where}: no rows")
+    frame = frame.copy()
+    for col in columns:
+        if col in ("episode_hash", "labels"):
+            if frame[col].isna().any():
+                raise ResultsError(f"{where}: row {int(frame[col].isna().to_numpy().nonzero()[0][0]) + 2}: "
+                                   f"column {col!r} is empty")
+            frame[col] = frame[col].astype(str)
+            continue
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values.isna() | ~values.map(lambda v: math.isfinite(v) if v == v else False)
+        if col in ("episode", "step", "perm"):
+            bad |= (values != values.round()) | (values < 0)
+        if col == "accuracy":
+            bad |= (values < 0) | (values > 1)
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise ResultsError(f"{where}: row {row + 2}: column {col!r} has a bad value ({frame[col].iloc[row]!r})")
+        frame[col] = values.astype("int64") if col in ("episode", "step", "perm") else values.astype(float)
+    key = ["episode", columns[2]]
+    dup = frame.duplicated(key)
+    if dup.any():
+        row = frame[dup].iloc[0]
+        raise ResultsError(f"{where}: episode {int(row['episode'])}, {key[1]} {row[key[1]]} appears twice")
+    return frame.sort_values(key, kind="mergesort").reset_index(drop=True)
+
+
+def read_axis(csv_path: Path, axis: str) -> pd.DataFrame | None:
+    """Evaluation axis `axis` of the run of a result CSV (validated), or None when its card records none.
+
+    Reads the copy (current or `.prev`) whose sha256 is the one the committed card records; ResultsError
+    when neither is (a torn or edited file)."""
+    if axis not in AXIS_COLUMNS:
+        raise ResultsError(f"unknown evaluation axis {axis!r}; known: {', '.join(AXIS_COLUMNS)}")
+    entry = (read_card(csv_path).get("axes") or {}).get(axis)
+    if entry is None:
+        return None
+    path = Path(csv_path).with_name(str(entry.get("file", "")))
+    if path.name != axis_path(csv_path, axis).name:
+        raise ResultsError(f"{csv_path.with_suffix('.json')}: its {axis} file is named {path.name!r}, expected "
+                           f"{axis_path(csv_path, axis).name!r}")
+    for candidate in (path, _side(path, "prev")):
+        if candidate.exists() and _sha256(candidate) == entry.get("sha256"):
+            try:
+                frame = pd.read_csv(candidate, dtype={"episode_hash": str, "labels": str})
+            except (OSError, ValueError, pd.errors.ParserError) as e:
+                raise ResultsError(f"{path}: not a readable CSV ({e})") from e
+            return validate_axis(frame, axis, str(path))
+    raise ResultsError(f"{path}: missing, or not the file its run card records (sha256); the run's {axis} "
+                       "axis cannot be read")
 
 
 def read_results(results_dir: Path) -> pd.DataFrame:

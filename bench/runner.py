@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from bench import benchmarks
 from bench.api import EVAL_CHUNK, Episode, MetaLearner
+from bench.axes import DEFAULT_PERMUTATIONS, count_flops, permutation_rows, step_rows, steps_upto
 from bench.errors import MetabenchError, MethodError
 from bench.hparams import plain
 from bench.paths import atomic_path, atomic_write_text
@@ -49,7 +50,10 @@ class RunConfig:
     val_episodes / test_episodes: None means the benchmark's numbers; overrides: hyperparameters;
     patience: stop fitting early once `patience` chunks in a row brought no new best validation
     accuracy (None: never); label: the method column and folder of the results (default: the
-    method, plus "+<params hash>" when overrides are given); device: cpu, cuda, cuda:N or auto."""
+    method, plus "+<params hash>" when overrides are given); device: cpu, cuda, cuda:N or auto.
+    Evaluation axes (bench.axes, files beside the results): step_curve: accuracy after each test-time
+    inner step; permutations: label permutations per test episode (the identity included; 0 or 1: off);
+    flops: count the FLOPs of one outer step and one adaptation into the run card."""
 
     method: str
     benchmark: str | benchmarks.Benchmark
@@ -62,6 +66,9 @@ class RunConfig:
     patience: int | None = None
     label: str | None = None
     device: str = "cpu"
+    step_curve: bool = True
+    permutations: int = DEFAULT_PERMUTATIONS
+    flops: bool = True
 
 
 SEED_MAX = 2**63 - 1
@@ -84,6 +91,7 @@ def check_config(cfg: RunConfig) -> None:
     whole("val_episodes", cfg.val_episodes, 1)
     whole("test_episodes", cfg.test_episodes, 1)
     whole("patience", cfg.patience, 1)
+    whole("permutations", cfg.permutations, 0, 1000, optional=False)
     if not isinstance(cfg.overrides, dict):
         raise MetabenchError(f"overrides must be a dict of hyperparameters (got {type(cfg.overrides).__name__})")
     if cfg.label is not None and (not cfg.label or "/" in cfg.label or cfg.label.startswith(".") or "\\" in cfg.label):
@@ -445,16 +453,18 @@ def run(cfg: RunConfig, dirs: RunDirs, restart: bool = False, overwrite: bool = 
             (p.folder / "lock").touch()
             if aside and progress:
                 print(f"old checkpoints moved to {aside}", file=sys.stderr)
-        rows, card = execute(p, dirs, progress)
+        rows, card, axes = execute(p, dirs, progress)
         check_identity(p, overwrite)  # another identity may have been written while this one ran
-        csv_path = write_outputs(dirs.results, rows, card)
+        csv_path = write_outputs(dirs.results, rows, card, axes)
         atomic_write_text(p.folder / "done.json", json.dumps({"csv": str(csv_path), "steps": p.steps,
                                                                "test_episodes": p.n_test}))
     return csv_path
 
 
-def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Fit in chunks with checkpoints under p.folder, select by validation, test: the rows and the card.
+def execute(p: Plan, dirs: RunDirs,
+            progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Fit in chunks with checkpoints under p.folder, select by validation, test: the rows, the card and
+    the evaluation axes' rows (bench.axes; those the config switches on).
 
     The caller holds the run's lock and writes the results (the Ray executor returns them to the
     driver, which writes them where the results live).
@@ -510,15 +520,29 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
     learner.load_state_dict(chosen["learner"])
     ph = params_hash(learner.params())
     dev = device_name(device)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    axes: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    axis_seconds = {"test": 0.0, "perms": 0.0}
+    upto = steps_upto(learner) if cfg.step_curve else None
     for test_es in (bench.member_sets(es) if bench.is_suite else [es]):
         tb = test_es.bench
         n = min(n_test, tb.test_episodes)
+        mine = axes.setdefault(tb.name, {"steps": [], "perms": []})
         test_bar = tqdm(total=n, desc=f"test {p.label} {tb.name}", unit="ep", disable=not progress)
         for first in range(0, n, EVAL_CHUNK):
             eps = list(on_device((test_es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n))),
                                  device))
-            for i, ep, r in zip(itertools.count(first), eps, learner.evaluate(eps)):
+            start = time.perf_counter()
+            results = learner.evaluate(eps, steps_upto=upto)
+            axis_seconds["test"] += time.perf_counter() - start
+            if cfg.permutations > 1:
+                start = time.perf_counter()
+                mine["perms"] += permutation_rows(learner, eps, [r["accuracy"] for r in results], cfg.permutations)
+                axis_seconds["perms"] += time.perf_counter() - start
+            for i, ep, r in zip(itertools.count(first), eps, results):
+                if upto is not None:
+                    mine["steps"] += step_rows(i, ep.spec_hash, r)
+                r = {k: v for k, v in r.items() if k != "steps"}
                 rows.append({"benchmark": tb.name, "benchmark_version": tb.version, "split": "test",
                              "episode": i, "episode_hash": ep.spec_hash, "method": p.label, "params_hash": ph,
                              "seed": cfg.seed, "code_rev": rev, "device": dev, "shot": protocol_shot(tb.protocol),
@@ -526,6 +550,12 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
                              "fit_episodes": learner.fit_episodes, "fit_seconds": fit_seconds})
             test_bar.update(len(eps))
         test_bar.close()
+    flops = None
+    if cfg.flops:
+        start = time.perf_counter()
+        flops = count_flops(learner, on_device(es.stream("train", start=learner.fit_episodes), device),
+                            on_device(iter([es.episode("test", 0)]), device).__next__())
+        flops["seconds"] = time.perf_counter() - start
     tags = learner.tags
     card = {
         "method": p.label, "base_method": cfg.method, "overrides": dict(cfg.overrides),
@@ -540,27 +570,44 @@ def execute(p: Plan, dirs: RunDirs, progress: bool = True) -> tuple[list[dict[st
         "curve": curve, "checkpoint": best.relative_to(dirs.runs).as_posix(),
         "data_fingerprints": {n: src.content_fingerprint() for n, src in es.sources.items()},
     }
+    card |= axis_card(cfg, upto, axis_seconds, flops)
     if bench.is_suite:
         card["members"] = list(bench.members)
-    return rows, card
+    return rows, card, {member: {name: r for name, r in by_axis.items() if r} for member, by_axis in axes.items()}
 
 
-def write_outputs(results: Path, rows: list[dict[str, Any]], card: dict[str, Any]) -> Path:
-    """Write a run's results: its CSV and card (`write_run`); returns the CSV path.
+def axis_card(cfg: RunConfig, upto: int | None, seconds: dict[str, float],
+              flops: dict[str, Any] | None) -> dict[str, Any]:
+    """The run card's entries of the evaluation axes: FLOPs (with fit_seconds beside them in the card), the
+    steps recorded (step_curve_upto), permutations per episode, and test / perms evaluation seconds."""
+    out: dict[str, Any] = {"axis_seconds": seconds, "permutations": cfg.permutations if cfg.permutations > 1 else 0}
+    if upto is not None:
+        out["step_curve_upto"] = upto
+    if flops is not None:
+        out["flops"] = flops
+    return out
+
+
+def write_outputs(results: Path, rows: list[dict[str, Any]], card: dict[str, Any],
+                  axes: dict[str, dict[str, list[dict[str, Any]]]] | None = None) -> Path:
+    """Write a run's results: its CSV, card and evaluation-axis files (`write_run`; axes by benchmark
+    name, then axis); returns the CSV path.
 
     A suite's rows (card["members"]) go to one CSV per member, each with a card of that benchmark
-    that names the suite; then the suite card (the run's card, plus the members' CSV paths relative to
-    `results`) is written atomically beside where the suite's own CSV would be, and its path returned.
+    that names the suite and that member's axis files; then the suite card (the run's card, plus the
+    members' CSV paths relative to `results`) is written atomically beside where the suite's own CSV
+    would be, and its path returned.
     """
+    axes = axes or {}
     if "members" not in card:
-        return write_run(results, rows, card)
+        return write_run(results, rows, card, axes.get(card["benchmark"]))
     csvs = {}
     for member in card["members"]:
         mine = [r for r in rows if r["benchmark"] == member]
         member_card = {**card, "benchmark": member, "benchmark_version": mine[0]["benchmark_version"],
                        "suite": card["benchmark"], "test_episodes": len(mine)}
         del member_card["members"]
-        csvs[member] = write_run(results, mine, member_card).relative_to(results).as_posix()
+        csvs[member] = write_run(results, mine, member_card, axes.get(member)).relative_to(results).as_posix()
     path = run_paths(results, card["benchmark"], card["method"], int(card["seed"]))[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({**card, "csvs": csvs}, indent=1, sort_keys=True))

@@ -32,7 +32,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -404,6 +404,7 @@ def run_files_are_listed(b: Bundle) -> None:
     if not b.entries:
         return
     referenced = {r.get(k) for r in b.entries for k in ("csv", "card", "checkpoint")}
+    referenced |= {v for r in b.entries if isinstance(r.get("axes"), dict) for v in r["axes"].values()}
     for name in sorted(b.listed):
         if name.endswith((".csv", ".pt")) and name not in referenced:
             b.error(f"{name}: not referenced by any run in {METADATA}")
@@ -568,6 +569,55 @@ def episode_hashes_match(b: Bundle) -> None:
             ep, got, exp = bad[0]
             b.error(f"{run.csv_rel}: episode hash mismatch at episode(s) {short_list([x[0] for x in bad])} "
                     f"(episode {ep}: {got}, expected {exp}): not the benchmark's test episodes")
+
+
+@rule
+def axis_files_match_results(b: Bundle) -> None:
+    """Each evaluation-axis file a run card records is in the bundle, is the file the card hashes, and covers
+    exactly the run's episodes (same hashes); permutations are the episode hash's, perm 0 the main accuracy."""
+    from bench.results import AXIS_COLUMNS, read_axis
+
+    for run in b.live():
+        recorded = run.card.get("axes") or {}
+        if not isinstance(recorded, dict) or set(recorded) - set(AXIS_COLUMNS):
+            b.error(f"{run.card_rel}: 'axes' must map axes among {sorted(AXIS_COLUMNS)} to their files")
+            continue
+        listed = run.entry.get("axes") or {}
+        main = run.frame.set_index("episode")
+        for axis in sorted(recorded):
+            rel = str(PurePosixPath(run.csv_rel).with_suffix(f".{axis}.csv"))
+            if listed.get(axis) != rel:
+                b.error(f"{run.where}: its card records a {axis} axis, but 'axes' does not list {rel}")
+            if not b.usable(rel, f"{axis} axis", run.where):
+                continue
+            try:
+                table = read_axis(b.path / run.csv_rel, axis)
+            except ResultsError as e:
+                b.error(str(e).replace(str(b.path) + os.sep, ""))
+                continue
+            pairs = set(zip(table["episode"], table["episode_hash"]))
+            if pairs != set(zip(main.index, main["episode_hash"])):
+                b.error(f"{rel}: its episodes (and hashes) are not those of {run.csv_rel}")
+                continue
+            if axis == "perms":
+                _check_permutations(b, rel, table, main)
+
+
+def _check_permutations(b: Bundle, rel: str, table: Any, main: Any) -> None:
+    """Permutations of each episode are those its hash draws; perm 0 (the identity) has the main accuracy."""
+    from bench.axes import label_permutations, labels_text
+
+    for episode, rows in table.groupby("episode", sort=True):
+        expected = [labels_text(p) for p in label_permutations(str(rows["episode_hash"].iloc[0]),
+                                                                int(main.loc[episode, "way"]), len(rows))]
+        if rows["labels"].tolist() != expected:
+            b.error(f"{rel}: episode {episode}: permutations {rows['labels'].tolist()} are not the ones its hash "
+                    f"draws ({expected})")
+            return
+        if float(rows["accuracy"].iloc[0]) != float(main.loc[episode, "accuracy"]):
+            b.error(f"{rel}: episode {episode}: the identity's accuracy {rows['accuracy'].iloc[0]} is not the "
+                    f"main result's {main.loc[episode, 'accuracy']}")
+            return
 
 
 @rule

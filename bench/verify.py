@@ -155,16 +155,28 @@ def _rebuild(b: Bundle, run: Run, code: MethodCode, es: Any, device: Any) -> Any
     return learner
 
 
-def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> dict[int, dict]:
-    """The learner's result row of each chosen test episode (evaluated together, as the runner does),
-    after checking that the data here is the data the run was made on (cache fingerprints)."""
+def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> tuple[dict[int, dict], dict[str, list]]:
+    """The learner's result row of each chosen test episode (evaluated together, as the runner does), and
+    the rows of the evaluation axes its card records (bench.axes) for them, after checking that the data
+    here is the data the run was made on (cache fingerprints)."""
+    from bench.axes import permutation_rows, step_rows
+
     for source, fp in (run.card.get("data_fingerprints") or {}).items():
         here = es.sources[source].content_fingerprint() if source in es.sources else None
         if here is not None and here != fp:
             raise _Unverifiable(f"{_label(run)}: the run was made on {source} data with fingerprint {fp}, but the data "
                                 f"here has {here} (another or a modified cache): re-running would not be comparable")
+    recorded = run.card.get("axes") or {}
+    upto = run.card.get("step_curve_upto") if "steps" in recorded else None
     try:
-        return dict(zip(chosen, learner.evaluate([es.episode("test", i).to(device) for i in chosen])))
+        eps = [es.episode("test", i).to(device) for i in chosen]
+        results = learner.evaluate(eps, steps_upto=upto)
+        axes = {"steps": [row for i, ep, r in zip(chosen, eps, results) for row in step_rows(i, ep.spec_hash, r)]
+                if upto is not None else []}
+        if "perms" in recorded:
+            axes["perms"] = permutation_rows(learner, eps, [r["accuracy"] for r in results],
+                                             int(run.card.get("permutations") or 0))
+        return dict(zip(chosen, results)), {k: v for k, v in axes.items() if k in recorded}
     except Exception as e:  # noqa: BLE001
         raise _Unverifiable(f"{_label(run)}: re-running the test episodes failed: {type(e).__name__}: {e}") from e
 
@@ -221,12 +233,42 @@ def _verify_run(b: Bundle, run: Run, code: MethodCode, sets: _Sets, episodes: in
         learner = _rebuild(b, run, code, es, sets.device)
         index = sorted(int(e) for e in run.frame["episode"])
         chosen = [index[i] for i in choose_episodes(len(index), episodes, result.seed, run.benchmark, run.seed)]
-        rows = _rerun(run, learner, es, chosen, sets.device)
+        rows, axes = _rerun(run, learner, es, chosen, sets.device)
     except _Unverifiable as e:
         result.errors.append(str(e))
         return
     result.checked.append({"benchmark": run.benchmark, "seed": run.seed, "episodes": chosen})
     _compare(run, rows, bool(learner.tags.deterministic), result)
+    _compare_axes(b, run, axes, bool(learner.tags.deterministic), result)
+
+
+def _compare_axes(b: Bundle, run: Run, axes: dict[str, list], deterministic: bool, result: Verification) -> None:
+    """Judge the re-run evaluation-axis rows against the submitted files, like the main rows: accuracies equal
+    at the result files' precision (for a non-deterministic method: warnings, as long as the mean agrees)."""
+    import pandas as pd
+
+    from bench.results import read_axis
+
+    for axis, rows in axes.items():
+        key = "step" if axis == "steps" else "perm"
+        submitted = read_axis(b.path / run.csv_rel, axis).set_index(["episode", key])["accuracy"]
+        redone = pd.DataFrame(rows, columns=["episode", key, "accuracy"] if rows else None)
+        if redone.empty:
+            continue
+        redone = redone.set_index(["episode", key])["accuracy"].map(_rounded)
+        missing = [i for i in redone.index if i not in submitted.index]
+        wrong = [i for i in redone.index if i in submitted.index and redone[i] != float(submitted[i])]
+        if not (missing or wrong):
+            continue
+        first = (missing or wrong)[0]
+        text = (f"{_label(run)}: the {axis} axis differs on {len(missing) + len(wrong)} of {len(redone)} re-run "
+                f"point(s) (episode {first[0]}, {key} {first[1]}: submitted "
+                f"{submitted.get(first, 'missing')}, re-run {redone[first]:.6g})")
+        mean_diff = float((redone - submitted.reindex(redone.index)).mean()) if not missing else float("inf")
+        if deterministic or abs(mean_diff) > NONDETERMINISTIC_TOLERANCE:
+            result.errors.append(text)
+        else:
+            result.warnings.append(text + " (non-deterministic method; mean within the tolerance)")
 
 
 def verify_bundle(path: Path, root: Path | None = None, episodes: int | str = 20, *, seed: int | None = None,

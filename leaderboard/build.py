@@ -9,7 +9,9 @@
   row; then the unranked section; the accuracy figure; the published reference numbers apart;
 - `<benchmark>.html` per benchmark: its ranked and unranked tables with seed spread and timings,
   plots (accuracy, paired difference to the best method, training curves, compute) and every
-  paired comparison;
+  paired comparison; and, for runs that have them, the evaluation axes (bench.axes, `axes_section`):
+  accuracy against test-time inner steps, the label-permutation table, accuracy against FLOPs and the
+  equal-budget table (runs without axis files are simply not in them);
 - `figures/*.svg` and `figures/*.png`: every figure of the pages as files.
 
 What the page claims, it checks:
@@ -55,11 +57,11 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from bench import plots, stats
+from bench import axes, plots, stats
 from bench.bundle import is_bundle
 from bench.errors import MetabenchError, ResultsError
 from bench.paths import atomic_write_text
-from bench.results import check_consistent, find_csvs, fingerprint_conflicts, read_card, read_csv
+from bench.results import check_consistent, find_csvs, fingerprint_conflicts, read_axis, read_card, read_csv
 from bench.validation import MIN_RANKED_SEEDS, Validation
 
 TEMPLATE_PACKAGE = "leaderboard"
@@ -782,7 +784,9 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
                                 "Accuracy against compute", "compute"))
 
     versions = sorted(set(int(v) for v in frame["benchmark_version"]))
+    axis_part = axes_section(out, loaded, bench, summary, stem)
     return env.get_template("benchmark.html").render(
+        axes=axis_part,
         title=f"{bench} — metabench",
         index=index_name,
         benchmark=bench,
@@ -797,6 +801,57 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
         figures=figures,
         reference=_reference_table(ref, [bench]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation axes (bench.axes): steps, label permutations, FLOPs and the equal-budget table
+
+
+def _axis_tables(loaded: Loaded, bench: str, axis: str) -> list[tuple[str, int, pd.DataFrame]]:
+    """(method, seed, table) of evaluation axis `axis` of every run of `bench` that has it."""
+    out = []
+    for run in loaded.runs_of(bench):
+        table = read_axis(run.csv, axis)
+        if table is not None:
+            out.append((run.method, run.seed, table))
+    return out
+
+
+def axes_section(out: Path, loaded: Loaded, bench: str, summary: pd.DataFrame, stem: str) -> dict:
+    """The evaluation-axes part of a benchmark page: figures (accuracy against test-time steps, against
+    FLOPs), the permutation table and the equal-budget table, each present only when some run has it."""
+    figures: list[dict] = []
+    part: dict[str, Any] = {"perms": None, "budget": None}
+    steps = _axis_tables(loaded, bench, "steps")
+    if steps:
+        figures.append(write_figure(plots.plot_steps(axes.step_summary(steps), title=bench), out, f"{stem}-steps",
+                                    "Query accuracy after each test-time inner step (0 to twice the method's test "
+                                    "steps, one adaptation pass), 95% CI over episodes; a method without an inner "
+                                    "loop it can record is one point at its test steps", "steps"))
+    perms = _axis_tables(loaded, bench, "perms")
+    if perms:
+        part["perms"] = [{"method": r["method"], "mean": pct(r["mean"]), "mean_value": sort_value(r["mean"]),
+                          "identity": pct(r["identity"]), "spread": pct(r["spread"]),
+                          "spread_value": sort_value(r["spread"]), "gap": pct(r["gap"]), "gap_value": sort_value(r["gap"]),
+                          "n_perms": r["n_perms"], "n_episodes": r["n_episodes"], "n_seeds": r["n_seeds"]}
+                         for _, r in axes.permutation_summary(perms).iterrows()]
+    cards = [(r.method, r.card) for r in loaded.runs_of(bench) if axes.training_flops(r.card) is not None]
+    if cards:
+        per_run = pd.DataFrame([{"method": m, "train_flops": axes.training_flops(c),
+                                 "adapt_flops": float(c["flops"]["adaptation"])} for m, c in cards])
+        flops = summary.merge(per_run.groupby("method").mean().reset_index(), on="method")
+        figures.append(write_figure(plots.plot_compute(flops, benchmark=bench, panels=plots.FLOP_PANELS), out,
+                                    f"{stem}-flops", "Accuracy against FLOPs (counted once per run on the per-task "
+                                    "reference path: matrix products and convolutions): meta-training (outer step x "
+                                    "steps) and one adaptation (support set + query prediction)", "flops"))
+        budget, table = axes.equal_budget(cards)
+        if budget is not None:
+            part["budget"] = {"flops": f"{budget:.3g}", "rows": [
+                {"method": r["method"], "step": f"{r['step']:.0f}", "flops": f"{r['flops']:.3g}",
+                 "val": pct(r["val_accuracy"]), "val_value": sort_value(r["val_accuracy"]),
+                 "full": pct(r["full_val_accuracy"]), "n_runs": int(r["n_runs"])} for _, r in table.iterrows()]}
+    part["figures"] = figures
+    return part
 
 
 # ---------------------------------------------------------------------------------------------

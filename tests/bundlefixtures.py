@@ -31,6 +31,9 @@ from bench.runner import RunConfig, RunDirs, run
 
 BENCH = "synthetic-5w1s"
 TINY = dict(meta_batch=2, hidden=8, inner_steps_test=1)
+NO_AXES = dict(step_curve=False, permutations=0, flops=False)
+"""These runs are made as before the evaluation axes (bench.axes): such bundles must still validate and verify;
+tests/test_axes.py bundles runs with the axes."""
 SEED0 = f"results/{BENCH}/fomaml/seed0"
 
 _BUILT: dict[str, Any] = {}  # built once per test process, shared by every module that uses them
@@ -46,11 +49,11 @@ def _make_runs(base: Path) -> tuple[RunDirs, RunDirs]:
     torch.set_num_threads(1)
     dirs = RunDirs(base / "root", base / "results", base / "runs")
     for seed in (0, 1, 2):
-        run(RunConfig("fomaml", BENCH, seed, steps=2, chunk=1, val_episodes=2, overrides=TINY, label="fomaml"), dirs,
-            progress=False)
-    run(RunConfig("chance", BENCH, 0, steps=0, val_episodes=2), dirs, progress=False)
+        run(RunConfig("fomaml", BENCH, seed, steps=2, chunk=1, val_episodes=2, overrides=TINY, label="fomaml",
+                      **NO_AXES), dirs, progress=False)
+    run(RunConfig("chance", BENCH, 0, steps=0, val_episodes=2, **NO_AXES), dirs, progress=False)
     other = RunDirs(base / "root", base / "other", base / "runs")
-    run(RunConfig("chance", BENCH, 1, steps=0, val_episodes=2), other, progress=False)
+    run(RunConfig("chance", BENCH, 1, steps=0, val_episodes=2, **NO_AXES), other, progress=False)
     return dirs, other
 
 

@@ -418,3 +418,55 @@ def test_badges_unranked_bundles_and_failing_methods(browser, bundle_site):
     browser.click('table#unranked th[data-key="method"]')
     assert order(browser, "table#unranked") == ["broken", "lonely", "partial"]
     assert browser.problems() == []
+
+
+@pytest.fixture(scope="module")
+def axes_site(tmp_path_factory) -> Path:
+    """Two methods with every evaluation axis (bench.axes) and a third, older run without them."""
+    results = tmp_path_factory.mktemp("axes-results")
+    rng = np.random.default_rng(1)
+    for method, base, flops in (("maml", 0.7, 4e9), ("protonet", 0.8, 1e9), ("old", 0.5, None)):
+        for seed in (0, 1, 2):
+            accs = np.clip(base + rng.normal(0, 0.1, 30), 0, 1).round(2)
+            rows = [{"benchmark": "toy-5w1s", "benchmark_version": 1, "split": "test", "episode": i,
+                     "episode_hash": f"{i:016x}", "method": method, "params_hash": "p", "seed": seed, "code_rev": "rev",
+                     "device": "cpu", "way": 5, "n_support": 5, "n_query": 75, "accuracy": float(a), "loss": 1.0,
+                     "adapt_seconds": 0.01, "fit_episodes": 100, "fit_seconds": 5.0} for i, a in enumerate(accs)]
+            card = {"method": method, "benchmark": "toy-5w1s", "seed": seed, "fit_steps": 100,
+                    "curve": [{"step": s, "fit_episodes": s, "fit_seconds": s / 10, "val_accuracy": base - 0.1 + s / 1000}
+                              for s in (0, 50, 100)]}
+            axes = None
+            if flops is not None:
+                card["flops"] = {"outer_step": flops, "adaptation": flops / 100, "path": "reference"}
+                steps = (0,) if method == "protonet" else range(5)
+                axes = {"steps": [{"episode": i, "episode_hash": f"{i:016x}", "step": s,
+                                   "accuracy": float(min(1.0, a * (0.5 + s / 8))), "loss": 1.0}
+                                  for i, a in enumerate(accs) for s in steps],
+                        "perms": [{"episode": i, "episode_hash": f"{i:016x}", "perm": p, "labels": "0-1-2-3-4",
+                                   "accuracy": float(a if method == "protonet" or p == 0 else max(0.0, a - 0.05 * p))}
+                                  for i, a in enumerate(accs) for p in range(4)]}
+            write_run(results, rows, card, axes)
+    out = tmp_path_factory.mktemp("axes-site")
+    build_site([results], out, n_boot=50)
+    return out
+
+
+def test_benchmark_page_shows_the_evaluation_axes(browser, axes_site):
+    browser.events.clear()
+    browser.navigate((axes_site / "toy-5w1s.html").as_uri())
+    assert browser.js("document.readyState") == "complete"
+    imgs = images(browser)
+    ids = [f for f, *_ in imgs]
+    assert "figure-steps" in ids and "figure-flops" in ids
+    assert all(complete and w > 0 and h > 0 for _, complete, w, h in imgs), imgs
+    files = figure_files(browser)
+    assert {"figures/toy-5w1s-steps.svg", "figures/toy-5w1s-flops.png"} <= {f for f, _, _ in files}
+    assert all(w > 0 and h > 0 for _, w, h in files), files
+    # the permutation table: the older run without axis files is simply absent; protonet has zero spread
+    assert sorted(order(browser, "table#permutations")) == ["maml", "protonet"]
+    spread = browser.js("document.querySelector('table#permutations tr[data-method=\"protonet\"] td:nth-child(4)')"
+                        ".textContent")
+    assert spread == "0.00"
+    assert sorted(order(browser, "table#equal-budget")) == ["maml", "protonet"]
+    assert "without interpolation" in browser.js("document.querySelector('#budget-note').textContent")
+    assert browser.problems() == []

@@ -198,6 +198,9 @@ BAD = {
     "absolute path in manifest": (_absolute_in_manifest, "'/etc/hostname' is an absolute path"),
     "traversal in metadata": (_traversal_in_metadata, "contains '..' (path traversal)"),
     "metadata format": (_metadata_format, "metadata.json: format 2, expected 1"),
+    "axis file missing": (lambda b: edit_json(b, SEED0 + ".json", lambda c: c.update(
+        axes={"steps": {"file": "seed0.steps.csv", "sha256": "0" * 64}})),
+        f"its card records a steps axis, but 'axes' does not list {SEED0}.steps.csv"),
     "seeds disagree": (_seeds_disagree, "seeds of synthetic-5w1s [0, 1, 5] do not match the runs ([0, 1, 2])"),
     "symlinked file": (_symlink_file, f"{SEED0}.csv: is a symbolic link"),
     "symlinked folder": (_symlink_dir, "extra: is a symbolic link"),
@@ -229,6 +232,7 @@ RULE_CASES = {
     "rows_fit_the_protocol": "row off the protocol",
     "test_episodes_are_complete": "missing episode",
     "episode_hashes_match": "tampered hash",
+    "axis_files_match_results": "axis file missing",
     "seeds_are_distinct_and_enough": "seeds disagree",
     "data_fingerprints_agree": "runs on other data",
     "method_conforms": "conformance report garbage",
