@@ -12,7 +12,7 @@ import pytest
 
 from bench import benchmarks, grid
 from bench.errors import DataError, MetabenchError
-from bench.results import read_card, read_csv
+from bench.results import read_axis, read_card, read_csv
 from bench.runner import RunConfig, RunDirs, check_identity, plan, run
 from bench.sources import meta_dataset as md
 from datafixtures import small_meta_dataset
@@ -89,6 +89,9 @@ def test_imagenet_suite_end_to_end(small_md, tmp_path):
         assert member_card["selected_step"] == card["selected_step"]
         params = params or member_card["params_hash"]
         assert member_card["params_hash"] == params == card["params_hash"]  # one training, one checkpoint
+        for axis in ("steps", "perms"):  # each member's evaluation axes beside its CSV, of its own episodes
+            assert member_card["axes"][axis]["file"] == f"seed0.{axis}.csv"
+            assert set(read_axis(csv, axis)["episode_hash"]) == set(frame["episode_hash"])
     assert len(list((tmp_path / "runs").rglob("best.pt"))) == 1
 
     # a finished suite does nothing; a run of one member alone would write over it: refused
