@@ -3,13 +3,15 @@
     metabench data download omniglot [--root DIR] [--from PATH ...] [--image-size 28]
     metabench data download omniglot-small [--root DIR] [--from PATH ...]
     metabench data prepare miniimagenet --from PATH [--root DIR]
-    metabench data prepare meta-dataset --records DIR [--root DIR] [--image-size 84|126]
+    metabench data prepare meta-dataset --records DIR [--root DIR] [--image-size 84|126] [--workers N]
     metabench data status [--root DIR]
 
 Downloads go to ROOT/<dataset>/ (atomically, md5-checked, with a progress bar); decoded caches
 to ROOT/<dataset>/cache-<size>px/. A re-run with a complete cache does nothing (--force
 rebuilds). `--from` takes archives or folders the user already has. Every problem with the
-input is one DataError naming the file and what is wrong; nothing half-written is left.
+input is one DataError naming the file and what is wrong; nothing half-written is left where a
+loader looks (an interrupted Meta-Dataset prepare keeps its finished classes in a .partial folder
+beside the cache, and the next prepare continues from them).
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class Request:
     images_per_char: int | None = OMNIGLOT_DRAWERS
     expected_per_class: int | None = MINI_PER_CLASS
     require_all_classes: bool = True
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -206,8 +209,8 @@ def _meta_dataset(req: Request) -> Path:
 
     if len(req.from_paths) != 1:
         raise DataError(f"prepare meta-dataset needs exactly one --records DIR (got {len(req.from_paths)})")
-    md.prepare(req.from_paths[0], req.root, _size(req.image_size, md.DEFAULT_SIZE), req.force, req.show_progress,
-               say=lambda m: _say(m, req.quiet))
+    md.prepare(req.from_paths[0], req.root, _size(req.image_size, md.DEFAULT_SIZE), req.force,
+               md.BuildOptions(req.workers, req.show_progress, lambda m: _say(m, req.quiet)))
     return md.md_dir(req.root)
 
 
@@ -229,16 +232,17 @@ def download(name: str, root: Path | str | None = None, from_paths: Sequence[Pat
 def prepare(name: str, root: Path | str | None, from_paths: Sequence[Path | str] = (),
             image_size: int | None = None, force: bool = False, show_progress: bool = True,
             quiet: bool = False, expected_per_class: int | None = MINI_PER_CLASS,
-            require_all_classes: bool = True) -> Path:
+            require_all_classes: bool = True, workers: int | None = None) -> Path:
     """Build dataset `name`'s cache from files the user has; returns the cache folder.
 
     For miniImageNet `from_paths` holds one path in any accepted format (see
     bench/sources/miniimagenet.py); expected_per_class / require_all_classes relax the Ravi
-    checks for test fixtures. Omniglot datasets behave as `download` with --from.
+    checks for test fixtures. Omniglot datasets behave as `download` with --from. workers: decoding
+    processes of a Meta-Dataset prepare (None: os.cpu_count()).
     """
     return DATASETS.get(name).build(Request(resolve_root(root), from_paths, image_size, force, show_progress, quiet,
                                             expected_per_class=expected_per_class,
-                                            require_all_classes=require_all_classes))
+                                            require_all_classes=require_all_classes, workers=workers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,10 +356,10 @@ def status(root: Path | str | None = None) -> list[dict]:
 
 def format_status(rows: list[dict]) -> str:
     """The status rows as an aligned text table."""
-    cols = ["dataset", "found", "verified", "cached", "where"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    cols = ["dataset", "found", "verified", "cached", "disk", "where"]
+    widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in rows]
+    lines += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -369,7 +373,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    prepare(args.dataset, args.root, args.from_paths, args.image_size, args.force, not args.no_progress)
+    prepare(args.dataset, args.root, args.from_paths, args.image_size, args.force, not args.no_progress,
+            workers=args.workers)
     return 0
 
 
@@ -404,6 +409,8 @@ def add_cli(subparsers) -> None:
     common(s, False)
     s.add_argument("--records", dest="from_paths", action="append", metavar="DIR",
                    help="meta-dataset: the official converter's output folder (<DIR>/<source>/dataset_spec.json)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="meta-dataset: decoding processes (default: the number of CPUs; results do not depend on it)")
     s.set_defaults(func=cmd_prepare)
     s = sub.add_parser("status", help="list each dataset: found, verified, cached, where")
     s.add_argument("--root", default=None, help="data folder (default: $METABENCH_ROOT or the per-user cache)")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     data.prepare("meta-dataset", root, [records], args.image_size, show_progress=False)
     prepare_s = time.perf_counter() - t0
-    cache = md.cache_dir(root, records.name, args.image_size)
+    cache = md.source_cache(root, records.name, args.image_size)
     bench = dataclasses.replace(benchmarks.get_benchmark(BENCHMARK), image_size=args.image_size)
     es = benchmarks.load(bench, root)
     speed = sampling_speed(es)

@@ -202,7 +202,7 @@ def test_status_empty_root(tmp_path, monkeypatch):
         assert r["found"].startswith("no") and r["cached"] == "no"
     assert rows["omniglot"]["where"] == str(tmp_path / "omniglot")
     text = data.format_status(list(rows.values()))
-    assert text.splitlines()[0].split() == ["dataset", "found", "verified", "cached", "where"]
+    assert text.splitlines()[0].split() == ["dataset", "found", "verified", "cached", "disk", "where"]
 
 
 def test_status_after_building(tmp_path, official):

@@ -31,7 +31,7 @@ def small_md(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name, (per_split, images) in counts.items():
             mp.setitem(md.OFFICIAL, name, dataclasses.replace(md.OFFICIAL[name], classes=per_split, images=images))
-        md.prepare(base / "records", base / "root", say=lambda _: None, show_progress=False)
+        md.prepare(base / "records", base / "root", opts=md.QUIET)
         yield base / "records", base / "root"
 
 
@@ -50,7 +50,7 @@ def test_suites_are_registered_with_the_ten_single_source_benchmarks():
 def test_missing_sources_fail_before_training(small_md, tmp_path):
     records, _ = small_md
     root = tmp_path / "root"
-    md.prepare(records, root, say=lambda _: None, show_progress=False, only=("ilsvrc_2012", "aircraft"))
+    md.prepare(records, root, opts=md.QUIET, only=("ilsvrc_2012", "aircraft"))
     dirs = RunDirs(root, tmp_path / "results", tmp_path / "runs")
     with pytest.raises(DataError) as e:
         run(RunConfig("fomaml", "md-imagenet", steps=2, overrides=TINY, label="fomaml"), dirs, progress=False)

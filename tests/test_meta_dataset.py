@@ -74,12 +74,21 @@ def test_every_record_label_and_count(records):
 
 def test_cache_layout_and_size(root):
     src = get_source("md-omniglot-small", root, 84)
-    assert src.images.shape == (4840, 84, 84) and src.images.dtype == np.uint8  # grey: one channel stored
+    # a fixed-size greyscale source: stored once at its native 105 px, one channel, resized when gathered
+    assert src.images.shape == (4840, 105, 105) and src.images.dtype == np.uint8
+    assert src.gather_size == 84 and src.image_shape == (1, 84, 84)
     assert isinstance(src.images, np.memmap)
-    assert src.meta["kind"] == "bilevel" and src.meta["channels"] == 1
+    assert src.meta["kind"] == "bilevel" and src.meta["channels"] == 1 and src.meta["image_size"] == "native"
+    assert src.meta["decoder"] == md.JPEG_DECODER and src.meta["version"] == md.CACHE_VERSION
     assert src.groups[0] == "Balinese" and src.groups[-1] == "Sanskrit"
     assert {s: len(v) for s, v in src.splits.items()} == {"train": 136, "val": 17, "test": 89}
-    assert md.dir_size(md.cache_dir(root, "omniglot_small", 84)) < 40 * 2**20
+    cache = md.source_cache(root, "omniglot_small", 84)
+    assert cache == md.cache_dir(root, "omniglot_small", None)
+    assert 4840 * 105 * 105 <= md.dir_size(cache) < 60 * 2**20
+    # the same cache serves 126 px, with another data fingerprint
+    big = get_source("md-omniglot-small", root, 126)
+    assert big.image_shape == (1, 126, 126) and big.content_fingerprint() != src.content_fingerprint()
+    assert big.gather([0], [[0, 1]]).shape == (2, 1, 126, 126)
 
 
 def tf_reference_resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -103,23 +112,46 @@ def tf_reference_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_decoded_images_equal_a_direct_decode(records, root):
-    from PIL import Image
+    import simplejpeg
 
     src = get_source("md-omniglot-small", root, 84)
     for c in (0, 77, 241):
         for i, rec in enumerate(read_records(records / f"{c}.tfrecords")):
             jpeg = parse_example(rec)["image"][0]
-            with Image.open(io.BytesIO(jpeg)) as im:
-                direct = np.asarray(im.convert("RGB"))
+            direct = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=False)
             assert direct.shape == (105, 105, 3)
             assert (direct[..., 0] == direct[..., 1]).all() and (direct[..., 0] == direct[..., 2]).all()
+            assert np.array_equal(src.images[src.class_start[c] + i], direct[..., 0])  # stored as decoded
             if i < 2:  # the pixel-by-pixel reference is slow
-                ref = np.clip(np.rint(tf_reference_resize(direct[..., 0], 84)), 0, 255).astype(np.uint8)
-                assert np.array_equal(src.images[src.class_start[c] + i], ref)
-            # at the records' own size the resize is the identity: the cache is the decode itself
+                ref = tf_reference_resize(direct[..., 0], 84) / 255.0
+                got = src.gather([c], [[i]])[0, 0].numpy()
+                assert np.abs(got - ref).max() < 1e-6  # resized when gathered, not rounded
+            assert np.array_equal(md.decode_image(jpeg, None, grey=True), direct[..., 0])
+            # at the records' own size the resize is the identity
             assert np.array_equal(md.decode_image(jpeg, 105, grey=True), direct[..., 0])
     # Omniglot records are inverted: white strokes on black
     assert src.images[:20].mean() < 64
+
+
+def test_png_records_are_decoded_by_pillow():
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    assert np.array_equal(md.decode_rgb(buf.getvalue()), img)
+    with pytest.raises(DataError, match="rec 3: cannot decode the JPEG"):
+        md.decode_rgb(b"\xff\xd8" + bytes(20), "rec 3")
+
+
+def test_missing_jpeg_decoder_is_a_clear_error(records, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import fails as when it is not installed
+    with pytest.raises(DataError, match=r"simplejpeg.*metabench\[meta-dataset\]"):
+        md.prepare(records, tmp_path / "root", 28, opts=md.QUIET)
+    assert not (tmp_path / "root").exists()
 
 
 def test_episodes_of_genuine_records(root):
@@ -148,8 +180,8 @@ def test_episodes_of_genuine_records(root):
             assert ep.support_y.bincount().tolist() == [len(x) for x in spec.support]
             assert ep.support_x.shape == (len(ep.support_y), 3, 84, 84) and ep.query_x.shape[0] == 10 * ep.way
             assert 0 <= ep.support_x.min() and ep.support_x.max() <= 1
-            first = src.images[src.class_start[spec.classes[0]] + spec.support[0][0]]
-            assert torch.equal(ep.support_x[0, 1], torch.from_numpy(np.array(first)).float().div(255.0))
+            first = src.gather([spec.classes[0]], [[spec.support[0][0]]])[0, 0]
+            assert torch.equal(ep.support_x[0, 1], first)
     a, b = es.episode("test", 123), es.episode("test", 123)
     assert a.spec_hash == b.spec_hash and torch.equal(a.support_x, b.support_x)
 
@@ -163,16 +195,18 @@ def test_fixed_shape_benchmark(root):
 
 # --- errors ------------------------------------------------------------------------------------
 
-def test_corrupt_record_is_rejected_and_nothing_is_left(records, tmp_path):
+def test_corrupt_record_is_rejected_and_no_cache_is_left(records, tmp_path):
     bad = copy_records(records, tmp_path / "omniglot_small")
     path = bad / "5.tfrecords"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"5\.tfrecords.*checksum"):
-        md.prepare(bad, tmp_path / "root", 28, show_progress=False, say=lambda m: None)
-    assert not md.cache_dir(tmp_path / "root", "omniglot_small", 28).exists()
-    assert not list((tmp_path / "root").rglob("images.npy"))
+        md.prepare(bad, tmp_path / "root", 28, opts=md.QUIET)
+    assert not list((tmp_path / "root").rglob("index.json"))  # no cache; the finished classes wait in .partial
+    assert md.partial_dir(md.cache_dir(tmp_path / "root", "omniglot_small", None)).is_dir()
+    with pytest.raises(DataError, match="prepare was interrupted.*again to continue"):
+        md.open_source(tmp_path / "root", "omniglot_small", 28)
 
 
 def edit_spec(folder, fn):
@@ -205,20 +239,20 @@ def test_spec_that_does_not_match_the_records(records, tmp_path, case, message):
     elif case == "type":
         edit_spec(bad, lambda s: s.__setitem__("__class__", "SomethingElse"))
     with pytest.raises(DataError, match=message):
-        md.prepare(bad, tmp_path / "root", 28, show_progress=False, say=lambda m: None)
+        md.prepare(bad, tmp_path / "root", 28, opts=md.QUIET)
 
 
 def test_official_folder_name_requires_the_official_spec(records, tmp_path):
     copy_records(records, tmp_path / "records" / "omniglot")
     with pytest.raises(DataError, match="not the official Meta-Dataset 'omniglot' spec"):
-        md.prepare(tmp_path / "records", tmp_path / "root", 28, show_progress=False, say=lambda m: None)
+        md.prepare(tmp_path / "records", tmp_path / "root", 28, opts=md.QUIET)
 
 
 def test_missing_sources_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no Meta-Dataset source found"):
-        md.prepare(tmp_path, tmp_path / "root", 28, say=lambda m: None)
+        md.prepare(tmp_path, tmp_path / "root", 28, opts=md.QUIET)
     with pytest.raises(DataError, match="no such folder"):
-        md.prepare(tmp_path / "nope", tmp_path / "root", 28, say=lambda m: None)
+        md.prepare(tmp_path / "nope", tmp_path / "root", 28, opts=md.QUIET)
     # every missing source of the benchmark is named (ILSVRC: training and validation source)
     with pytest.raises(DataError, match=r"(?s)md-aircraft needs 2 .*ILSVRC \(ilsvrc_2012\) is not prepared.*"
                                         r"Aircraft \(aircraft\) is not prepared.*metabench data prepare meta-dataset"):
@@ -232,7 +266,7 @@ def test_missing_sources_are_clear_errors(tmp_path, monkeypatch):
 
 
 def test_prepare_skips_a_current_cache(records, root, capsys):
-    md.prepare(records, root, 84, show_progress=False)
+    md.prepare(records, root, 84, opts=md.BuildOptions(show_progress=False))
     assert "up to date" in capsys.readouterr().out
 
 

@@ -37,6 +37,9 @@ class ArraySource:
         class_rot: optional int8 [n_classes]: quarter turns (0..3) applied when gathering.
         groups: optional class id -> group name (alphabet, script); used by samplers that
             draw all classes of an episode from one group.
+        gather_size: when set, images are stored at another (their native) size and `gather`
+            resizes them to gather_size x gather_size with TF's legacy bilinear resize
+            (bench.sources.resize; Meta-Dataset's fixed-size sources), without rounding.
     """
 
     name: str
@@ -49,6 +52,7 @@ class ArraySource:
     groups: list[str] | None = None
     meta: dict = field(default_factory=dict)
     content: str | None = None  # sha256 fingerprint of a cache's images (None: in memory, see content_fingerprint)
+    gather_size: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.class_names)
@@ -69,9 +73,8 @@ class ArraySource:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of a gathered image."""
-        if self.images.ndim == 3:
-            return (1, int(self.images.shape[1]), int(self.images.shape[2]))
-        return (int(self.images.shape[3]), int(self.images.shape[1]), int(self.images.shape[2]))
+        h, w = (self.gather_size, self.gather_size) if self.gather_size else self.images.shape[1:3]
+        return (1 if self.images.ndim == 3 else int(self.images.shape[3]), int(h), int(w))
 
     def split_classes(self, split: str) -> np.ndarray:
         """Class ids of `split` (int64 [n_split_classes])."""
@@ -106,14 +109,22 @@ class ArraySource:
                 sel = rot == k
                 if sel.any():
                     batch[sel] = np.rot90(batch[sel], k=k, axes=(1, 2))
-        x = torch.from_numpy(batch)
+        if self.gather_size and batch.shape[1:3] != (self.gather_size, self.gather_size):
+            from bench.sources.resize import resize_batch_tf
+
+            x = torch.from_numpy(resize_batch_tf(batch, self.gather_size).astype(np.float32))
+        else:
+            x = torch.from_numpy(batch)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         return x.to(torch.float32).div_(255.0).contiguous()
 
     def content_fingerprint(self) -> str:
-        """The pixels' fingerprint: the cache's recorded one, else (in memory) a sha256 of the images (16 digits)."""
+        """The pixels' fingerprint: the cache's recorded one, else (in memory) a sha256 of the images (16 digits);
+        with a gather_size, the hash of both (the same stored pixels gathered at two sizes differ)."""
         if self.content is None:
             self.content = hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).hexdigest()
+        if self.gather_size:
+            return hashlib.sha256(f"{self.content}@{self.gather_size}px".encode()).hexdigest()[:16]
         return self.content[:16]
 
     def fingerprint(self) -> str:

@@ -34,18 +34,28 @@ def building_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".building", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            if not replace:
-                return
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        install_dir(tmp, final, replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_dir(tmp: Path, final: Path, replace: bool = True) -> bool:
+    """Move the finished folder `tmp` to `final` (by renames); returns whether it was installed.
+
+    When `final` exists: swap it for `tmp` (replace=True; the old folder is removed after the
+    swap) or leave both as they are (replace=False: another process finished first).
+    """
+    if final.exists():
+        if not replace:
+            return False
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return True
 
 
 def save_cache_dir(final: Path, source: ArraySource, replace: bool = True) -> None:
