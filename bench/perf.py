@@ -277,29 +277,27 @@ def reference_step(m: Any, batch: list[Episode]) -> None:
     """One outer step of `m` as a plain per-task autograd loop (`plain_path`: NCHW, no task pool, no
     task batching, `.backward()` per task).
 
-    For methods with GradientLearner's outer update the loop is written out here (the method's
-    `training_loss` per task, its learning-rate schedule and meta-gradient clamp); methods with their
-    own outer update (Reptile, iMAML, LEO, ProtoNet's merged tasks, scale-and-shift) run it on the
-    plain path, where their tasks are computed one after another.
+    For methods with GradientLearner's outer update, that update (learning-rate schedule, meta-gradient
+    clamp, optimizer step) runs with the per-task loop written here in place of `backward_tasks`;
+    methods with their own outer update (Reptile, iMAML, LEO, ProtoNet's merged tasks, scale-and-shift)
+    run it on the plain path, where their tasks are computed one after another.
     """
+    from baselines.core import GradientLearner
+
+    def plain_backward(tasks: list[Episode]) -> None:
+        for ep in tasks:
+            (m.training_loss(ep) / len(tasks)).backward()
+
     with plain_path():
         if not uses_plain_outer_step(m):
             m.fit(iter(batch), 1)
             return
         m.ensure_setup(batch[0])
-        lr = m.current_outer_lr()
-        if lr is not None:
-            for group in m.optimizer.param_groups:
-                group["lr"] = lr
-        m.optimizer.zero_grad(set_to_none=True)
-        for ep in batch:
-            (m.training_loss(ep) / len(batch)).backward()
-        limit = m.meta_grad_clamp()
-        if limit > 0:
-            for v in m.meta.values():
-                if v.grad is not None:
-                    v.grad.clamp_(-limit, limit)
-        m.optimizer.step()
+        m.backward_tasks = plain_backward  # (an instance attribute: this learner only)
+        try:
+            GradientLearner.outer_step(m, batch)
+        finally:
+            del m.backward_tasks
         m.fit_episodes += len(batch)
         m.fit_steps += 1
 
