@@ -226,8 +226,8 @@ class MetaLearner(abc.ABC):
         """`adapt_many`'s predictors; per task, {test-time inner step: predictor} after each step of
         adaptation up to at least `upto` steps, recorded from the same pass; and the seconds spent on steps
         beyond the method's own test steps (left out of adapt_seconds; a callable when the predictors spend
-        them, e.g. a method that adapts inside its predictor: evaluate reads it after the main predictions). This default has no inner loop to
-        record: a single point per task, at `test_steps` (0 without), and no extra time. A gradient method
+        them, e.g. a method that adapts inside its predictor: evaluate reads it after the main predictions).
+        This default has no inner loop to record: a single point per task, at `test_steps` (0 without), and no extra time. A gradient method
         that declares STEP_TRACE records every step, and one with its own inner loop records it itself
         (baselines.core.GradientLearner.adapt_steps, adapt_recorded).
         """
