@@ -184,16 +184,24 @@ class StepTrace:
     upto: int
     calls: list[list[Params]] = dataclasses.field(default_factory=list)
     extra_seconds: float = 0.0
+    first_calls: tuple[int, ...] = ()
+
+    def upto_of_next(self) -> int:
+        """The count the next `inner_loop` call continues to: first_calls[i] for the i-th call, then `upto`."""
+        i = len(self.calls)
+        return self.first_calls[i] if i < len(self.first_calls) else self.upto
 
 
 _TRACE: contextvars.ContextVar[StepTrace | None] = contextvars.ContextVar("metabench_step_trace", default=None)
 
 
 @contextmanager
-def tracing(upto: int) -> Iterator[StepTrace]:
+def tracing(upto: int, first_calls: Sequence[int] = ()) -> Iterator[StepTrace]:
     """Inside: every `inner_loop` call records its parameters after each step and continues to `upto`
-    steps when its own count is lower (returning, as always, the parameters at its own count)."""
-    trace = StepTrace(int(upto))
+    steps when its own count is lower (returning, as always, the parameters at its own count); the first
+    len(first_calls) calls continue to those counts instead (0: only their own steps; e.g. LEO's latent
+    loop, followed by the fine-tuning loop that goes on)."""
+    trace = StepTrace(int(upto), first_calls=tuple(int(n) for n in first_calls))
     token = _TRACE.set(trace)
     try:
         yield trace
@@ -220,18 +228,39 @@ def inner_loop(loss_fn: LossFn, params: Params, keys: list[str], data: tuple[tor
         for _ in range(steps):
             fast = _inner_step(loss_fn, fast, keys, (x, y), lr, first_order)
         return fast
-    states, result, extra_start = [_detached(fast)], fast, 0.0
-    for step in range(max(steps, trace.upto)):
+    states, result, extra_start, upto = [_detached(fast)], fast, 0.0, trace.upto_of_next()
+    for step in range(max(steps, upto)):
         if step == steps:
             result, extra_start = fast, time.perf_counter()
         fast = _inner_step(loss_fn, fast, keys, (x, y), lr, first_order)
         states.append(_detached(fast))
-    if steps >= trace.upto:
+    if steps >= upto:
         result = fast
     else:
         trace.extra_seconds += time.perf_counter() - extra_start
     trace.calls.append(states)
     return result
+
+
+def record_steps(step: Callable[[Any, int], Any], start: Any, own: int, upto: int) -> tuple[list[Any], float]:
+    """A method's own inner loop run step by step and kept: states[s] = the state after s steps (states[0] =
+    `start`), s = 0..max(own, upto), each from `step(state, s)` (s the index of the step being taken). The
+    steps past `own` only extend the list: states[own] is what `own` steps alone give. Returns the states and
+    the seconds spent beyond `own` (the extra time of `MetaLearner.adapt_steps`)."""
+    states, extra_start = [start], None
+    for s in range(max(own, upto)):
+        if s == own:
+            extra_start = time.perf_counter()
+        states.append(step(states[-1], s))
+    return states, (0.0 if extra_start is None else time.perf_counter() - extra_start)
+
+
+def step_curve(states: Sequence[Any], own: int,
+               make: Callable[[Any, int], Predictor]) -> tuple[Predictor, dict[int, Predictor]]:
+    """The main predictor make(states[own], own) and the curve {s: make(states[s], s)} over every recorded
+    step, holding the main predictor itself at `own` (so evaluate reuses its logits: the same number)."""
+    main = make(states[own], own)
+    return main, {s: main if s == own else make(state, s) for s, state in enumerate(states)}
 
 
 def _detached(p: Params) -> Params:
@@ -485,7 +514,17 @@ class GradientLearner(MetaLearner):
                     upto: int) -> tuple[list[Predictor], StepCurves, float]:
         """With STEP_TRACE: `adapt_many`'s predictors, and per task a predictor after each inner step
         0..max(test_steps, upto) recorded from the same inner loop (`tracing`), and the seconds spent
-        beyond the test steps. Without: MetaLearner's single point."""
+        beyond the test steps. A method that overrides `adapt_recorded`: its own record per task (the extra
+        seconds then a callable, read by evaluate after the main predictions). Otherwise MetaLearner's single
+        point."""
+        if type(self).adapt_recorded is not GradientLearner.adapt_recorded:
+            if self.info is None:
+                raise RuntimeError(f"{type(self).__name__}: call setup(info) or fit before adapt")
+            with torch.enable_grad():
+                recorded = [self.adapt_recorded(x, y, upto) for x, y in supports]
+            extras = [extra for _, _, extra in recorded]
+            return ([main for main, _, _ in recorded], [curve for _, curve, _ in recorded],
+                    (lambda: sum(e() if callable(e) else e for e in extras)))
         if not self.STEP_TRACE:
             return super().adapt_steps(supports, upto)
         with tracing(upto) as trace:
@@ -501,6 +540,16 @@ class GradientLearner(MetaLearner):
             raise MethodError(f"{type(self).__name__} declares STEP_TRACE, but adapting {len(supports)} task(s) made "
                               f"{len(trace.calls)} inner_loop call(s); it must end in one call per task")
         return predictors, curves, trace.extra_seconds
+
+    def adapt_recorded(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       upto: int) -> tuple[Predictor, dict[int, Predictor], float | Callable[[], float]]:
+        """A method with its own inner loop (not one `inner_loop` call: no STEP_TRACE) may override this to
+        record its curve itself, in the same pass as its main number: `adapt`'s predictor for the support set
+        (support_x [n, C, H, W], support_y [n]), {step: predictor after that many of its inner steps} for
+        0..max(test_steps, upto) (the main predictor itself at test_steps; `step_curve`), and the seconds
+        spent beyond test_steps (a callable when they are spent inside the predictor, read after it ran).
+        `adapt_steps` then calls it per task, with gradients on."""
+        raise NotImplementedError
 
     def predictor(self, fast: Params, way: int) -> Predictor:
         """query_x [n_query, C, H, W] -> logits [n_query, way] of the adapted parameters `fast`."""

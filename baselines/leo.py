@@ -14,7 +14,9 @@ of a task's linear classifier, and adapts in its low-dimensional latent space:
   weight vector, sampled at meta-training, its mean at test;
 - inner loop: `inner_steps` gradient steps on the codes (learned per-dimension lr, init
   `inner_lr`), the support loss going through the decoder, then `finetune_steps` steps directly
-  on the decoded weights (learned per-dimension lr, init `finetune_lr`);
+  on the decoded weights (learned per-dimension lr, init `finetune_lr`); its test-time steps
+  (`test_steps`) are the two together, numbered consecutively, and the steps axis runs the
+  fine-tuning loop on to 2 x (inner_steps + finetune_steps) (`adapt_recorded`);
 - outer loss: query cross-entropy + kl_weight * KL + encoder_penalty * mean((stop_grad(z') - z)^2)
   (z' the adapted codes) + l2_penalty * sum(W^2) / 2 over the encoder, relation and decoder
   weights + orthogonality_penalty * mean((C - I)^2), C the correlation matrix of the decoder's
@@ -64,8 +66,8 @@ from typing import Callable, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, Tags, TaskInfo, new_generator, with_meta_dataset
-from baselines.core import GradientLearner, Params, conv4_features, inner_loop
+from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, new_generator, with_meta_dataset
+from baselines.core import GradientLearner, Params, conv4_features, inner_loop, step_curve, tracing
 from baselines.finetune import pretraining_loss
 
 REGISTER = {"leo": "LEO"}
@@ -336,10 +338,37 @@ class LEO(GradientLearner):
         self.optimizer.step()
 
     # --- adaptation ---------------------------------------------------------------------
-    def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
-        """The frozen body and the classifier [way, d] adapted to the support set (means, no dropout)."""
+    def adapt_inputs(self, support_x: torch.Tensor) -> tuple[Params, torch.Tensor]:
+        """Adaptation's inputs: the detached meta-parameters and the support embeddings [n, d] (no graph)."""
         p = {k: v.detach() for k, v in self.meta.items()}
         with torch.no_grad():
-            feats = embed(p, support_x, self.net.features)
+            return p, embed(p, support_x, self.net.features)
+
+    def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
+        """The frozen body and the classifier [way, d] adapted to the support set (means, no dropout)."""
+        p, feats = self.adapt_inputs(support_x)
         classifier = self.leo(p, (feats, support_y), None, True)["classifier"]
         return {**{k: v for k, v in p.items() if is_backbone(k)}, CLASSIFIER: classifier}
+
+    @property
+    def test_steps(self) -> int:
+        """Test-time inner steps: the latent steps and then the fine-tuning steps (inner_steps + finetune_steps)."""
+        return self.inner_steps + self.finetune_steps
+
+    def adapt_recorded(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       upto: int) -> tuple[Predictor, dict[int, Predictor], float]:
+        """The step curve of adapt's own two loops (`tracing`), numbered consecutively: steps 0..inner_steps
+        are latent steps (the classifier decoded from the codes, their mean, after that many), then step
+        inner_steps + f is f fine-tuning steps of the decoded weights. Past the method's own
+        inner_steps + finetune_steps, the fine-tuning loop goes on (the latent loop never does)."""
+        p, feats = self.adapt_inputs(support_x)
+        way, n = int(support_y.max()) + 1, self.inner_steps
+        with tracing(max(0, upto - n), first_calls=(0,)) as trace:
+            self.leo(p, (feats, support_y), None, True)
+        latents, tuned = trace.calls
+        onehot = F.one_hot(support_y, way).to(feats.dtype)
+        weights = [self.decode(p, q[LATENTS], way, None) for q in latents[:n]] + [q[WEIGHTS] for q in tuned]
+        body = {k: v for k, v in p.items() if is_backbone(k)}
+        main, curve = step_curve(weights, self.test_steps,
+                                 lambda w, s: self.predictor({**body, CLASSIFIER: class_mean(w, onehot).detach()}, way))
+        return main, curve, trace.extra_seconds

@@ -42,7 +42,10 @@ run can compress the whole protocol by setting `epoch_steps` = run steps / total
 
 Evaluation uses exactly `inner_steps` steps, the number it was trained with: the per-step learning
 rates and batch-norm parameters exist only for those steps, so there is no separate test-time
-step count. Adaptation at test is first order (the reference evaluates with use_second_order=False;
+step count. The test-time steps axis (`adapt_recorded`) records the same loop after every step and
+continues it to 2 x inner_steps with the last step's learning rates and batch-norm row (our choice;
+those steps have no learned parameters of their own); the prediction after s steps uses the row of
+the last step taken. Adaptation at test is first order (the reference evaluates with use_second_order=False;
 it makes no difference to the adapted weights).
 
 Defaults per family (baselines/registry.py), from the released configs of the reference repo
@@ -76,9 +79,9 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, Tags, TaskInfo, with_meta_dataset
+from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, with_meta_dataset
 from baselines.backbones import layer_kind
-from baselines.core import BN_EPS, GradientLearner, Ops, Params, head_forward
+from baselines.core import BN_EPS, GradientLearner, Ops, Params, head_forward, record_steps, step_curve
 
 LR_PREFIX = "lr."
 
@@ -322,10 +325,46 @@ class MAMLpp(GradientLearner):
         finally:
             del self._pending
 
+    def adapt_start(self) -> Params:
+        """The (detached) meta-parameters adaptation starts from, the adapted keys requiring gradients."""
+        keys = set(self.adapted_keys())
+        return {k: v.detach().requires_grad_(k in keys) for k, v in self.meta.items()}
+
     def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         """Exactly `inner_steps` first-order LSLR steps from (detached) meta-parameters."""
-        keys = set(self.adapted_keys())
-        fast = {k: v.detach().requires_grad_(k in keys) for k, v in self.meta.items()}
+        fast = self.adapt_start()
         for step in range(self.inner_steps):
             fast = self.inner_update(fast, support_x, support_y, step, first_order=True)
         return fast
+
+    @staticmethod
+    def row_after(steps: int, inner_steps: int) -> int:
+        """The batch-norm row a prediction after `steps` inner steps uses: that of the last step taken
+        (min(steps, inner_steps) - 1, as the multi-step loss's query loss after each step), row 0 before any."""
+        return max(0, min(steps, inner_steps) - 1)
+
+    def adapt_recorded(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       upto: int) -> tuple[Predictor, dict[int, Predictor], float]:
+        """The step curve, from adapt_params' own loop run on (`record_steps`). A step is one first-order LSLR
+        step. Steps 1..inner_steps use their learned per-step lrs and batch-norm rows; beyond them there is no
+        learned row, and steps inner_steps + 1..upto reuse the last step's lrs and row (the prediction after
+        s steps uses the row of the last step taken, `row_after`; step 0 predicts with row 0 unadapted)."""
+        n, way = self.inner_steps, int(support_y.max()) + 1
+
+        def step(fast: Params, s: int) -> Params:
+            return self.inner_update(fast, support_x, support_y, min(s, n - 1), first_order=True)
+
+        def make(fast: Params, s: int) -> Predictor:
+            fast = {k: v.detach() for k, v in fast.items()}
+            if s == n:  # exactly adapt's predictor
+                return self.predictor(fast, way)
+
+            def predict(query_x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return self.forward_step(fast, query_x, self.row_after(s, n), way)
+
+            return predict
+
+        states, extra = record_steps(step, self.adapt_start(), n, upto)
+        main, curve = step_curve(states, n, make)
+        return main, curve, extra

@@ -49,7 +49,8 @@ together (net_forward with meta_loss_weights=None); here the query only, as the 
 objective; logits and one-hot labels are zero-padded to max_way, so that one set of loss networks
 serves variable-way episodes (the reference is fixed-way: the two agree when way = max_way); a test
 run with more inner steps than training reuses the last step's loss network (the reference
-evaluates with the training step count only); the shared Conv-4 (batch statistics of the batch
+evaluates with the training step count only; the test-time steps axis, `adapt_recorded`, likewise
+runs on to 2 x inner_steps_test); the shared Conv-4 (batch statistics of the batch
 being predicted, our initialisation) instead of MAML++'s network.
 
 Backbones: any (the task state has one mean per adapted conv or head tensor: 18 for ResNet-12). The
@@ -62,14 +63,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, TaskInfo, with_meta_dataset
 from baselines.backbones import layer_kind
-from baselines.core import Params, inner_loop
+from baselines.core import Params, inner_loop, record_steps, step_curve
 from baselines.maml import MAML
 
 REGISTER = {"metal": "MeTAL"}
@@ -204,13 +205,23 @@ class MeTAL(MAML):
         """`steps` inner steps from `meta` (its head cut to the support's y.max() + 1 rows) on
         MeTAL's loss of the support set (x, y) and the unlabelled queries (None: support only);
         step j >= inner_steps reuses the last loss network."""
-        way = int(support[1].max()) + 1
-        fast = {**meta, "head.weight": meta["head.weight"][:way], "head.bias": meta["head.bias"][:way]}
-        keys = adapted_keys(meta)
+        fast = self.inner_start(meta, int(support[1].max()) + 1)
         for j in range(steps):
-            loss = functools.partial(self.inner_loss, query_x=query_x, step=min(j, self.inner_steps - 1))
-            fast = inner_loop(loss, fast, keys, support, 1, self.inner_lr, first_order)
+            fast = self.inner_step(fast, (support, query_x), j, first_order)
         return fast
+
+    @staticmethod
+    def inner_start(meta: Mapping[str, torch.Tensor], way: int) -> Params:
+        """The inner loop's start: `meta` with its head cut to `way` rows."""
+        return {**meta, "head.weight": meta["head.weight"][:way], "head.bias": meta["head.bias"][:way]}
+
+    def inner_step(self, fast: Params, data: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None], j: int,
+                   first_order: bool) -> Params:
+        """Inner step j (from 0) on MeTAL's loss of data = ((support x, y), unlabelled queries or None), with
+        the loss network of step min(j, inner_steps - 1)."""
+        support, query_x = data
+        loss = functools.partial(self.inner_loss, query_x=query_x, step=min(j, self.inner_steps - 1))
+        return inner_loop(loss, fast, adapted_keys(fast), support, 1, self.inner_lr, first_order)
 
     def query_logits(self, fast: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         """Logits [m, way] of the adapted parameters on query_x (with use_query, forwarded together with
@@ -238,7 +249,37 @@ class MeTAL(MAML):
             with torch.enable_grad():
                 fast = self.inner(meta, (support_x, support_y), query_x if self.use_query else None,
                                   self.inner_steps_test, True)
-            with torch.no_grad():
-                return self.query_logits({k: v.detach() for k, v in fast.items()}, support_x, query_x)
+            return self.detached_logits(fast, support_x, query_x)
 
         return predict
+
+    def detached_logits(self, fast: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """`query_logits` of the detached parameters `fast`, without a graph: [m, way]."""
+        with torch.no_grad():
+            return self.query_logits({k: v.detach() for k, v in fast.items()}, support_x, query_x)
+
+    def adapt_recorded(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       upto: int) -> tuple[Predictor, dict[int, Predictor], Callable[[], float]]:
+        """The step curve, from the predictor's own inner loop (`record_steps`): a step is one first-order
+        step on MeTAL's learned loss; steps past inner_steps use the last loss network (as `inner`). The
+        inner loop needs the queries, so it runs when a predictor of the curve is first called with them
+        (once for all its steps: the main predictor, called first by evaluate, runs it), and the extra
+        seconds are read after that."""
+        own, meta = self.inner_steps_test, {k: v.detach().clone() for k, v in self.meta.items()}
+        run: dict[str, Any] = {"query_x": None, "states": [], "extra": 0.0}
+
+        def states(query_x: torch.Tensor) -> list[Params]:
+            if run["query_x"] is not query_x:  # evaluate passes one query tensor to every step's predictor
+                data = ((support_x, support_y), query_x if self.use_query else None)
+                with torch.enable_grad():
+                    run["states"], run["extra"] = record_steps(
+                        lambda fast, j: self.inner_step(fast, data, j, True),
+                        self.inner_start(meta, int(support_y.max()) + 1), own, upto)
+                run["query_x"] = query_x
+            return run["states"]
+
+        def make(_: None, s: int) -> Predictor:
+            return lambda query_x: self.detached_logits(states(query_x)[s], support_x, query_x)
+
+        main, curve = step_curve([None] * (max(own, upto) + 1), own, make)
+        return main, curve, lambda: run["extra"]

@@ -13,7 +13,8 @@ modulate one initialisation with a task embedding, which this is not).
   loss (query labels are never looked at; ties go to the lowest index, so assignment is
   deterministic and needs no random draw). The same rule, with the training `inner_steps`,
   picks the component at test time; the chosen component is then adapted with
-  `inner_steps_test` steps.
+  `inner_steps_test` steps. The test-time steps axis (`adapt_recorded`) is the chosen component's
+  inner loop recorded after every step, run on to 2 x inner_steps_test steps.
 - Training: only the assigned component gets the task's outer (query) loss, so components
   that win no task of a meta-batch get no gradient and no Adam update. The K inner loops of
   training keep their graphs until the assignment is known (memory ~K x MAML's inner loop);
@@ -45,8 +46,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.api import Episode, Preset, TaskInfo, with_meta_dataset
-from baselines.core import Params, episode_loss, inner_loop
+from bench.api import Episode, Predictor, Preset, TaskInfo, with_meta_dataset
+from baselines.core import Params, episode_loss, inner_loop, step_curve, tracing
 from baselines.maml import FINN_KEYS, MAML
 
 
@@ -128,6 +129,26 @@ class Mixture(MAML):
         if self.inner_steps_test == self.inner_steps:
             return fasts[j]
         return self.inner_from(j, support_x, support_y, self.inner_steps_test, True)
+
+    def adapt_recorded(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       upto: int) -> tuple[Predictor, dict[int, Predictor], float]:
+        """The step curve of the chosen component (a step is one MAML inner step of that component), from
+        adapt's own inner loops (`tracing`): the assignment's K loops when inner_steps_test equals
+        inner_steps (each run on to upto; the losers' extra steps are wasted, and counted as extra time),
+        else the chosen component's test-time loop alone. Step 0 is the chosen component unadapted (the
+        choice itself is made after inner_steps steps of every component)."""
+        way, own = int(support_y.max()) + 1, self.inner_steps_test
+        same = own == self.inner_steps
+        with tracing(upto if same else 0) as trace:
+            j, fasts, _ = self.assign(support_x, support_y)
+        if same:
+            states, extra = trace.calls[j], trace.extra_seconds
+        else:
+            with tracing(upto) as trace:
+                self.inner_from(j, support_x, support_y, own, True)
+            states, extra = trace.calls[0], trace.extra_seconds
+        main, curve = step_curve(states, own, lambda fast, s: self.predictor(fast, way))
+        return main, curve, extra
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

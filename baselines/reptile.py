@@ -23,6 +23,8 @@ As in the reference code (supervised_reptile/reptile.py, models.py):
   the whole support set (batch-norm statistics of support + that query), so predictions of one
   query never depend on the other queries (Tags.bn_mode "inductive"); `transductive=True`
   predicts all queries in one batch (the reference's --transductive).
+  The test-time steps axis (`adapt_recorded`) records this loop after every Adam step (one step =
+  one mini-batch) and runs it on to 2 x inner_steps_test steps with the same mini-batch stream.
 The reference has no query split at training time (a task is `train_shots` examples per class);
 here training episodes come with support and query sets, so the inner loop uses all of an
 episode's images (support + query) at training, and only the support set at test.
@@ -50,11 +52,14 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, new_generator, with_meta_dataset
-from baselines.core import GradientLearner, Params
+from baselines.core import GradientLearner, Params, record_steps, step_curve
 
 
 def _mini_batches(n: int, batch: int, count: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """`count` index batches of size min(batch, n) over range(n): shuffle, cut, reshuffle when exhausted."""
+    """`count` index batches of size min(batch, n) over range(n): shuffle, cut, reshuffle when exhausted
+    (none, and no draw, for count <= 0)."""
+    if count <= 0:
+        return
     batch = min(batch, n)
     cur: list[torch.Tensor] = []
     have, made = 0, 0
@@ -71,6 +76,9 @@ def _mini_batches(n: int, batch: int, count: int, gen: torch.Generator) -> Itera
 
 
 REGISTER = {"reptile": "Reptile"}
+
+AdamState = tuple[Params, Params, int]
+"""The inner loop's state: parameters, Adam second moments (one per parameter), Adam step count."""
 
 
 @dataclass
@@ -160,20 +168,25 @@ class Reptile(GradientLearner):
         Returns the adapted parameters and the new Adam state (the inputs are not modified).
         TF's Adam update: w -= lr * sqrt(1 - beta2^t) * g / (sqrt(v) + eps).
         """
+        current: AdamState = ({k: v.detach() for k, v in self.meta.items()}, dict(state["v"]), int(state["t"]))
+        for idx in _mini_batches(len(y), batch, steps, gen):
+            current = self.adam_step(current, (x[idx], y[idx]), way)
+        fast, v, t = current
+        return fast, {"v": v, "t": t}
+
+    def adam_step(self, state: AdamState, batch: tuple[torch.Tensor, torch.Tensor], way: int) -> AdamState:
+        """One inner Adam(beta1=0) step on a mini-batch (x [b, C, H, W], y [b]) from state (parameters,
+        second moments, step count); returns the new state (the input is not modified)."""
         def loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self.forward(p, xb, way), yb)
 
-        fast = {k: v.detach() for k, v in self.meta.items()}
-        v, t = dict(state["v"]), int(state["t"])
-        b2 = self.adam_beta2
-        for idx in _mini_batches(len(y), batch, steps, gen):
-            g = grad(loss)(fast, x[idx], y[idx])
-            t += 1
-            scale = self.inner_lr * (1 - b2 ** t) ** 0.5
-            for k in fast:
-                v[k] = b2 * v[k] + (1 - b2) * g[k] * g[k]
-                fast[k] = fast[k] - scale * g[k] / (v[k].sqrt() + self.adam_eps)
-        return fast, {"v": v, "t": t}
+        fast, v, t = dict(state[0]), dict(state[1]), state[2] + 1
+        g = grad(loss)(fast, *batch)
+        scale = self.inner_lr * (1 - self.adam_beta2 ** t) ** 0.5
+        for k in fast:
+            v[k] = self.adam_beta2 * v[k] + (1 - self.adam_beta2) * g[k] * g[k]
+            fast[k] = fast[k] - scale * g[k] / (v[k].sqrt() + self.adam_eps)
+        return fast, v, t
 
     # --- training -----------------------------------------------------------------------
     def outer_step(self, batch: list[Episode]) -> None:
@@ -198,20 +211,29 @@ class Reptile(GradientLearner):
     # --- adaptation ---------------------------------------------------------------------
     def adapt_params(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Params:
         way = int(support_y.max()) + 1
-        gen = new_generator(self.seed, 2)  # fixed per call: adapt is repeatable and leaves self.gen alone
         fast, _ = self.inner_adam(support_x, support_y, way, self.eval_batch, self.inner_steps_test,
-                                  self.inner_state, gen)
+                                  self.inner_state, self.eval_generator())
         return fast
 
+    def eval_generator(self) -> torch.Generator:
+        """The generator of adaptation's mini-batches: fixed per call, so adapt is repeatable and leaves self.gen alone."""
+        return new_generator(self.seed, 2)
+
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
-        if self.transductive:
-            return super().adapt(support_x, support_y)
         if self.info is None:
             raise RuntimeError("Reptile: call setup(info) or fit before adapt")
-        way = int(support_y.max()) + 1
         with torch.enable_grad():
-            fast = {k: v.detach() for k, v in self.adapt_params(support_x, support_y).items()}
-        sx = support_x.detach()
+            fast = self.adapt_params(support_x, support_y)
+        return self.predictor_with(fast, (support_x, support_y))
+
+    def predictor_with(self, fast: Params, support: tuple[torch.Tensor, torch.Tensor]) -> Predictor:
+        """The prediction of adapted parameters `fast` (detached here) for the support set (x [n, C, H, W],
+        y [n]): inductive (each query [C, H, W] in one batch with the support images), or all queries in
+        one batch when transductive (GradientLearner.predictor)."""
+        fast, way = {k: v.detach() for k, v in fast.items()}, int(support[1].max()) + 1
+        if self.transductive:
+            return self.predictor(fast, way)
+        sx = support[0].detach()
 
         def one(q: torch.Tensor) -> torch.Tensor:
             return self.forward(fast, torch.cat([sx, q.unsqueeze(0)]), way)[-1]
@@ -221,3 +243,20 @@ class Reptile(GradientLearner):
                 return vmap(one)(query_x)
 
         return predict
+
+    def adapt_recorded(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       upto: int) -> tuple[Predictor, dict[int, Predictor], float]:
+        """The step curve, from adapt's own inner loop run on (`record_steps`): a step is one inner Adam step on
+        one mini-batch of `eval_batch` support examples; past inner_steps_test the same mini-batch stream goes
+        on (reshuffled as it runs out) with the same Adam state, so steps 0..inner_steps_test are adapt's."""
+        way, own = int(support_y.max()) + 1, self.inner_steps_test
+        fast = {k: v.detach() for k, v in self.meta.items()}
+        batches = _mini_batches(len(support_y), self.eval_batch, max(own, upto), self.eval_generator())
+
+        def step(state: AdamState, s: int) -> AdamState:
+            idx = next(batches)
+            return self.adam_step(state, (support_x[idx], support_y[idx]), way)
+
+        states, extra = record_steps(step, (fast, dict(self.inner_state["v"]), int(self.inner_state["t"])), own, upto)
+        main, curve = step_curve(states, own, lambda state, s: self.predictor_with(state[0], (support_x, support_y)))
+        return main, curve, extra

@@ -222,12 +222,14 @@ class MetaLearner(abc.ABC):
         return None
 
     def adapt_steps(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                    upto: int) -> tuple[list[Predictor], StepCurves, float]:
+                    upto: int) -> tuple[list[Predictor], StepCurves, float | Callable[[], float]]:
         """`adapt_many`'s predictors; per task, {test-time inner step: predictor} after each step of
         adaptation up to at least `upto` steps, recorded from the same pass; and the seconds spent on steps
-        beyond the method's own test steps (left out of adapt_seconds). This default has no inner loop to
-        record: a single point per task, at `test_steps` (0 without), and no extra time. A gradient method
-        that declares STEP_TRACE records every step (baselines.core.GradientLearner.adapt_steps).
+        beyond the method's own test steps (left out of adapt_seconds; a callable when the predictors spend
+        them, e.g. a method that adapts inside its predictor: evaluate reads it after the main predictions).
+        This default has no inner loop to record: a single point per task, at `test_steps` (0 without), and no extra time. A gradient method
+        that declares STEP_TRACE records every step, and one with its own inner loop records it itself
+        (baselines.core.GradientLearner.adapt_steps, adapt_recorded).
         """
         predictors = self.adapt_many(supports)
         return predictors, [{self.test_steps or 0: p} for p in predictors], 0.0
@@ -277,6 +279,7 @@ class MetaLearner(abc.ABC):
                 predictors = self.adapt_many(supports) if batched else [self.adapt(*supports[0])]
             with torch.no_grad():
                 logits = [predict(ep.query_x) for predict, ep in zip(predictors, chunk)]
+            extra = extra() if callable(extra) else extra
             seconds = (time.perf_counter() - start - extra) / len(chunk)
             rows = [score(lg, ep) | {"adapt_seconds": seconds, "adapt_batch": len(chunk)} for lg, ep in zip(logits, chunk)]
             for row, curve, ep, lg, predict in zip(rows, curves or [], chunk, logits, predictors):

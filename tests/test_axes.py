@@ -314,3 +314,49 @@ def test_verify_catches_a_changed_step_accuracy(axis_bundle, tmp_path):
     _rewrite_axis(b, "steps", lambda f: f.assign(accuracy=f["accuracy"].where(f["step"] != 0, 0.99)))
     r = verify_bundle(b, episodes="all", seed=0)
     assert not r.ok and any("the steps axis differs" in e for e in r.errors)
+
+
+# --- methods that record their own curve (adapt_recorded): MAML++, Reptile, Mixture, MeTAL, LEO ---------------
+OWN_T = 2
+"""Their test steps here (LEO: 1 latent + 1 fine-tuning step)."""
+OWN_CURVE = {
+    "mamlpp": (dict(inner_steps=OWN_T), lambda s: dict(inner_steps=s)),
+    "reptile": (dict(inner_steps_test=OWN_T, eval_batch=3), lambda s: dict(inner_steps_test=s)),
+    "mixture": (dict(inner_steps=OWN_T, inner_steps_test=OWN_T), lambda s: dict(inner_steps_test=s)),
+    "metal": (dict(inner_steps=OWN_T, inner_steps_test=OWN_T), lambda s: dict(inner_steps_test=s)),
+    "leo": (dict(inner_steps=1, finetune_steps=OWN_T - 1, n_latents=4, finetune_lr=0.5),
+            lambda s: dict(inner_steps=min(s, 1), finetune_steps=max(0, s - 1))),
+}
+"""Per method: its hyperparameters here, and those that make s test steps its own count."""
+
+
+def own_curve_learner(name: str, values: dict) -> "MetaLearner":
+    from baselines.registry import method_class
+
+    return method_class(name)(hidden=HIDDEN, seed=3, **values).setup(TaskInfo((1, SIZE, SIZE), WAY, 10))
+
+
+@pytest.mark.parametrize("name", sorted(OWN_CURVE))
+def test_an_own_curve_has_every_step_and_each_point_is_the_method_run_with_that_many_steps(name):
+    """Steps 0..2T; the point at T is the main number (accuracy and loss, exactly), and the point at every s
+    is exactly the main number of the same initialisation configured with s test steps (for the steps past
+    T: the documented continuation, last lr/BN row, same mini-batch stream, last loss network, more
+    fine-tuning; MAML++ needs >= 1 step, so its step 0 is checked against the unadapted row-0 prediction)."""
+    base, with_steps = OWN_CURVE[name]
+    gen = torch.Generator().manual_seed(0)
+    eps = [tiny_episode(gen, i) for i in range(2)]
+    m = own_curve_learner(name, base)
+    assert m.test_steps == OWN_T
+    plain, traced = m.evaluate(eps), m.evaluate(eps, steps_upto=axes.steps_upto(m))
+    for a, b in zip(plain, traced):
+        points = {s: (acc, loss) for s, acc, loss in b["steps"]}
+        assert sorted(points) == list(range(2 * OWN_T + 1))
+        assert (a["accuracy"], a["loss"]) == (b["accuracy"], b["loss"]) == points[OWN_T]
+    for s in range(2 * OWN_T + 1):
+        if name == "mamlpp" and s == 0:
+            with torch.no_grad():
+                logits = [m.forward_step(m.meta, ep.query_x, 0, WAY) for ep in eps]
+            losses = [torch.nn.functional.cross_entropy(lg.double(), ep.query_y).item() for lg, ep in zip(logits, eps)]
+        else:
+            losses = [r["loss"] for r in own_curve_learner(name, {**base, **with_steps(s)}).evaluate(eps)]
+        assert [dict((t, loss) for t, _, loss in r["steps"])[s] for r in traced] == losses, f"step {s}"
