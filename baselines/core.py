@@ -463,11 +463,17 @@ class GradientLearner(MetaLearner):
                     v.grad.clamp_(-limit, limit)
         self.optimizer.step()
 
+    @property
+    def tasks_side_by_side(self) -> bool:
+        """Whether meta-training runs the tasks of a meta-batch on the task pool: PARALLEL_TASKS, on a backbone
+        whose tasks are small enough to gain from it (`Backbone.pool_tasks`: Conv-4, not the ResNets)."""
+        return self.PARALLEL_TASKS and self.net.pool_tasks
+
     def backward_tasks(self, batch: list[Episode]) -> None:
         """Add the gradient of the mean task loss over `batch` to the meta-parameters' .grad
-        (tasks side by side on a thread pool when PARALLEL_TASKS, else one after another)."""
+        (tasks side by side on a thread pool when `tasks_side_by_side`, else one after another)."""
         n = len(batch)
-        if not self.PARALLEL_TASKS:
+        if not self.tasks_side_by_side:
             for ep in batch:
                 (self.training_loss(ep) / n).backward()
             return

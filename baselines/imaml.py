@@ -212,7 +212,8 @@ class IMAML(GradientLearner):
         """Mean implicit meta-gradient of the meta-batch, one Adam step (each task's inner solve and CG
         side by side on the task pool, summed in meta-batch order)."""
         total = {k: torch.zeros_like(v) for k, v in self.meta.items()}
-        for task in map_tasks(self.meta_gradient, batch):
+        tasks = map_tasks(self.meta_gradient, batch) if self.tasks_side_by_side else map(self.meta_gradient, batch)
+        for task in tasks:
             for k, g in task.items():
                 total[k] += g / len(batch)
         self.optimizer.zero_grad(set_to_none=True)

@@ -319,15 +319,13 @@ def reference_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluat
 
 
 def method_flops(w: Workload, method: str) -> float:
-    """FLOPs (convolutions and matmuls) of one outer step of `method` at the workload's settings,
-    counted with FlopCounterMode on the reference path (`reference_step`) of a fresh learner."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs (convolutions and matmuls) of one outer step of `method` at the workload's settings, counted
+    as run cards count them (bench.axes.count_flops: the per-task reference path) on a fresh learner."""
+    from bench.axes import count_flops
 
     m = make_learner(w, method)
     batch = synthetic_episodes(w, episodes_per_step(m, w))
-    with FlopCounterMode(display=False) as counter:
-        reference_step(m, batch)
-    return float(counter.get_total_flops())
+    return float(count_flops(m, iter(batch), batch[0])["outer_step"])
 
 
 def import_learn2learn_maml() -> type:
@@ -483,7 +481,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     flops = (workload_flops(w, first_order=job["method"] == "fomaml") if job["method"] in ("maml", "fomaml")
              else method_flops(w, job["method"]))
     matmul = max(matmul_before, matmul_gflops(device))
-    workers = task_workers() if job["impl"] not in ("l2l", "reference") else 0
+    workers = task_workers() if job["impl"] not in ("l2l", "reference") and w.network().pool_tasks else 0
     median = statistics.median(times)
     return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
             "allocator": job["allocator"], "threads": torch.get_num_threads(),

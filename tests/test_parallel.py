@@ -135,3 +135,11 @@ def test_imaml_tasks_side_by_side_equal_the_task_by_task_loop(synthetic_set, mon
         grads.append(meta_grads(m, batch))
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-10, atol=1e-13, msg=k)
+
+
+def test_resnet_tasks_run_one_after_another():
+    """The task pool is for Conv-4's small tasks; a ResNet task keeps torch's threads busy by itself."""
+    assert MAML(hidden=8).tasks_side_by_side
+    assert not MAML(backbone="resnet12", widths="4-4-4-4").tasks_side_by_side
+    assert not MAML(backbone="resnet18", widths="4-4-4-4").tasks_side_by_side
+    assert not Mixture(hidden=8).tasks_side_by_side  # (PARALLEL_TASKS is False)
