@@ -21,7 +21,7 @@ import torch
 
 from bench import grid
 from bench.paths import resolve_root
-from bench.results import read_csv
+from bench.results import find_csvs, read_csv
 from bench.runner import RunDirs, run
 
 METHODS = ["maml", "fomaml", "protonet"]
@@ -30,7 +30,7 @@ SMALL = dict(meta_batch=2, hidden=16, inner_steps_test=3)
 
 def rows(folder: Path) -> pd.DataFrame:
     """Every result row under `folder`, sorted, without the timing columns."""
-    frames = [read_csv(p) for p in sorted(folder.rglob("seed*.csv"))]
+    frames = [read_csv(p) for p in find_csvs(folder)]  # (not the evaluation-axis files beside them)
     return (pd.concat(frames).drop(columns=["adapt_seconds", "fit_seconds", "code_rev", "device"])
             .sort_values(["method", "seed", "episode"]).reset_index(drop=True))
 

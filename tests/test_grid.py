@@ -12,7 +12,7 @@ import pytest
 
 from bench import grid
 from bench.cli import main
-from bench.results import read_csv
+from bench.results import find_csvs, read_csv
 from bench.runner import RunConfig, RunDirs, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def spec_for(tmp: Path, methods: list[str], seeds: str = "0-1", **extra) -> grid
 
 
 def numbers(results: Path) -> pd.DataFrame:
-    frames = [read_csv(p) for p in sorted(results.rglob("seed*.csv"))]
+    frames = [read_csv(p) for p in find_csvs(results)]  # (not the evaluation-axis files beside them)
     return pd.concat(frames).sort_values(["method", "seed", "episode"])[["method", "seed", *NUMBERS]].reset_index(drop=True)
 
 
