@@ -283,7 +283,7 @@ def _omniglot_small_cached(root: Path, image_size: int) -> bool:
 def _md_omniglot_small_cached(root: Path, image_size: int) -> bool:
     from bench.sources import meta_dataset
 
-    return (meta_dataset.cache_dir(root, "omniglot_small", image_size) / "index.json").is_file()
+    return (meta_dataset.source_cache(root, "omniglot_small", image_size) / "index.json").is_file()
 
 
 DESCRIBERS: dict[str, Callable[[Path, int], Any]] = {"glyphs": _glyphs_classes}
