@@ -512,9 +512,10 @@ class GradientLearner(MetaLearner):
     @property
     def test_steps(self) -> int | None:
         """The test-time inner steps (inner_steps_test, else inner_steps; None for a method without them)."""
-        params = self.params()
-        value = params.get("inner_steps_test", params.get("inner_steps"))
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        from bench.results import inner_steps_of  # (results imports pandas: not at baselines' import time)
+
+        steps = inner_steps_of(self.params())
+        return None if steps < 0 else steps
 
     def adapt_steps(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     upto: int) -> tuple[list[Predictor], StepCurves, float]:
