@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = resolve_root(args.root)
     cfg = RunConfig(args.method, args.benchmark, args.seed, args.steps, args.chunk, args.val_episodes,
                     args.test_episodes, parse_overrides(args.set), args.patience, args.label, args.device,
-                    args.step_curve, args.permutations, args.flops)
+                    args.step_curve, args.permutations, args.flops, args.axis_episodes)
     dirs = RunDirs(root, Path(args.results), Path(args.runs) if args.runs else root / "runs")
     warn_oversubscription()
     note = None if args.quiet else preset_note(cfg, dirs, args.restart)

@@ -34,17 +34,22 @@ from typing import Any, Callable
 from bench.errors import MetabenchError
 from bench.paths import resolve_root
 
-AXIS_KEYS = ("step_curve", "permutations", "flops")
-"""Run fields of the evaluation axes (bench.axes; RunConfig): step_curve and flops true/false, permutations N."""
+AXIS_KEYS = ("step_curve", "permutations", "flops", "axis_episodes")
+"""Run fields of the evaluation axes (bench.axes; RunConfig): step_curve and flops true/false, permutations N,
+axis_episodes N (the first N test episodes)."""
 RUN_KEYS = ("chunk", "val_episodes", "test_episodes", "patience", *AXIS_KEYS)
 GRID_KEYS = {"methods", "benchmarks", "seeds", "steps", "chunk", "val_episodes", "test_episodes", "patience",
              "results", "runs", "root", "device", "retries", "workers", "threads", "set", "method_set",
-             "benchmark_steps", "label", *AXIS_KEYS}
+             "benchmark_steps", "label", "part", *AXIS_KEYS}
+PART_KEYS = {"methods", "benchmarks", "seeds", "steps", "benchmark_steps", "set", "method_set", "label", *RUN_KEYS}
+"""Keys of a grid file's `[[part]]` tables: a grid of its own beside the main one (another budget, a long run),
+which takes the main grid's methods, benchmarks, seeds, set, method_set and label where it does not say."""
 
 
 @dataclass(frozen=True, eq=False)
 class Cell:
-    """One run of a grid: method, benchmark, seed, steps (None: the method's preset), overrides, label."""
+    """One run of a grid: method, benchmark, seed, steps (None: the method's preset), overrides, label, and
+    run_args of its own (its part's chunk, episodes, patience, axes) over the grid's."""
 
     method: str
     benchmark: str
@@ -52,6 +57,7 @@ class Cell:
     steps: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    run_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -111,7 +117,8 @@ def parse_seeds(text: str | int | list) -> list[int]:
 
 
 def make_cells(methods: list[str], benchmarks: list[str], seeds: list[int], spec: dict[str, Any]) -> tuple[Cell, ...]:
-    """The cells of methods x benchmarks x seeds, with spec's steps, benchmark_steps, set, method_set, label."""
+    """The cells of methods x benchmarks x seeds, with spec's steps, benchmark_steps, set, method_set, label;
+    then those of each of spec's parts (`part_fields`), whose run fields go with their cells."""
     cells = []
     for b in benchmarks:
         steps = spec.get("benchmark_steps", {}).get(b, spec.get("steps"))
@@ -119,7 +126,25 @@ def make_cells(methods: list[str], benchmarks: list[str], seeds: list[int], spec
             overrides = {**spec.get("set", {}), **spec.get("method_set", {}).get(m, {})}
             for seed in seeds:
                 cells.append(Cell(m, b, seed, steps, overrides, spec.get("label", {}).get(m)))
+    for part in spec.get("part", []):
+        fields = part_fields(spec, part)
+        run_args = {k: part[k] for k in RUN_KEYS if k in part}
+        cells += [replace(c, run_args=run_args) for c in make_cells(list(fields["methods"]), list(fields["benchmarks"]),
+                                                                   parse_seeds(fields.get("seeds", "0")), fields)]
     return tuple(cells)
+
+
+def part_fields(spec: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """A part's grid fields: its own, else the main grid's methods, benchmarks and seeds; set and label merged
+    over the grid's; method_set entries replace the grid's for their method; steps are the part's alone
+    when it gives any."""
+    own_steps = "steps" in part or "benchmark_steps" in part
+    return {"methods": spec.get("methods"), "benchmarks": spec.get("benchmarks"), "seeds": spec.get("seeds", "0"),
+            **({} if own_steps else {k: spec[k] for k in ("steps", "benchmark_steps") if k in spec}),
+            **{k: v for k, v in part.items() if k not in ("set", "method_set", "label")},
+            "set": {**spec.get("set", {}), **part.get("set", {})},
+            "method_set": {**spec.get("method_set", {}), **part.get("method_set", {})},
+            "label": {**spec.get("label", {}), **part.get("label", {})}}
 
 
 def load_grid_file(path: Path) -> dict[str, Any]:
@@ -139,6 +164,17 @@ def load_grid_file(path: Path) -> dict[str, Any]:
             data[key] = str((Path(path).parent / data[key]).resolve())
     data["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
                           for b in data["benchmarks"]]
+    parts = data.get("part", [])
+    if not isinstance(parts, list) or not all(isinstance(c, dict) for c in parts):
+        raise MetabenchError(f"{path}: 'part' must be [[part]] tables")
+    for i, part in enumerate(parts):
+        unknown = sorted(set(part) - PART_KEYS)
+        if unknown:
+            raise MetabenchError(f"{path}: [[part]] number {i + 1}: unknown key(s) {unknown}; a part has "
+                                 f"{sorted(PART_KEYS)}")
+        if "benchmarks" in part:
+            part["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
+                                  for b in part["benchmarks"]]
     return data
 
 
@@ -149,6 +185,13 @@ def spec_from(fields: dict[str, Any]) -> GridSpec:
     root = resolve_root(fields.get("root"))
     cells = make_cells(list(fields["methods"]), list(fields["benchmarks"]), parse_seeds(fields.get("seeds", "0")),
                        fields)
+    seen: dict[tuple, Cell] = {}
+    for c in cells:
+        key = (c.label or c.method, c.benchmark, c.seed)
+        if key in seen:
+            raise MetabenchError(f"two cells of the grid write the same results: {seen[key].name} (steps "
+                                 f"{seen[key].steps}) and {c.name} (steps {c.steps}); give one a label")
+        seen[key] = c
     run_args = {k: fields[k] for k in RUN_KEYS if fields.get(k) is not None}
     return GridSpec(cells, Path(fields["results"]), Path(fields.get("runs") or root / "runs"), root, run_args,
                     fields.get("device", "cpu"), int(fields.get("retries", 2)), fields.get("workers"),
@@ -160,7 +203,7 @@ def cell_config(cell: Cell, spec: GridSpec) -> Any:
     from bench.runner import RunConfig
 
     return RunConfig(cell.method, cell.benchmark, cell.seed, cell.steps, overrides=dict(cell.overrides),
-                     label=cell.label, device=spec.device, **spec.run_args)
+                     label=cell.label, device=spec.device, **{**spec.run_args, **cell.run_args})
 
 
 def check_cells(spec: GridSpec) -> dict[Cell, str]:
@@ -198,7 +241,7 @@ def run_args_cli(cell: Cell, spec: GridSpec) -> list[str]:
         args += ["--steps", str(cell.steps)]
     if cell.label:
         args += ["--label", cell.label]
-    for key, value in spec.run_args.items():
+    for key, value in {**spec.run_args, **cell.run_args}.items():
         if isinstance(value, bool):  # an axis switch: only "off" has a flag
             args += [] if value else [f"--no-{key.replace('_', '-')}"]
         else:
@@ -404,6 +447,8 @@ def add_axis_flags(parser: argparse.ArgumentParser, default: bool | None = True)
                                           f"{DEFAULT_PERMUTATIONS}; 0 or 1: the permutation axis off)")
     parser.add_argument("--no-flops", dest="flops", action="store_false", default=default,
                         help="do not count the FLOPs of one outer step and one adaptation")
+    parser.add_argument("--axis-episodes", type=int, default=None, metavar="N",
+                        help="the steps and permutation axes on the first N test episodes only (default: all)")
 
 
 def _split(text: str) -> list[str]:

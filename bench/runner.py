@@ -53,7 +53,9 @@ class RunConfig:
     method, plus "+<params hash>" when overrides are given); device: cpu, cuda, cuda:N or auto.
     Evaluation axes (bench.axes, files beside the results): step_curve: accuracy after each test-time
     inner step; permutations: label permutations per test episode (the identity included; 0 or 1: off);
-    flops: count the FLOPs of one outer step and one adaptation into the run card."""
+    axis_episodes: the steps and permutation axes on the first this many test episodes only (None: all;
+    they cost several evaluations each); flops: count the FLOPs of one outer step and one adaptation into
+    the run card."""
 
     method: str
     benchmark: str | benchmarks.Benchmark
@@ -69,6 +71,7 @@ class RunConfig:
     step_curve: bool = True
     permutations: int = DEFAULT_PERMUTATIONS
     flops: bool = True
+    axis_episodes: int | None = None
 
 
 SEED_MAX = 2**63 - 1
@@ -92,6 +95,7 @@ def check_config(cfg: RunConfig) -> None:
     whole("test_episodes", cfg.test_episodes, 1)
     whole("patience", cfg.patience, 1)
     whole("permutations", cfg.permutations, 0, 1000, optional=False)
+    whole("axis_episodes", cfg.axis_episodes, 1)
     if not isinstance(cfg.overrides, dict):
         raise MetabenchError(f"overrides must be a dict of hyperparameters (got {type(cfg.overrides).__name__})")
     if cfg.label is not None and (not cfg.label or "/" in cfg.label or cfg.label.startswith(".") or "\\" in cfg.label):
@@ -527,20 +531,24 @@ def execute(p: Plan, dirs: RunDirs,
     for test_es in (bench.member_sets(es) if bench.is_suite else [es]):
         tb = test_es.bench
         n = min(n_test, tb.test_episodes)
+        n_axis = n if cfg.axis_episodes is None else min(n, cfg.axis_episodes)
         mine = axes.setdefault(tb.name, {"steps": [], "perms": []})
         test_bar = tqdm(total=n, desc=f"test {p.label} {tb.name}", unit="ep", disable=not progress)
         for first in range(0, n, EVAL_CHUNK):
             eps = list(on_device((test_es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n))),
                                  device))
+            k = max(0, min(len(eps), n_axis - first))  # the chunk's episodes on the axes
             start = time.perf_counter()
-            results = learner.evaluate(eps, steps_upto=upto)
+            results = (learner.evaluate(eps[:k], steps_upto=upto) if k else []) + (
+                learner.evaluate(eps[k:]) if k < len(eps) else [])
             axis_seconds["test"] += time.perf_counter() - start
-            if cfg.permutations > 1:
+            if cfg.permutations > 1 and k:
                 start = time.perf_counter()
-                mine["perms"] += permutation_rows(learner, eps, [r["accuracy"] for r in results], cfg.permutations)
+                mine["perms"] += permutation_rows(learner, eps[:k], [r["accuracy"] for r in results[:k]],
+                                                  cfg.permutations)
                 axis_seconds["perms"] += time.perf_counter() - start
             for i, ep, r in zip(itertools.count(first), eps, results):
-                if upto is not None:
+                if upto is not None and i < n_axis:
                     mine["steps"] += step_rows(i, ep.spec_hash, r)
                 r = {k: v for k, v in r.items() if k != "steps"}
                 rows.append({"benchmark": tb.name, "benchmark_version": tb.version, "split": "test",
@@ -581,6 +589,8 @@ def axis_card(cfg: RunConfig, upto: int | None, seconds: dict[str, float],
     """The run card's entries of the evaluation axes: FLOPs (with fit_seconds beside them in the card), the
     steps recorded (step_curve_upto), permutations per episode, and test / perms evaluation seconds."""
     out: dict[str, Any] = {"axis_seconds": seconds, "permutations": cfg.permutations if cfg.permutations > 1 else 0}
+    if cfg.axis_episodes is not None and (upto is not None or cfg.permutations > 1):
+        out["axis_episodes"] = cfg.axis_episodes
     if upto is not None:
         out["step_curve_upto"] = upto
     if flops is not None:

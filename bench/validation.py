@@ -574,7 +574,8 @@ def episode_hashes_match(b: Bundle) -> None:
 @rule
 def axis_files_match_results(b: Bundle) -> None:
     """Each evaluation-axis file a run card records is in the bundle, is the file the card hashes, and covers
-    exactly the run's episodes (same hashes); permutations are the episode hash's, perm 0 the main accuracy."""
+    exactly the run's episodes (same hashes; the first `axis_episodes` of them when the card limits the axes);
+    permutations are the episode hash's, perm 0 the main accuracy."""
     from bench.results import AXIS_COLUMNS, read_axis
 
     for run in b.live():
@@ -584,6 +585,11 @@ def axis_files_match_results(b: Bundle) -> None:
             continue
         listed = run.entry.get("axes") or {}
         main = run.frame.set_index("episode")
+        limit = run.card.get("axis_episodes")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            b.error(f"{run.card_rel}: 'axis_episodes' must be a whole number from 1, not {limit!r}")
+            continue
+        covered = main if limit is None else main[main.index < limit]
         for axis in sorted(recorded):
             rel = str(PurePosixPath(run.csv_rel).with_suffix(f".{axis}.csv"))
             if listed.get(axis) != rel:
@@ -596,8 +602,9 @@ def axis_files_match_results(b: Bundle) -> None:
                 b.error(str(e).replace(str(b.path) + os.sep, ""))
                 continue
             pairs = set(zip(table["episode"], table["episode_hash"]))
-            if pairs != set(zip(main.index, main["episode_hash"])):
-                b.error(f"{rel}: its episodes (and hashes) are not those of {run.csv_rel}")
+            if pairs != set(zip(covered.index, covered["episode_hash"])):
+                b.error(f"{rel}: its episodes (and hashes) are not those of {run.csv_rel}"
+                        + ("" if limit is None else f" below episode {limit} (the card's axis_episodes)"))
                 continue
             if axis == "perms":
                 _check_permutations(b, rel, table, main)

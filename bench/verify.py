@@ -176,7 +176,9 @@ def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> t
         if "perms" in recorded:
             axes["perms"] = permutation_rows(learner, eps, [r["accuracy"] for r in results],
                                              int(run.card.get("permutations") or 0))
-        return dict(zip(chosen, results)), {k: v for k, v in axes.items() if k in recorded}
+        limit = run.card.get("axis_episodes")
+        return dict(zip(chosen, results)), {k: [r for r in v if limit is None or r["episode"] < limit]
+                                            for k, v in axes.items() if k in recorded}
     except Exception as e:  # noqa: BLE001
         raise _Unverifiable(f"{_label(run)}: re-running the test episodes failed: {type(e).__name__}: {e}") from e
 

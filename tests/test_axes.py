@@ -241,6 +241,44 @@ def test_a_run_writes_the_axes_and_switching_them_off_changes_no_result(tmp_path
     assert (identity == main["accuracy"]).all() and len(perms) == 4 * 6
 
 
+def test_axis_episodes_limits_the_axes_to_the_first_episodes_and_changes_no_result(tmp_path):
+    from bench.runner import RunConfig, RunDirs, run
+
+    cfg = dict(method="maml", benchmark="synthetic-5w1s", steps=2, chunk=1, val_episodes=2, test_episodes=6,
+               overrides=dict(hidden=8, meta_batch=2, inner_steps_test=2), label="maml")
+    some = run(RunConfig(**cfg, axis_episodes=4), RunDirs(tmp_path, tmp_path / "some", tmp_path / "runs-some"),
+               progress=False)
+    off = run(RunConfig(**cfg, step_curve=False, permutations=0, flops=False),
+              RunDirs(tmp_path, tmp_path / "off", tmp_path / "runs-off"), progress=False)
+    same = [*TIMING, "adapt_batch"]  # the first 4 episodes are adapted as a batch of their own
+    pd.testing.assert_frame_equal(read_csv(some).drop(columns=same), read_csv(off).drop(columns=same))
+    assert read_card(some)["axis_episodes"] == 4
+    steps, perms = read_axis(some, "steps"), read_axis(some, "perms")
+    assert sorted(set(steps["episode"])) == sorted(set(perms["episode"])) == [0, 1, 2, 3]
+    main = read_csv(some).set_index("episode")["accuracy"]
+    assert (steps[steps["step"] == 2].set_index("episode")["accuracy"] == main[:4]).all()
+
+
+@pytest.mark.slow
+def test_a_bundle_with_axes_on_the_first_episodes_validates_and_verifies(tmp_path):
+    from bench.bundle import make_bundle
+    from bench.runner import RunConfig, RunDirs, run
+    from bench.validation import validate_bundle
+    from bench.verify import verify_bundle
+
+    dirs = RunDirs(tmp_path / "root", tmp_path / "results", tmp_path / "runs")
+    run(RunConfig("fomaml", "synthetic-5w1s", 0, steps=2, chunk=1, val_episodes=2, label="fomaml", axis_episodes=5,
+                  overrides=dict(meta_batch=2, hidden=8, inner_steps_test=1)), dirs, progress=False)
+    bundle = make_bundle("fomaml", dirs.results, dirs.runs, tmp_path / "bundle")
+    v = validate_bundle(bundle)
+    assert v.ok, v.errors
+    r = verify_bundle(bundle, episodes="all", seed=3)
+    assert r.ok, r.errors
+    _rewrite_axis(bundle, "steps", lambda f: f[f["episode"] != 3])
+    v = validate_bundle(bundle)
+    assert any("below episode 5 (the card's axis_episodes)" in e for e in v.failed["axis_files_match_results"])
+
+
 # --- submit / validate / verify ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def axis_bundle(tmp_path_factory) -> "Path":

@@ -147,15 +147,48 @@ def test_seeds_and_grid_files(tmp_path):
         hidden = 16
         [label]
         maml = "maml-small"
+        [[part]]
+        methods = ["maml"]
+        benchmarks = ["glyphs-5w1s"]
+        seeds = [3]
+        steps = 300
+        chunk = 100
+        patience = 2
+        label = {maml = "maml-long"}
+        method_set = {maml = {hidden = 32}}
+        [[part]]
+        benchmarks = ["omniglot-small-5w1s"]
+        seeds = "0"
+        axis_episodes = 50
+        method_set = {fomaml = {meta_batch = 2}}
     """))
     spec = grid.spec_from(grid.load_grid_file(path))
-    assert len(spec.cells) == 8 and spec.results == tmp_path / "out"
-    maml_glyphs = [c for c in spec.cells if c.method == "maml" and c.benchmark == "glyphs-5w1s"]
+    assert len(spec.cells) == 11 and spec.results == tmp_path / "out"
+    maml_glyphs = [c for c in spec.cells[:8] if c.method == "maml" and c.benchmark == "glyphs-5w1s"]
     assert {c.steps for c in maml_glyphs} == {20} and maml_glyphs[0].overrides == {"hidden": 16}
     assert maml_glyphs[0].label == "maml-small"
+    long = spec.cells[8]
+    assert (long.method, long.benchmark, long.seed, long.steps, long.label) == ("maml", "glyphs-5w1s", 3, 300,
+                                                                                "maml-long")
+    cfg = grid.cell_config(long, spec)
+    assert (cfg.chunk, cfg.patience, cfg.overrides) == (100, 2, {"hidden": 32})  # the part's method_set replaces
+    args = grid.run_args_cli(long, spec)
+    assert args[args.index("--chunk") + 1] == "100" and args[args.index("--patience") + 1] == "2"
+    part2 = {c.method: c for c in spec.cells[9:]}
+    assert set(part2) == {"maml", "fomaml"} and {c.benchmark for c in part2.values()} == {"omniglot-small-5w1s"}
+    assert part2["maml"].steps == 10 and part2["maml"].label == "maml-small"  # the grid's steps and label
+    assert part2["maml"].overrides == {"hidden": 16} and part2["fomaml"].overrides == {"hidden": 8, "meta_batch": 2}
+    assert grid.cell_config(part2["maml"], spec).axis_episodes == 50 and spec.cells[0].run_args == {}
     path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\nresult = "x"\n')
     with pytest.raises(grid.MetabenchError, match="unknown key"):
         grid.load_grid_file(path)
+    path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\n[[part]]\nmethod = "maml"\n')
+    with pytest.raises(grid.MetabenchError, match=r"GRID.toml: \[\[part\]\] number 1: unknown key\(s\) \['method'\]"):
+        grid.load_grid_file(path)
+    path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\nresults = "o"\n[[part]]\nsteps = 3\n')
+    with pytest.raises(grid.MetabenchError, match="two cells of the grid write the same results: maml synthetic-5w1s "
+                                                  "seed 0 .steps None. and maml synthetic-5w1s seed 0 .steps 3.; give"):
+        grid.spec_from(grid.load_grid_file(path))
 
 
 def test_workers_times_threads_never_exceed_the_cores(monkeypatch):
