@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -246,10 +246,57 @@ def format_table(benchmarks: list[str], rows: list[dict], fmt: str) -> str:
     raise MetabenchError(f"unknown table format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
+def split_budgets(frame: pd.DataFrame, budgets: Mapping[tuple[str, str], int | None]
+                  ) -> tuple[pd.DataFrame, list[dict]]:
+    """(the rows at each benchmark's board budget, the other rows' summaries) of a results table.
+
+    budgets: (benchmark, method) -> outer-step budget (bench.results.read_budgets); the board's budget
+    of a benchmark is the one most methods share (bench.results.board_budgets). The others (a long run,
+    say) are listed apart: method, benchmark, budget, board budget, mean, ci95, seeds."""
+    from bench.results import board_budgets, other_budget
+
+    board = board_budgets(budgets)
+    keys = list(zip(frame["benchmark"].astype(str), frame["method"].astype(str)))
+    other = pd.Series([other_budget(budgets.get(k), board.get(k[0])) for k in keys], index=frame.index, dtype=bool)
+    rows = [{"method": str(r["method"]), "benchmark": str(r["benchmark"]),
+             "budget": budgets.get((str(r["benchmark"]), str(r["method"]))), "board": board.get(str(r["benchmark"])),
+             "mean": float(r["mean"]), "ci95": float(r["ci95"]), "seeds": int(r["n_seeds"])}
+            for _, r in stats.summarize(frame[other]).iterrows()] if other.any() else []
+    return frame[~other], rows
+
+
+def format_other_budgets(rows: list[dict], fmt: str) -> str:
+    """The rows of other budgets (`split_budgets`) as a Markdown or LaTeX table ("" when none, or for CSV)."""
+    if not rows or fmt == "csv":
+        return ""
+    if fmt == "md":
+        lines = ["Other budgets (not ranked against the table above):", "",
+                 "| Method | Benchmark | Outer steps | Accuracy | Seeds |", "|---|---|---:|---:|---:|"]
+        for r in rows:
+            name = r["method"].replace("|", "\\|")
+            lines.append(f"| {name} | {r['benchmark']} | {r['budget']} (table: {r['board']}) | {_pm(r, ' ± ')} | "
+                         f"{r['seeds']} |")
+        return "\n".join(lines)
+    pm = r" \pm "
+    lines = [r"\begin{tabular}{llrrr}", r"\toprule", r"Method & Benchmark & Outer steps & Accuracy & Seeds \\",
+             r"\midrule"]
+    for r in rows:
+        lines.append(f"{_latex_escape(r['method'])} & {_latex_escape(r['benchmark'])} & {r['budget']} & "
+                     f"${_pm(r, pm)}$ & {r['seeds']} " + r"\\")
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
+
+
 def cmd_table(args: argparse.Namespace) -> int:
-    """Print (or write) the main table of a results folder."""
-    benchmarks, rows = main_table(read_folder(Path(args.results)), alpha=args.alpha)
-    text = format_table(benchmarks, rows, args.format) + "\n"
+    """Print (or write) the main table of a results folder: the rows at each benchmark's board budget,
+    then the rows of other budgets apart."""
+    from bench.bundle import RESULTS_DIR, is_bundle
+    from bench.results import read_budgets
+
+    path = Path(args.results)
+    frame, others = split_budgets(read_folder(path), read_budgets(path / RESULTS_DIR if is_bundle(path) else path))
+    benchmarks, rows = main_table(frame, alpha=args.alpha)
+    extra = format_other_budgets(others, args.format)
+    text = format_table(benchmarks, rows, args.format) + ("\n\n" + extra if extra else "") + "\n"
     if args.output:
         from bench.paths import atomic_write_text
 

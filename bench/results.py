@@ -17,6 +17,7 @@ names. A run without them (older runs, or an axis switched off) simply has none.
 
 from __future__ import annotations
 
+from collections import Counter
 import hashlib
 import io
 import json
@@ -293,6 +294,44 @@ def read_card(csv_path: Path) -> dict:
     if not isinstance(card, dict):
         raise ResultsError(f"{card_path}: a run card must be a JSON object")
     return card
+
+
+def run_budget(card: Mapping[str, Any]) -> int | None:
+    """The outer-step budget of a run: the steps it was given (its card's "steps"), else the steps it
+    fitted; None without a card."""
+    for key in ("steps", "fit_steps"):
+        if isinstance(card.get(key), int) and not isinstance(card.get(key), bool):
+            return int(card[key])
+    return None
+
+
+def board_budgets(budgets: Mapping[tuple[str, str], int | None]) -> dict[str, int | None]:
+    """Per benchmark, the budget of the board: the one most of its methods share (ties: the smaller; None
+    when no row has a known budget). budgets: (benchmark, method) -> that row's budget (`run_budget`).
+    A row with another known budget (`other_budget`) is compared apart, never ranked against the board."""
+    counts: dict[str, Counter] = {}
+    for (bench, _), budget in budgets.items():
+        known = counts.setdefault(bench, Counter())
+        if budget is not None:
+            known[budget] += 1
+    return {b: min(c, key=lambda v: (-c[v], v)) if c else None for b, c in counts.items()}
+
+
+def other_budget(budget: int | None, board: int | None) -> bool:
+    """A row's budget is another than its board's (a row or board without a known budget is not)."""
+    return budget is not None and board is not None and budget != board
+
+
+def read_budgets(results_dir: Path) -> dict[tuple[str, str], int | None]:
+    """(benchmark, method) -> the budget of each row of a results folder, read from the run cards (the
+    largest of its seeds' when they differ)."""
+    out: dict[tuple[str, str], int | None] = {}
+    for path in find_csvs(results_dir):
+        card = read_card(path)
+        key = (str(card.get("benchmark", path.parent.parent.name)), str(card.get("method", path.parent.name)))
+        budget = run_budget(card)
+        out[key] = budget if out.get(key) is None else max(out[key], budget or 0)
+    return out
 
 
 def outputs_csvs(path: Path) -> list[Path]:

@@ -61,7 +61,8 @@ from bench import axes, plots, stats
 from bench.bundle import is_bundle
 from bench.errors import MetabenchError, ResultsError
 from bench.paths import atomic_write_text
-from bench.results import check_consistent, find_csvs, fingerprint_conflicts, read_axis, read_card, read_csv
+from bench.results import (board_budgets, check_consistent, find_csvs, fingerprint_conflicts, other_budget,
+                           read_axis, read_card, read_csv, run_budget)
 from bench.validation import MIN_RANKED_SEEDS, Validation
 
 TEMPLATE_PACKAGE = "leaderboard"
@@ -527,6 +528,8 @@ class Pair:
     reasons: list[str]
     record: dict | None
     failed: list[str]
+    budget: int | None = None
+    other_budget: bool = False
 
     @property
     def ranked(self) -> bool:
@@ -545,14 +548,21 @@ def _pairs(loaded: Loaded, summary: pd.DataFrame, validations: Mapping[Path, Val
            records: Mapping[str, dict]) -> dict[tuple[str, str], Pair]:
     shas = {path: v.manifest_sha256 for path, v in validations.items()}
     expected = {b: expected_episodes(b, g["n_episodes"].astype(int)) for b, g in summary.groupby("benchmark")}
+    budgets = {(str(r["benchmark"]), str(r["method"])): max(
+        (run_budget(run.card) or 0 for run in loaded.runs_of(str(r["benchmark"]), str(r["method"]))), default=0)
+        or None for _, r in summary.iterrows()}
+    board = board_budgets(budgets)
     out = {}
     for _, row in summary.iterrows():
         b, m = str(row["benchmark"]), str(row["method"])
         runs = loaded.runs_of(b, m)
         n_seeds, n_eps = int(row["n_seeds"]), int(row["n_episodes"])
-        out[(b, m)] = Pair(b, m, row, runs, protocol_fields(runs, n_seeds, n_eps),
-                           unranked_reasons(runs, n_seeds, n_eps, expected[b], validations),
-                           verification(runs, records, shas), failed_checks(runs, validations))
+        reasons = unranked_reasons(runs, n_seeds, n_eps, expected[b], validations)
+        other = other_budget(budgets[(b, m)], board[b])
+        if other:
+            reasons.append(f"another budget: {budgets[(b, m)]} outer steps (the board's on {b}: {board[b]})")
+        out[(b, m)] = Pair(b, m, row, runs, protocol_fields(runs, n_seeds, n_eps), reasons,
+                           verification(runs, records, shas), failed_checks(runs, validations), budgets[(b, m)], other)
     return out
 
 
@@ -730,7 +740,7 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
     frame = loaded.frame[loaded.frame["benchmark"] == bench]
     order = stats.method_order(frame, bench)
     summary = summary[summary["benchmark"] == bench]
-    rows, unranked = [], []
+    rows, unranked, other_budgets = [], [], []
     for m in order:
         p = pairs[(bench, m)]
         s = p.summary
@@ -746,8 +756,9 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
             "n_episodes": int(s["n_episodes"]), "n_seeds": int(s["n_seeds"]),
             "adapt_text": fmt_num(float(s["adapt_seconds"])), "adapt_value": sort_value(float(s["adapt_seconds"])),
             "fit_text": fmt_duration(float(s["fit_seconds"])), "fit_value": sort_value(float(s["fit_seconds"])),
+            "budget": p.budget,
         }
-        (rows if p.ranked else unranked).append(row)
+        (rows if p.ranked else other_budgets if p.other_budget else unranked).append(row)
     rows.sort(key=lambda r: (r["rank"], order.index(r["method"])))
 
     best = rows[0]["method"] if rows else order[0]
@@ -793,6 +804,8 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
         version=", ".join(map(str, versions)),
         rows=rows,
         unranked=unranked,
+        other_budgets=other_budgets,
+        budget=board_budgets({k: p.budget for k, p in pairs.items() if k[0] == bench}).get(bench),
         min_seeds=MIN_RANKED_SEEDS,
         pairs=pairs_rows,
         best=best,

@@ -337,6 +337,27 @@ def test_single_method_benchmark(tmp_path):
     assert rows[0]["cells"][1].get("strong")
 
 
+def test_a_long_budget_is_shown_apart_and_never_ranked(tmp_path):
+    base = np.linspace(0.3, 0.7, 20)
+    for seed in (0, 1, 2):
+        for method, shift in (("maml", 0.0), ("fomaml", -0.1)):
+            write_run(tmp_path / "r", make_rows("b1", method, seed, base + shift),
+                      {**full_card(method, "b1", seed), "steps": 200})
+    for seed in (0, 1, 2):  # three seeds and every episode: only its budget keeps it off the board
+        write_run(tmp_path / "r", make_rows("b1", "maml-long", seed, base + 0.2),
+                  {**full_card("maml-long", "b1", seed), "steps": 3000})
+    build_site([tmp_path / "r"], tmp_path / "site", n_boot=50)
+    page = (tmp_path / "site" / "b1.html").read_text(encoding="utf-8")
+    ranked = parse_table(page, "benchmark-table").rows
+    assert [r["attrs"]["data-method"] for r in ranked] == ["maml", "fomaml"]
+    assert "Budget: 200 outer steps of meta-training per run" in page
+    other = parse_table(page, "benchmark-other-budgets").rows
+    assert [r["attrs"]["data-method"] for r in other] == ["maml-long"]
+    assert other[0]["cells"][1]["text"] == "3000" and other[0]["cells"][1]["attrs"]["data-value"] == "3000"
+    assert "another budget: 3000 outer steps (the board&#39;s on b1: 200)" in page
+    assert 'id="benchmark-unranked"' not in page
+
+
 def test_reference_file_checks(tmp_path):
     frac = tmp_path / "frac.csv"
     frac.write_text("method,benchmark,accuracy,ci95,citation\nX,b1,0.55,0.01,Y 2020\n", encoding="utf-8")

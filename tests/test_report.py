@@ -82,6 +82,24 @@ def test_table_formats(results, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("| Method |")
 
 
+def test_table_lists_a_long_budget_apart_and_ranks_the_board_without_it(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    base = rng.uniform(0.3, 0.8, 40)
+    for seed in (0, 1, 2):
+        for method, shift in (("maml", 0.0), ("fomaml", -0.05), ("protonet", 0.02)):
+            write_run(tmp_path, rows(BENCH, method, seed, np.clip(base + shift, 0, 1)), {"steps": 200})
+    write_run(tmp_path, rows(BENCH, "maml-long", 0, np.clip(base + 0.15, 0, 1)), {"steps": 3000})
+    assert main(["table", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    main_part, other = out.split("Other budgets (not ranked against the table above):")
+    assert "maml-long" not in main_part and re.search(r"\| protonet \| \*\*\d", main_part)  # the best at 200 steps
+    assert re.search(r"\| maml-long \| toy-5w1s \| 3000 \(table: 200\) \| \d+\.\d\d ± \d\.\d\d \| 1 \|", other)
+    assert main(["table", str(tmp_path), "--format", "latex"]) == 0
+    assert r"maml-long & toy-5w1s & 3000 &" in capsys.readouterr().out
+    assert main(["table", str(tmp_path), "--format", "csv"]) == 0
+    assert "maml-long" not in capsys.readouterr().out  # the CSV is the board's table
+
+
 # ---------------------------------------------------------------------------------------------
 # run: progress every outer step and during validation, --quiet, the summary, the preset note
 
