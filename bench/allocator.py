@@ -7,10 +7,17 @@ every inner step, pays page faults for each of them; tcmalloc keeps them. Measur
 metabench and 1.13x for learn2learn. `metabench` therefore re-executes itself with tcmalloc
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
+
+Under glibc, the task pool (baselines.parallel) also pins malloc's mmap threshold
+(`pin_mmap_threshold`): glibc raises the threshold to the size of each large block freed, after
+which the pool threads' large activations come from per-thread heaps that are not given back,
+so the default mode's peak memory was several times learn2learn's (README: Performance).
+METABENCH_MMAP_THRESHOLD sets the threshold in bytes; "dynamic" leaves glibc's own rule.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -40,3 +47,37 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
     if env is not None:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
+
+
+MMAP_THRESHOLD = 128 * 1024
+"""Bytes: blocks at least this large are mapped and unmapped by themselves (glibc's initial threshold)."""
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_pinned: list[int] = []
+
+
+def mmap_threshold(env: dict[str, str]) -> int | None:
+    """The mmap threshold to pin (None: leave glibc's dynamic rule, or another allocator is loaded)."""
+    if "tcmalloc" in env.get("LD_PRELOAD", "") or env.get("METABENCH_ALLOCATOR") == "tcmalloc":
+        return None
+    value = env.get("METABENCH_MMAP_THRESHOLD", "").strip()
+    if value == "dynamic":
+        return None
+    if value and not value.isdigit():
+        raise ValueError(f"METABENCH_MMAP_THRESHOLD must be a number of bytes or 'dynamic', got {value!r}")
+    return int(value) if value else MMAP_THRESHOLD
+
+
+def pin_mmap_threshold() -> int | None:
+    """Pin glibc malloc's mmap threshold once per process (`mmap_threshold`); returns it, or None when
+    nothing was pinned (not glibc, another allocator, or "dynamic")."""
+    if _pinned:
+        return _pinned[0] or None
+    threshold = mmap_threshold(dict(os.environ))
+    try:
+        libc = ctypes.CDLL(None)
+        glibc = threshold is not None and hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
+    except OSError:
+        glibc = False
+    done = bool(glibc and libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+    _pinned.append(threshold if done else 0)
+    return threshold if done else None
