@@ -14,8 +14,8 @@ intra-op threads in the last bits (a different summation order inside some kerne
 Workers: `METABENCH_TASK_WORKERS` when set, else torch's intra-op thread count. W workers hold
 W tasks' graphs in memory at once; 0 turns the pool off (callers then run the tasks one after
 another on torch's intra-op threads: one task's graph at a time, the last bits of the numbers
-may differ from the pool's). Under glibc the pool pins malloc's mmap threshold when it starts
-(bench.allocator.pin_mmap_threshold), so that W tasks' freed graphs do not stay in W heaps.
+may differ from the pool's). Under glibc with METABENCH_MMAP_THRESHOLD set, the pool pins malloc's
+mmap threshold when it starts (bench.allocator.pin_mmap_threshold): half the peak memory, slower.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _single_threaded() -> None:
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _lock:
         if workers not in _pools:
-            pin_mmap_threshold()  # freed task graphs go back to the system (bench.allocator)
+            pin_mmap_threshold()  # METABENCH_MMAP_THRESHOLD: freed task graphs go back to the system
             _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metabench-task",
                                                  initializer=_single_threaded)
         return _pools[workers]

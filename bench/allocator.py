@@ -8,11 +8,12 @@ metabench and 1.13x for learn2learn. `metabench` therefore re-executes itself wi
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
 
-Under glibc, the task pool (baselines.parallel) also pins malloc's mmap threshold
-(`pin_mmap_threshold`): glibc raises the threshold to the size of each large block freed, after
-which the pool threads' large activations come from per-thread heaps that are not given back,
-so the default mode's peak memory was several times learn2learn's (README: Performance).
-METABENCH_MMAP_THRESHOLD sets the threshold in bytes; "dynamic" leaves glibc's own rule.
+Under glibc, METABENCH_MMAP_THRESHOLD=BYTES (e.g. 131072) makes the task pool (baselines.parallel)
+pin malloc's mmap threshold when it starts (`pin_mmap_threshold`). glibc raises the threshold to
+the size of each large block freed, after which the pool threads' large activations come from
+per-thread heaps that are not given back: the default mode's peak memory. Pinned, every large
+block is mapped and unmapped by itself: the peak halves, but each one is page-faulted in again,
+so meta-training is ~1.6x slower (README: Performance). Unset (or "dynamic"): glibc's own rule.
 """
 
 from __future__ import annotations
@@ -49,22 +50,21 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
 
 
-MMAP_THRESHOLD = 128 * 1024
-"""Bytes: blocks at least this large are mapped and unmapped by themselves (glibc's initial threshold)."""
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _pinned: list[int] = []
 
 
 def mmap_threshold(env: dict[str, str]) -> int | None:
-    """The mmap threshold to pin (None: leave glibc's dynamic rule, or another allocator is loaded)."""
+    """The mmap threshold to pin: METABENCH_MMAP_THRESHOLD in bytes (None: unset or "dynamic", glibc's own
+    rule, or another allocator is loaded)."""
     if "tcmalloc" in env.get("LD_PRELOAD", "") or env.get("METABENCH_ALLOCATOR") == "tcmalloc":
         return None
     value = env.get("METABENCH_MMAP_THRESHOLD", "").strip()
-    if value == "dynamic":
+    if value in ("", "dynamic"):
         return None
-    if value and not value.isdigit():
+    if not value.isdigit():
         raise ValueError(f"METABENCH_MMAP_THRESHOLD must be a number of bytes or 'dynamic', got {value!r}")
-    return int(value) if value else MMAP_THRESHOLD
+    return int(value)
 
 
 def pin_mmap_threshold() -> int | None:

@@ -31,7 +31,7 @@ def test_tcmalloc_path_finds_only_existing_files(monkeypatch, tmp_path):
 def test_mmap_threshold_is_pinned_under_glibc_unless_asked_not_to():
     import pytest
 
-    assert allocator.mmap_threshold({}) == allocator.MMAP_THRESHOLD
+    assert allocator.mmap_threshold({}) is None  # glibc's own rule unless asked (faster, more memory)
     assert allocator.mmap_threshold({"METABENCH_MMAP_THRESHOLD": "1048576"}) == 1048576
     assert allocator.mmap_threshold({"METABENCH_MMAP_THRESHOLD": "dynamic"}) is None
     assert allocator.mmap_threshold({"METABENCH_ALLOCATOR": "tcmalloc"}) is None
@@ -40,7 +40,7 @@ def test_mmap_threshold_is_pinned_under_glibc_unless_asked_not_to():
         allocator.mmap_threshold({"METABENCH_MMAP_THRESHOLD": "lots"})
 
 
-def test_the_task_pool_pins_the_threshold_once_per_process():
+def test_the_task_pool_pins_the_threshold_once_per_process_when_asked():
     import os
     import platform
     import subprocess
@@ -48,7 +48,7 @@ def test_the_task_pool_pins_the_threshold_once_per_process():
 
     code = ("import torch; from bench import allocator; from baselines.parallel import map_tasks; "
             "print(list(allocator._pinned), list(map_tasks(abs, [-1, -2])), allocator._pinned, allocator.pin_mmap_threshold())")
-    env = {**os.environ, "METABENCH_TASK_WORKERS": "2"}
+    env = {**os.environ, "METABENCH_TASK_WORKERS": "2", "METABENCH_MMAP_THRESHOLD": "131072"}
     env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     glibc = platform.libc_ver()[0] == "glibc"
