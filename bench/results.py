@@ -322,16 +322,21 @@ def other_budget(budget: int | None, board: int | None) -> bool:
     return budget is not None and board is not None and budget != board
 
 
-def read_budgets(results_dir: Path) -> dict[tuple[str, str], int | None]:
-    """(benchmark, method) -> the budget of each row of a results folder, read from the run cards (the
-    largest of its seeds' when they differ)."""
+def row_budgets(runs: Iterable[tuple[str, str, Mapping[str, Any]]]) -> dict[tuple[str, str], int | None]:
+    """(benchmark, method) -> the budget of each row, from its runs' (benchmark, method, card): the largest
+    of its seeds' when they differ, None when no card says."""
     out: dict[tuple[str, str], int | None] = {}
-    for path in find_csvs(results_dir):
-        card = read_card(path)
-        key = (str(card.get("benchmark", path.parent.parent.name)), str(card.get("method", path.parent.name)))
-        budget = run_budget(card)
-        out[key] = budget if out.get(key) is None else max(out[key], budget or 0)
+    for bench, method, card in runs:
+        budget, had = run_budget(card), out.get((bench, method))
+        out[(bench, method)] = budget if had is None else max(had, budget or 0)
     return out
+
+
+def read_budgets(results_dir: Path) -> dict[tuple[str, str], int | None]:
+    """`row_budgets` of a results folder, read from its run cards."""
+    cards = [(path, read_card(path)) for path in find_csvs(results_dir)]
+    return row_budgets((str(c.get("benchmark", p.parent.parent.name)), str(c.get("method", p.parent.name)), c)
+                       for p, c in cards)
 
 
 def outputs_csvs(path: Path) -> list[Path]:

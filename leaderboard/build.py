@@ -62,7 +62,7 @@ from bench.bundle import is_bundle
 from bench.errors import MetabenchError, ResultsError
 from bench.paths import atomic_write_text
 from bench.results import (board_budgets, check_consistent, find_csvs, fingerprint_conflicts, other_budget,
-                           read_axis, read_card, read_csv, run_budget)
+                           read_axis, read_card, read_csv, row_budgets)
 from bench.validation import MIN_RANKED_SEEDS, Validation
 
 TEMPLATE_PACKAGE = "leaderboard"
@@ -548,9 +548,7 @@ def _pairs(loaded: Loaded, summary: pd.DataFrame, validations: Mapping[Path, Val
            records: Mapping[str, dict]) -> dict[tuple[str, str], Pair]:
     shas = {path: v.manifest_sha256 for path, v in validations.items()}
     expected = {b: expected_episodes(b, g["n_episodes"].astype(int)) for b, g in summary.groupby("benchmark")}
-    budgets = {(str(r["benchmark"]), str(r["method"])): max(
-        (run_budget(run.card) or 0 for run in loaded.runs_of(str(r["benchmark"]), str(r["method"]))), default=0)
-        or None for _, r in summary.iterrows()}
+    budgets = row_budgets((run.benchmark, run.method, run.card) for run in loaded.runs)
     board = board_budgets(budgets)
     out = {}
     for _, row in summary.iterrows():
@@ -558,11 +556,11 @@ def _pairs(loaded: Loaded, summary: pd.DataFrame, validations: Mapping[Path, Val
         runs = loaded.runs_of(b, m)
         n_seeds, n_eps = int(row["n_seeds"]), int(row["n_episodes"])
         reasons = unranked_reasons(runs, n_seeds, n_eps, expected[b], validations)
-        other = other_budget(budgets[(b, m)], board[b])
+        other = other_budget(budgets.get((b, m)), board.get(b))
         if other:
             reasons.append(f"another budget: {budgets[(b, m)]} outer steps (the board's on {b}: {board[b]})")
         out[(b, m)] = Pair(b, m, row, runs, protocol_fields(runs, n_seeds, n_eps), reasons,
-                           verification(runs, records, shas), failed_checks(runs, validations), budgets[(b, m)], other)
+                           verification(runs, records, shas), failed_checks(runs, validations), budgets.get((b, m)), other)
     return out
 
 
