@@ -10,6 +10,10 @@ registered gradient method for metabench), one fresh worker process measures:
 - peak_mb: growth of the process's peak resident memory (VmHWM, reset through
   /proc/self/clear_refs) during the first meta-iteration, over the resident memory just before it;
   on a GPU, torch.cuda.max_memory_allocated of that iteration;
+- heap_peak_mb: growth of the bytes malloc has handed out and not yet had back (glibc's mallinfo2:
+  in-use heap chunks plus mapped blocks, sampled every half millisecond by a thread) during that same
+  first iteration: the memory the tensors need, without what the allocator keeps cached (which
+  peak_mb includes and which depends on the allocator's history); NaN under another allocator;
 - eval_eps_per_s: test episodes per second (adapt with the test-time steps, predict the query);
 - gflops, flop_fraction: the workload's FLOPs (convolutions and matmuls of one meta-iteration,
   counted once with torch's FlopCounterMode on a plain-autograd reference of the same math, so
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import dataclasses
 import importlib.machinery
 import importlib.util
@@ -39,6 +44,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import types
 from contextlib import contextmanager
@@ -60,7 +66,7 @@ DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
 COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device", "sec_per_iter",
-           "sec_min", "sec_max", "peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
+           "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
            "torch"]
 
 
@@ -186,6 +192,50 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_mb() -> float:
+    """MB malloc has handed out and not had back (glibc mallinfo2: in-use chunks of every arena plus mapped
+    blocks); NaN where glibc's malloc is not the allocator (tcmalloc preloaded) or has no mallinfo2."""
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return math.nan
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return math.nan
+    fn.restype = _MallInfo2
+    info = fn()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
+@contextmanager
+def heap_peak(every: float = 0.0005) -> Iterator[list[float]]:
+    """Yields a list that holds, after the block, the peak growth of `heap_in_use_mb` during it (MB; NaN
+    where it cannot be read), sampled every `every` seconds by a thread."""
+    base = heap_in_use_mb()
+    peak, stop = [base], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], heap_in_use_mb())
+            stop.wait(every)
+
+    out = [math.nan]
+    thread = threading.Thread(target=sample, daemon=True)
+    if not math.isnan(base):
+        thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+            out[0] = max(peak[0], heap_in_use_mb()) - base
 
 
 def timed(fn: Callable[[], None], device: str) -> float:
@@ -470,7 +520,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     before = proc_status_mb("VmRSS")
     reset_peak_rss()
-    first = timed(step, device)
+    with heap_peak() as heap:
+        first = timed(step, device)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
             else proc_status_mb("VmHWM") - before)
     for _ in range(job["warmup"]):
@@ -487,7 +538,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             "allocator": job["allocator"], "threads": torch.get_num_threads(),
             "task_workers": workers, "device": device,
             "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first,
-            "peak_mb": peak,
+            "peak_mb": peak, "heap_peak_mb": heap[0],
             "eval_eps_per_s": len(episodes) / eval_seconds, "gflop_per_iter": flops / 1e9,
             "gflops": flops / median / 1e9, "matmul_gflops": matmul, "flop_fraction": flops / median / 1e9 / matmul,
             "torch": torch.__version__}
@@ -516,10 +567,11 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 # --- the report ----------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the rows, then the learn2learn ratios."""
-    head = ("| workload | inner steps | impl | method | alloc | s/iter (median) | peak MB | eval ep/s | GFLOP/s | "
-            "of matmul |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| workload | inner steps | impl | method | alloc | s/iter (median) | peak MB | heap peak MB | eval ep/s | "
+            "GFLOP/s | of matmul |\n|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['workload']} | {r['inner_steps']} | {r['impl']} | {r['method']} | {r['allocator']} | "
-            f"{r['sec_per_iter']:.3f} | {r['peak_mb']:.0f} | {r['eval_eps_per_s']:.1f} | {r['gflops']:.1f} | "
+            f"{r['sec_per_iter']:.3f} | {r['peak_mb']:.0f} | {float(r.get('heap_peak_mb', math.nan)):.0f} | "
+            f"{r['eval_eps_per_s']:.1f} | {r['gflops']:.1f} | "
             f"{100 * r['flop_fraction']:.0f}% |"
             for r in rows]
     ratios = []
@@ -529,9 +581,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             ref = by_key.get((wl, against, method, alloc))
             if impl not in ("l2l", "reference") and ref:
                 ratios.append(f"{wl} {impl} {method} {alloc}: {ref['sec_per_iter'] / r['sec_per_iter']:.2f}x {name} "
-                              f"speed, peak memory {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}x, evaluation "
+                              f"speed, peak memory {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}x"
+                              f"{heap_ratio(r, ref)}, evaluation "
                               f"{r['eval_eps_per_s'] / ref['eval_eps_per_s']:.2f}x")
     return "\n".join([head, *body, "", *ratios])
+
+
+def heap_ratio(r: dict[str, Any], ref: dict[str, Any]) -> str:
+    """" (heap 1.23x)": r's heap peak over ref's, where both were measured; "" otherwise."""
+    a, b = float(r.get("heap_peak_mb", math.nan)), float(ref.get("heap_peak_mb", math.nan))
+    return "" if math.isnan(a) or math.isnan(b) or b <= 0 else f" (heap {a / b:.2f}x)"
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import importlib.util
 import math
+import time
 
 import pytest
 import torch
@@ -67,6 +68,8 @@ def test_report_prints_ratios_and_writes_csv(tmp_path):
             base | {"impl": "l2l", "sec_per_iter": 2.0, "peak_mb": 50.0, "eval_eps_per_s": 10.0}]
     table = perf.format_table(rows)
     assert "w metabench maml glibc: 2.00x learn2learn's speed, peak memory 2.00x, evaluation 2.00x" in table
+    rows[0]["heap_peak_mb"], rows[1]["heap_peak_mb"] = 90.0, 60.0
+    assert "peak memory 2.00x (heap 1.50x), evaluation" in perf.format_table(rows)
     perf.write_csv(rows, tmp_path / "perf.csv")
     lines = (tmp_path / "perf.csv").read_text().splitlines()
     assert lines[0].split(",") == perf.COLUMNS and len(lines) == 3
@@ -182,3 +185,16 @@ def test_reference_row_for_a_method_with_its_own_outer_step(tiny):
            "device": "cpu", "repeats": 1, "warmup": 0, "eval_episodes": 2}
     row = perf.measure(job)
     assert row["task_workers"] == 0 and row["gflop_per_iter"] > 0 and math.isfinite(row["sec_per_iter"])
+
+
+def test_heap_peak_sees_a_tensor_that_lives_only_inside_the_block():
+    if math.isnan(perf.heap_in_use_mb()):
+        pytest.skip("glibc's mallinfo2 is not the allocator here")
+    with perf.heap_peak() as peak:
+        t = torch.ones(16 * 2**20)  # 64 MiB
+        time.sleep(0.05)
+        del t
+    assert 60 <= peak[0] < 200
+    with perf.heap_peak() as idle:
+        time.sleep(0.01)
+    assert idle[0] < 8
