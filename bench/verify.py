@@ -168,17 +168,20 @@ def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> t
                                 f"here has {here} (another or a modified cache): re-running would not be comparable")
     recorded = run.card.get("axes") or {}
     upto = run.card.get("step_curve_upto") if "steps" in recorded else None
+    limit = run.card.get("axis_episodes")
+    on_axes = [i for i in chosen if limit is None or i < limit]  # the axes cover the first `limit` episodes only
+    rest = [i for i in chosen if not (limit is None or i < limit)]
     try:
-        eps = [es.episode("test", i).to(device) for i in chosen]
-        results = learner.evaluate(eps, steps_upto=upto)
-        axes = {"steps": [row for i, ep, r in zip(chosen, eps, results) for row in step_rows(i, ep.spec_hash, r)]
+        eps = {i: es.episode("test", i).to(device) for i in chosen}
+        axis_eps = [eps[i] for i in on_axes]
+        results = dict(zip(on_axes, learner.evaluate(axis_eps, steps_upto=upto) if on_axes else []))
+        results.update(zip(rest, learner.evaluate([eps[i] for i in rest]) if rest else []))
+        axes = {"steps": [row for i in on_axes for row in step_rows(i, eps[i].spec_hash, results[i])]
                 if upto is not None else []}
         if "perms" in recorded:
-            axes["perms"] = permutation_rows(learner, eps, [r["accuracy"] for r in results],
-                                             int(run.card.get("permutations") or 0))
-        limit = run.card.get("axis_episodes")
-        return dict(zip(chosen, results)), {k: [r for r in v if limit is None or r["episode"] < limit]
-                                            for k, v in axes.items() if k in recorded}
+            axes["perms"] = permutation_rows(learner, axis_eps, [results[i]["accuracy"] for i in on_axes],
+                                             int(run.card.get("permutations") or 0)) if on_axes else []
+        return {i: results[i] for i in chosen}, {k: v for k, v in axes.items() if k in recorded}
     except Exception as e:  # noqa: BLE001
         raise _Unverifiable(f"{_label(run)}: re-running the test episodes failed: {type(e).__name__}: {e}") from e
 
