@@ -65,9 +65,9 @@ IMPLS = ("metabench", "metabench-batched", "reference", "l2l")
 DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
-COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device", "sec_per_iter",
-           "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction",
-           "torch"]
+COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device",
+           "sec_per_iter", "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "gflop_per_iter",
+           "gflops", "matmul_gflops", "flop_fraction", "torch"]
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,10 @@ def reset_peak_rss() -> None:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    """glibc's struct mallinfo2 (malloc.h), ten size_t fields."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def heap_in_use_mb() -> float:
