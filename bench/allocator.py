@@ -54,10 +54,15 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _pinned: list[int] = []
 
 
+def tcmalloc_loaded(env: dict[str, str]) -> bool:
+    """Whether this process's malloc is tcmalloc (preloaded, or re-run under it), not glibc's."""
+    return "tcmalloc" in env.get("LD_PRELOAD", "") or env.get("METABENCH_ALLOCATOR") == "tcmalloc"
+
+
 def mmap_threshold(env: dict[str, str]) -> int | None:
     """The mmap threshold to pin: METABENCH_MMAP_THRESHOLD in bytes (None: unset or "dynamic", glibc's own
     rule, or another allocator is loaded)."""
-    if "tcmalloc" in env.get("LD_PRELOAD", "") or env.get("METABENCH_ALLOCATOR") == "tcmalloc":
+    if tcmalloc_loaded(env):
         return None
     value = env.get("METABENCH_MMAP_THRESHOLD", "").strip()
     if value in ("", "dynamic"):

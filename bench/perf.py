@@ -35,6 +35,7 @@ import argparse
 import csv
 import ctypes
 import dataclasses
+import functools
 import importlib.machinery
 import importlib.util
 import json
@@ -55,7 +56,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.allocator import tcmalloc_path
+from bench.allocator import tcmalloc_loaded, tcmalloc_path
 from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
@@ -201,16 +202,26 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def heap_in_use_mb() -> float:
-    """MB malloc has handed out and not had back (glibc mallinfo2: in-use chunks of every arena plus mapped
-    blocks); NaN where glibc's malloc is not the allocator (tcmalloc preloaded) or has no mallinfo2."""
-    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return math.nan
+@functools.lru_cache(maxsize=1)
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's mallinfo2, looked up once (the sampler calls it every half millisecond); None where it is
+    not there or another allocator is loaded."""
+    if tcmalloc_loaded(dict(os.environ)):
+        return None
     try:
         fn = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
-        return math.nan
+        return None
     fn.restype = _MallInfo2
+    return fn
+
+
+def heap_in_use_mb() -> float:
+    """MB malloc has handed out and not had back (glibc mallinfo2: in-use chunks of every arena plus mapped
+    blocks); NaN where glibc's malloc is not the allocator (tcmalloc preloaded) or has no mallinfo2."""
+    fn = _mallinfo2()
+    if fn is None:
+        return math.nan
     info = fn()
     return (info.uordblks + info.hblkhd) / 2**20
 
