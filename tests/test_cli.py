@@ -63,3 +63,27 @@ def test_every_flag_of_every_command_has_help():
     missing = [f"{where} {'/'.join(a.option_strings) or a.dest}" for where, a in walk(build_parser(), "metabench")
                if not a.help]
     assert not missing, missing
+
+
+def test_demo_trains_tests_and_builds_the_page(tmp_path, capsys, monkeypatch):
+    """The README's first command, at a tiny budget: three methods, their CSVs, axes on the first
+    DEMO_AXIS_EPISODES test episodes only, and the page."""
+    import pandas as pd
+
+    from bench import cli
+
+    tiny = dict(meta_batch=2, hidden=8, inner_steps_test=1)
+    monkeypatch.setattr(cli, "DEMO_BENCHMARK", "synthetic-5w1s")
+    monkeypatch.setattr(cli, "DEMO_VAL_EPISODES", 3)
+    monkeypatch.setattr(cli, "DEMO_AXIS_EPISODES", 4)
+    monkeypatch.setattr(cli, "DEMO_PLAN", {m: dict(steps=2, chunk=1, overrides=o) for m, o in
+                                           [("maml", tiny), ("fomaml", tiny), ("finetune", dict(hidden=8))]})
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--root", str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out
+    res = tmp_path / "demo" / "results" / "synthetic-5w1s"
+    for method in ("maml", "fomaml", "finetune"):
+        assert len(pd.read_csv(res / method / "seed0.csv")) == 50
+        assert f"{method}" in out and "(50 test episodes)" in out
+    steps = pd.read_csv(res / "maml" / "seed0.steps.csv")
+    assert sorted(steps["episode"].unique()) == [0, 1, 2, 3]
+    assert (tmp_path / "demo" / "site" / "index.html").exists()
