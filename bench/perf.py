@@ -62,7 +62,9 @@ from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
 from baselines.parallel import task_workers
 
-IMPLS = ("metabench", "metabench-batched", "reference", "l2l")
+IMPLS = ("metabench", "metabench-batched", "metabench-lean", "reference", "l2l")
+IMPL_ENV = {"metabench-lean": {"METABENCH_TASK_WORKERS": "0"}}
+"""The environment that makes an implementation of metabench's own (baselines.parallel's switch)."""
 DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
@@ -561,6 +563,7 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run `job` in a fresh interpreter under its allocator; returns its row (or raises)."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env.update(IMPL_ENV.get(job["impl"], {}))
     if job["allocator"] == "tcmalloc":
         lib = tcmalloc_path()
         if lib is None:
@@ -660,7 +663,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "settings, against the plain per-task loop")
     p.add_argument("--impls", nargs="+", default=None,
                    help="metabench (the default mode: tasks on the task pool), metabench-batched (whole meta-batch "
-                        "at once), reference (plain per-task autograd loop, NCHW, no pool), l2l (learn2learn) "
+                        "at once), metabench-lean (METABENCH_TASK_WORKERS=0: no pool, one task's graph at a time), "
+                        "reference (plain per-task autograd loop, NCHW, no pool), l2l (learn2learn) "
                         f"(default: {' '.join(DEFAULT_IMPLS)}; with --methods all: metabench reference)")
     p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []),
                    help="allocators to time under: glibc, tcmalloc (default: both where tcmalloc is installed)")

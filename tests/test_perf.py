@@ -198,3 +198,20 @@ def test_heap_peak_sees_a_tensor_that_lives_only_inside_the_block():
     with perf.heap_peak() as idle:
         time.sleep(0.01)
     assert idle[0] < 8
+
+
+@pytest.mark.parametrize("impl, env", [("metabench-lean", {"METABENCH_TASK_WORKERS": "0"}), ("metabench", {})])
+def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
+    import json
+    import subprocess
+
+    def fake_run(cmd, env, **kw):
+        seen = {"METABENCH_TASK_WORKERS": env.get("METABENCH_TASK_WORKERS")}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(seen) + "\n", stderr="")
+
+    monkeypatch.delenv("METABENCH_TASK_WORKERS", raising=False)
+    monkeypatch.setattr(perf.subprocess, "run", fake_run)
+    job = {"workload": "omniglot-5w1s", "impl": impl, "method": "maml", "allocator": "glibc", "threads": None}
+    got = perf.run_worker(job, timeout=10)
+    assert {k: v for k, v in got.items() if v is not None} == env
+    assert impl in perf.plan(args(impls=[impl], methods=["maml"], allocators=["glibc"]))[0]["impl"]
