@@ -170,7 +170,7 @@ def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> t
     upto = run.card.get("step_curve_upto") if "steps" in recorded else None
     limit = run.card.get("axis_episodes")
     on_axes = [i for i in chosen if limit is None or i < limit]  # the axes cover the first `limit` episodes only
-    rest = [i for i in chosen if not (limit is None or i < limit)]
+    rest = [i for i in chosen if i not in on_axes]
     try:
         eps = {i: es.episode("test", i).to(device) for i in chosen}
         axis_eps = [eps[i] for i in on_axes]
