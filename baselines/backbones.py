@@ -221,7 +221,7 @@ def resnet12_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops =
         out = F.leaky_relu(conv_bn(p, ops, pre + "conv1", x), LEAKY_SLOPE)
         out = F.leaky_relu(conv_bn(p, ops, pre + "conv2", out), LEAKY_SLOPE)
         out = conv_bn(p, ops, pre + "conv3", out) + conv_bn(p, ops, pre + "conv_s", x)
-        x = F.max_pool2d(F.leaky_relu(out, LEAKY_SLOPE), 2)
+        x = F.leaky_relu(F.max_pool2d(out, 2), LEAKY_SLOPE)
         if drop is not None:
             rate, gen = drop
             x = dropout(x, rate, gen) if b < 2 else drop_block(x, rate, DROP_BLOCK_SIZE, gen)
@@ -230,8 +230,7 @@ def resnet12_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops =
 
 def resnet18_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
     """ResNet-18 body: x [N, C, H, W] -> globally average-pooled features [N, widths[-1]]."""
-    x = F.relu(conv_bn(p, ops, "stem.conv", ops.layout(x), stride=2))
-    x = F.max_pool2d(x, 3, 2, padding=1)
+    x = F.relu(F.max_pool2d(conv_bn(p, ops, "stem.conv", ops.layout(x), stride=2), 3, 2, padding=1))
     for s in range(4):
         for k in range(2):
             pre, stride = f"stage{s}.{k}.", 2 if s > 0 and k == 0 else 1

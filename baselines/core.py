@@ -156,7 +156,7 @@ def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PL
     """Conv-4 body: x [N, C, H, W] -> features [N, feat] (in the layer operations `ops`)."""
     x = ops.layout(x)
     for i in range(4):
-        x = F.max_pool2d(F.relu(ops.bn(p, f"bn{i}", ops.conv(p, f"conv{i}", x))), 2)
+        x = F.relu(F.max_pool2d(ops.bn(p, f"bn{i}", ops.conv(p, f"conv{i}", x)), 2))
     return x.flatten(1)
 
 

@@ -152,3 +152,43 @@ def test_inner_loop_only_touches_given_keys():
     for k in params:
         same = torch.equal(fast[k], params[k])
         assert same == (k not in ("head.weight", "head.bias"))
+
+
+def textbook_conv4_forward(p, x, way=None):
+    """Conv-4 in the textbook order, conv -> batch norm -> ReLU -> max-pool (conv4_features pools before
+    the ReLU: the same function, with a quarter of the ReLU work)."""
+    x = conv_layout(x)
+    for i in range(4):
+        x = F.max_pool2d(F.relu(batch_norm(F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], 1, 1),
+                                           p[f"bn{i}.weight"], p[f"bn{i}.bias"])), 2)
+    return F.linear(x.flatten(1), p["head.weight"][:way], p["head.bias"][:way])
+
+
+def test_pooling_before_the_relu_gives_bitwise_the_textbook_meta_gradient():
+    """max and a monotone activation commute, and their gradients route through the same maxima:
+    float32 logits and first- and second-order meta-gradients are bitwise those of the textbook order."""
+    params, x, y, qx, qy = tiny_task(torch.float32)
+    for first_order in (True, False):
+        grads = []
+        for forward in (conv4_forward, textbook_conv4_forward):
+            fast = inner_loop(episode_loss(forward), params, list(params), (x, y), 2, 0.4, first_order)
+            grads.append(torch.autograd.grad(F.cross_entropy(forward(fast, qx), qy), list(params.values())))
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert torch.equal(conv4_forward(params, qx), textbook_conv4_forward(params, qx))
+
+
+def test_activation_and_max_pool_commute_through_the_double_backward():
+    """The swaps in the ResNets too: leaky ReLU before 2x2 pooling (ResNet-12) and ReLU before the
+    overlapping 3x3 stride-2 pooling (ResNet-18's stem); values, gradients and gradients of gradients
+    are bitwise equal, with ties and all-negative windows in the input."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-3, 3, (4, 8, 12, 12), generator=gen).float().requires_grad_(True)
+    cases = [(lambda h: F.leaky_relu(h, 0.1), lambda h: F.max_pool2d(h, 2)),
+             (F.relu, lambda h: F.max_pool2d(h, 3, 2, padding=1)), (F.relu, lambda h: F.max_pool2d(h, 2))]
+    for act, pool in cases:
+        outs = []
+        for f in (lambda h: act(pool(h)), lambda h: pool(act(h))):
+            y = f(x * x.sum((2, 3), keepdim=True))  # a smooth function before the pair: second derivatives exist
+            g = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)[0]
+            outs.append((y, g, torch.autograd.grad(g.pow(2).sum(), x)[0]))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
