@@ -1,10 +1,16 @@
 """The memory allocator: find tcmalloc and re-run the command line under it.
 
-glibc's malloc hands every block above its mmap threshold (at most 32 MB) back to the operating
-system when it is freed, so meta-training, which allocates and frees the same large activations
-every inner step, pays page faults for each of them; tcmalloc keeps them. Measured with
-`python -m bench.perf` (2 cores, Omniglot 5-way 1-shot MAML): 1.15x faster meta-iterations for
-metabench and 1.13x for learn2learn. `metabench` therefore re-executes itself with tcmalloc
+Under glibc's malloc, meta-training, which allocates and frees the same large activations every
+inner step, keeps page-faulting fresh memory in. torch asks for 64-byte-aligned blocks; after the
+first large block is freed glibc serves them from its heap, but strace shows each new 15 MB block
+(75 x 64 x 28 x 28 floats) taken by growing the heap (brk) rather than from the hole the last one
+left. Measured with one thread on a 2-core Xeon beside other work (the times are loose, the fault
+counts are not): allocating and zeroing such a block 1.9-6.2 ms with ~900-1500
+page faults, against 1.0-1.5 ms to zero one already held; under tcmalloc 1.5 ms and no faults. Raising
+glibc's trim and mmap thresholds with mallopt did not stop the faults, and glibc's transparent huge pages
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1) made it 27 ms. `python -m bench.perf` measured 1.15x faster
+meta-iterations for metabench and 1.13x for learn2learn under tcmalloc (Omniglot 5-way 1-shot MAML).
+`metabench` therefore re-executes itself with tcmalloc
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
 
