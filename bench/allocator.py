@@ -8,8 +8,9 @@ left. Measured with one thread on a 2-core Xeon beside other work (the times are
 counts are not): allocating and zeroing such a block 1.9-6.2 ms with ~900-1500
 page faults, against 1.0-1.5 ms to zero one already held; under tcmalloc 1.5 ms and no faults. Raising
 glibc's trim and mmap thresholds with mallopt did not stop the faults, and glibc's transparent huge pages
-(GLIBC_TUNABLES=glibc.malloc.hugetlb=1) made it 27 ms. `python -m bench.perf` measured 1.15x faster
-meta-iterations for metabench and 1.13x for learn2learn under tcmalloc (Omniglot 5-way 1-shot MAML).
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1) made it 27 ms. `python -m bench.perf` measured 1.10-1.47x faster
+meta-iterations for metabench and 1.18-1.61x for learn2learn under tcmalloc (Omniglot 5-way 1- and
+20-way 1-shot, miniImageNet 5-way 1-shot; MAML and first-order MAML; README: Performance).
 `metabench` therefore re-executes itself with tcmalloc
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
