@@ -35,6 +35,10 @@ name component starts with "conv" is a convolution, with "bn" a batch norm; the 
   2-4, global average pooling; convs without bias, Kaiming-normal (fan_out). The paper feeds it
   126 px images. Difference, stated: symmetric padding (TF's "SAME" pads stride-2 layers unevenly).
 
+Where an activation is followed by max-pooling (all three), the pooling runs first: max and a
+monotone activation commute, and the gradients route through the same maxima, so values and
+gradients of every order are bitwise those of the order written above (tests/test_core.py).
+
 Batch norm everywhere uses the statistics of the batch being predicted (no running statistics:
 Tags bn_mode "transductive", as the shared Conv-4), through core.batch_norm; Reptile's inductive
 prediction (support plus one query) works on each backbone unchanged.
