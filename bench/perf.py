@@ -563,6 +563,7 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run `job` in a fresh interpreter under its allocator; returns its row (or raises)."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env["METABENCH_ALLOCATOR"] = job["allocator"]  # not the parent's: it may run under tcmalloc itself
     env.update(IMPL_ENV.get(job["impl"], {}))
     if job["allocator"] == "tcmalloc":
         lib = tcmalloc_path()

@@ -215,3 +215,25 @@ def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
     got = perf.run_worker(job, timeout=10)
     assert {k: v for k, v in got.items() if v is not None} == env
     assert impl in perf.plan(args(impls=[impl], methods=["maml"], allocators=["glibc"]))[0]["impl"]
+
+
+@pytest.mark.parametrize("allocator", ["glibc", "tcmalloc"])
+def test_worker_says_its_own_allocator_when_the_parent_runs_under_tcmalloc(monkeypatch, allocator):
+    """`metabench` re-runs itself under tcmalloc; a glibc worker it starts must not inherit that claim
+    (its heap peak would read NaN), and a tcmalloc worker gets the library preloaded."""
+    import json
+    import subprocess
+
+    def fake_run(cmd, env, **kw):
+        seen = {k: env.get(k) for k in ("LD_PRELOAD", "METABENCH_ALLOCATOR")}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(seen) + "\n", stderr="")
+
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setenv("METABENCH_ALLOCATOR", "tcmalloc")
+    monkeypatch.setattr(perf, "tcmalloc_path", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(perf.subprocess, "run", fake_run)
+    job = {"workload": "omniglot-5w1s", "impl": "metabench", "method": "maml", "allocator": allocator, "threads": None}
+    got = perf.run_worker(job, timeout=10)
+    assert got["METABENCH_ALLOCATOR"] == allocator
+    assert got["LD_PRELOAD"] == ("/lib/libtcmalloc_minimal.so.4" if allocator == "tcmalloc" else None)
+    assert perf.tcmalloc_loaded({k: v for k, v in got.items() if v is not None}) == (allocator == "tcmalloc")
