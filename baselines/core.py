@@ -3,8 +3,8 @@
 - `conv4_init` / `conv4_forward`: the standard Conv-4 backbone as a pure function of a
   parameter dict (conv 3x3 -> batch norm -> ReLU -> 2x2 max-pool, four times, then a linear
   head; computed as max-pool then ReLU, the same function with bitwise the same gradients and a
-  quarter of the ReLU work, since max and a monotone activation commute). Batch norm uses the statistics of the batch being predicted (transductive, no running
-  statistics), through torch's fused batch norm: 1.5x faster meta-training than explicit
+  quarter of the ReLU work, since max and a monotone activation commute). Batch norm uses the
+  statistics of the batch being predicted (transductive, no running statistics), through torch's fused batch norm: 1.5x faster meta-training than explicit
   mean/variance ops, and its double backward is exact under `torch.func.grad` (tests/test_core.py
   compares it with the explicit formula in float64). Under `torch.func.vmap` it is not (a known
   functorch issue): nothing here vmaps over batch norm; `batch_norm_explicit` is the formula for

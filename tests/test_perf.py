@@ -200,17 +200,21 @@ def test_heap_peak_sees_a_tensor_that_lives_only_inside_the_block():
     assert idle[0] < 8
 
 
-@pytest.mark.parametrize("impl, env", [("metabench-lean", {"METABENCH_TASK_WORKERS": "0"}), ("metabench", {})])
-def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
+def echo_worker_env(monkeypatch, *keys):
+    """Replace the worker process by one that prints, as its row, the values of `keys` in its environment."""
     import json
     import subprocess
 
     def fake_run(cmd, env, **kw):
-        seen = {"METABENCH_TASK_WORKERS": env.get("METABENCH_TASK_WORKERS")}
-        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(seen) + "\n", stderr="")
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({k: env.get(k) for k in keys}) + "\n", stderr="")
 
-    monkeypatch.delenv("METABENCH_TASK_WORKERS", raising=False)
     monkeypatch.setattr(perf.subprocess, "run", fake_run)
+
+
+@pytest.mark.parametrize("impl, env", [("metabench-lean", {"METABENCH_TASK_WORKERS": "0"}), ("metabench", {})])
+def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
+    monkeypatch.delenv("METABENCH_TASK_WORKERS", raising=False)
+    echo_worker_env(monkeypatch, "METABENCH_TASK_WORKERS")
     job = {"workload": "omniglot-5w1s", "impl": impl, "method": "maml", "allocator": "glibc", "threads": None}
     got = perf.run_worker(job, timeout=10)
     assert {k: v for k, v in got.items() if v is not None} == env
@@ -221,17 +225,10 @@ def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
 def test_worker_says_its_own_allocator_when_the_parent_runs_under_tcmalloc(monkeypatch, allocator):
     """`metabench` re-runs itself under tcmalloc; a glibc worker it starts must not inherit that claim
     (its heap peak would read NaN), and a tcmalloc worker gets the library preloaded."""
-    import json
-    import subprocess
-
-    def fake_run(cmd, env, **kw):
-        seen = {k: env.get(k) for k in ("LD_PRELOAD", "METABENCH_ALLOCATOR")}
-        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(seen) + "\n", stderr="")
-
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4")
     monkeypatch.setenv("METABENCH_ALLOCATOR", "tcmalloc")
     monkeypatch.setattr(perf, "tcmalloc_path", lambda: "/lib/libtcmalloc_minimal.so.4")
-    monkeypatch.setattr(perf.subprocess, "run", fake_run)
+    echo_worker_env(monkeypatch, "LD_PRELOAD", "METABENCH_ALLOCATOR")
     job = {"workload": "omniglot-5w1s", "impl": "metabench", "method": "maml", "allocator": allocator, "threads": None}
     got = perf.run_worker(job, timeout=10)
     assert got["METABENCH_ALLOCATOR"] == allocator
