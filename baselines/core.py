@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from bench.api import Episode, MetaLearner, Predictor, StepCurves, Tags, TaskInfo, new_generator, rng_state
 from bench.errors import MetabenchError, MethodError
+from baselines import fused
 from baselines.parallel import summed_grads
 
 Params = dict[str, torch.Tensor]
@@ -147,7 +148,18 @@ class Ops:
 
     def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
         """Batch norm `name` of x with the statistics of x (`batch_norm`)."""
-        return batch_norm(x, p[name + ".weight"], p[name + ".bias"])
+        return batch_norm(x, *self.bn_affine(p, name))
+
+    def bn_affine(self, p: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias [C] of the plain batch norm `name` (per channel of the activations)."""
+        return p[name + ".weight"], p[name + ".bias"]
+
+    def bn_pool_relu(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        """relu(max_pool2d(bn(x), 2)) for batch norm `name`: x [N, C, H, W] -> [N, C, H//2, W//2]; one fused
+        kernel when its switch is on and it applies (baselines/fused.py; only where `bn` is the plain one)."""
+        if type(self).bn is Ops.bn and fused.usable(x):
+            return fused.bn_pool_relu(x, *self.bn_affine(p, name))
+        return F.relu(F.max_pool2d(self.bn(p, name, x), 2))
 
 
 PLAIN = Ops()
@@ -157,7 +169,7 @@ def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PL
     """Conv-4 body: x [N, C, H, W] -> features [N, feat] (in the layer operations `ops`)."""
     x = ops.layout(x)
     for i in range(4):
-        x = F.relu(F.max_pool2d(ops.bn(p, f"bn{i}", ops.conv(p, f"conv{i}", x)), 2))
+        x = ops.bn_pool_relu(p, f"bn{i}", ops.conv(p, f"conv{i}", x))
     return x.flatten(1)
 
 

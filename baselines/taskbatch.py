@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode
-from baselines.core import LossFn, Ops, Params, batch_norm, conv4_features
+from baselines.core import LossFn, Ops, Params, conv4_features
 
 
 def stack_params(p: Mapping[str, torch.Tensor], n_tasks: int) -> Params:
@@ -47,8 +47,8 @@ class TaskOps(Ops):
         return F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding,
                         groups=self.n_tasks)
 
-    def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-        return batch_norm(x, p[name + ".weight"].reshape(-1), p[name + ".bias"].reshape(-1))
+    def bn_affine(self, p: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return p[name + ".weight"].reshape(-1), p[name + ".bias"].reshape(-1)
 
 
 Features = Callable[..., torch.Tensor]

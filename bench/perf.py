@@ -62,9 +62,12 @@ from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
 from baselines.parallel import task_workers
 
-IMPLS = ("metabench", "metabench-batched", "metabench-lean", "reference", "l2l")
-IMPL_ENV = {"metabench-lean": {"METABENCH_TASK_WORKERS": "0"}}
-"""The environment that makes an implementation of metabench's own (baselines.parallel's switch)."""
+IMPLS = ("metabench", "metabench-batched", "metabench-lean", "metabench-fused", "reference", "l2l")
+IMPL_ENV = {"metabench": {"METABENCH_FUSED": "0"}, "metabench-batched": {"METABENCH_FUSED": "0"},
+            "metabench-lean": {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "0"},
+            "metabench-fused": {"METABENCH_FUSED": "1"}}
+"""The environment that makes an implementation of metabench's own (baselines.parallel's pool switch,
+baselines.fused's kernel switch)."""
 DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
@@ -517,6 +520,14 @@ def l2l_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
 
 
 # --- one worker ----------------------------------------------------------------------------
+def require_fused_kernel() -> None:
+    """Build baselines.fused's kernel now, or stop: a metabench-fused row must never time the unfused ops."""
+    from baselines import fused
+
+    if not fused.available():
+        raise MetabenchError(f"metabench-fused: the fused kernel could not be built ({fused.build_error()})")
+
+
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Run one (workload, impl, method) job in this process and return its row."""
     if job.get("threads"):
@@ -529,6 +540,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     elif job["impl"] == "reference":
         step, evaluate = reference_impl(w, job["method"], device)
     else:
+        if job["impl"] == "metabench-fused":
+            require_fused_kernel()  # built before the timed iterations (the first build compiles for ~20 s)
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
     matmul_before = matmul_gflops(device)
     if device.startswith("cuda"):
@@ -665,6 +678,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", nargs="+", default=None,
                    help="metabench (the default mode: tasks on the task pool), metabench-batched (whole meta-batch "
                         "at once), metabench-lean (METABENCH_TASK_WORKERS=0: no pool, one task's graph at a time), "
+                        "metabench-fused (the default mode with METABENCH_FUSED=1: batch norm, max-pool and ReLU "
+                        "as one kernel, baselines/fused.py), "
                         "reference (plain per-task autograd loop, NCHW, no pool), l2l (learn2learn) "
                         f"(default: {' '.join(DEFAULT_IMPLS)}; with --methods all: metabench reference)")
     p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []),

@@ -40,7 +40,7 @@ from bench.hparams import plain
 from bench.paths import atomic_path, atomic_write_text
 from bench.results import inner_steps_of, protocol_shot, read_card, run_paths, write_run
 from bench.sampling import EpisodeSet
-from baselines import registry
+from baselines import fused, registry
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def device_name(device: torch.device | None = None) -> str:
-    """A short description of the compute device, e.g. "cpu-x86_64-2t" or "cuda-NVIDIA_H200"."""
+    """A short description of the compute device, e.g. "cpu-x86_64-2t" or "cuda-NVIDIA_H200"; "-fused" added
+    where baselines/fused.py's kernel is switched on (METABENCH_FUSED=1: the same numbers up to rounding)."""
     if device is not None and device.type == "cuda":
         return "cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t" + ("-fused" if fused.enabled() and fused.available()
+                                                                   else "")
 
 
 def available_cores() -> int:

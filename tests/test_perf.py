@@ -211,10 +211,13 @@ def echo_worker_env(monkeypatch, *keys):
     monkeypatch.setattr(perf.subprocess, "run", fake_run)
 
 
-@pytest.mark.parametrize("impl, env", [("metabench-lean", {"METABENCH_TASK_WORKERS": "0"}), ("metabench", {})])
+@pytest.mark.parametrize("impl, env", [("metabench-lean", {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "0"}),
+                                       ("metabench", {"METABENCH_FUSED": "0"}),
+                                       ("metabench-fused", {"METABENCH_FUSED": "1"})])
 def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
     monkeypatch.delenv("METABENCH_TASK_WORKERS", raising=False)
-    echo_worker_env(monkeypatch, "METABENCH_TASK_WORKERS")
+    monkeypatch.setenv("METABENCH_FUSED", "1")  # the parent's switch never leaks into another implementation
+    echo_worker_env(monkeypatch, "METABENCH_TASK_WORKERS", "METABENCH_FUSED")
     job = {"workload": "omniglot-5w1s", "impl": impl, "method": "maml", "allocator": "glibc", "threads": None}
     got = perf.run_worker(job, timeout=10)
     assert {k: v for k, v in got.items() if v is not None} == env

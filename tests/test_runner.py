@@ -270,3 +270,15 @@ def test_cuda_without_cuda_is_one_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(runner.MetabenchError, match="use cpu, cuda, cuda:N or auto"):
         runner.resolve_device("gpu")
     assert runner.resolve_device("auto").type == "cpu"
+
+
+def test_device_says_when_the_fused_kernel_ran(monkeypatch):
+    from baselines import fused
+
+    monkeypatch.setenv("METABENCH_FUSED", "0")
+    assert not runner.device_name().endswith("-fused")
+    monkeypatch.setenv("METABENCH_FUSED", "1")
+    monkeypatch.setattr(fused, "available", lambda: True)
+    assert runner.device_name().endswith("t-fused")
+    monkeypatch.setattr(fused, "available", lambda: False)  # no compiler: the unfused ops ran
+    assert not runner.device_name().endswith("-fused")

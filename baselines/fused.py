@@ -1,0 +1,153 @@
+"""The fused Conv-4 block tail: batch norm -> 2x2 max-pool -> ReLU as one CPU kernel (a switch, off by default).
+
+In the unfused block (`bn_pool_relu_reference`) each of the three operations reads and writes the
+full activation map, max-pool keeps int64 indices and its full input for backward, and its backward
+zero-fills a full map before batch norm's backward reads it twice. The kernel
+(baselines/fused_bn_pool_relu.cpp) reads the conv output twice forward (statistics, then
+normalise-pool-ReLU) and writes only the pooled map and one byte per pooled value (which window
+position won, or "cut by the ReLU"); backward takes batch norm's per-channel sums over the pooled
+positions and writes the input gradient in one pass. Saved for backward: the conv output, the
+byte map and two per-channel vectors.
+
+- Switch: `METABENCH_FUSED=1` in the environment (read at each call), or `fused(True)` around code.
+  `metabench perf` times it as the `metabench-fused` implementation.
+- Where it applies: CPU, float32/float64, channels-last maps of at least 2x2, outside torch.func
+  transforms, in layer operations whose batch norm is the plain one; elsewhere (NCHW passes of
+  second-order inner loops, 1x1 maps, vmap, MAML++'s and CAVIA's batch norm) the unfused ops run.
+  `Ops.bn_pool_relu` in baselines/core.py decides per call (`usable`).
+- Backward is first order in the kernel. When the backward is itself recorded (create_graph=True:
+  a pass whose gradient is differentiated again), it recomputes the unfused block from the saved
+  input and differentiates that, so higher-order gradients are exact (tests/test_fused.py checks
+  values, gradients and second-order gradients in float64 against `bn_pool_relu_reference`).
+- Same numbers up to rounding: the kernel's per-channel sums are taken in fixed blocks and added in
+  order, so its results do not depend on the thread count, but they are not bitwise torch's.
+- The kernel is compiled on first use with torch.utils.cpp_extension (a C++ compiler is needed;
+  the build is cached under torch's extensions folder, TORCH_EXTENSIONS_DIR). `available()` says
+  whether it could be built; without it the switch falls back to the unfused ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("fused_bn_pool_relu.cpp")
+BN_EPS = 1e-5  # baselines.core.BN_EPS (core imports this module)
+
+_override: list[bool] = []  # fused(...) blocks, innermost last (process-wide: the task pool's threads see it)
+_ext: Any = None
+_build_error: str | None = None
+_build_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether the switch is on: `fused(...)` when inside one, else METABENCH_FUSED=1."""
+    if _override:
+        return _override[-1]
+    value = os.environ.get("METABENCH_FUSED", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"METABENCH_FUSED must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@contextmanager
+def fused(on: bool = True) -> Iterator[None]:
+    """Turn the fused kernel on (or off) for the code inside, whatever METABENCH_FUSED says (process-wide,
+    so tasks on baselines.parallel's threads see it too)."""
+    _override.append(on)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def extension() -> Any:
+    """The compiled kernel module (built on first call); None when it cannot be built (see `build_error`)."""
+    global _ext, _build_error
+    with _build_lock:
+        if _ext is None and _build_error is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _ext = load(f"metabench_fused_bn_pool_relu_{cpu_tag()}", [str(SOURCE)],
+                            extra_cflags=["-O3", "-march=native"], verbose=False)
+            except Exception as exc:  # no compiler, no headers: the unfused ops serve
+                _build_error = f"{type(exc).__name__}: {exc}"
+        return _ext
+
+
+def cpu_tag() -> str:
+    """A short hash of this processor's instruction-set flags: the build (-march=native) is cached per
+    kind of processor, so a home folder shared across a cluster never loads another machine's build."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = platform.processor() or platform.machine()
+    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), text)
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it now if needed)."""
+    return extension() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernel could not be built, or None."""
+    return _build_error
+
+
+def bn_pool_relu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The unfused block: relu(max_pool2d(batch_norm(x), 2)); x [N, C, H, W] -> [N, C, H/2, W/2]."""
+    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, BN_EPS)
+    return F.relu(F.max_pool2d(y, 2))
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the fused kernel can take x [N, C, H, W] (the switch aside)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch._C._are_functorch_transforms_active())
+
+
+class _BnPoolRelu(torch.autograd.Function):
+    """Autograd of the kernel: first-order backward in C++, recorded (create_graph) backward by recomputation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out, idx, mean, invstd = (_ext or extension()).forward(x, weight, bias, BN_EPS)
+        ctx.save_for_backward(x, weight, bias, idx, mean, invstd)
+        ctx.mark_non_differentiable(idx)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, idx, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # this backward is being recorded: differentiate the composed ops
+            inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
+            with torch.enable_grad():
+                out = bn_pool_relu_reference(x, weight, bias)
+            grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+            return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
+        dx, dw, db = _ext.backward(grad, x, weight, idx, mean, invstd)
+        return tuple(g if need else None for g, need in zip((dx, dw, db), ctx.needs_input_grad))
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a block on x [N, C, H, W] runs fused: the switch is on, the kernel `applies` and is built."""
+    return enabled() and applies(x) and available()
+
+
+def bn_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The kernel: batch norm of x [N, C, H, W] (channels-last) with its own statistics and affine
+    weight, bias [C], then 2x2 max-pool, then ReLU -> [N, C, H//2, W//2] (check `usable(x)` first)."""
+    return _BnPoolRelu.apply(x, weight, bias)

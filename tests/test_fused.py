@@ -1,0 +1,143 @@
+"""The fused batch norm -> max-pool -> ReLU kernel against the unfused ops (values, gradients, second order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines import fused
+from baselines.core import Ops, conv4_forward, conv4_init, conv_layout, episode_loss, inner_loop
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason=f"the fused kernel did not build: {fused.build_error()}")
+
+SHAPES = [(5, 8, 28, 28), (7, 16, 7, 7), (3, 4, 3, 3), (2, 3, 5, 6), (1, 2, 2, 2)]
+
+
+def inputs(shape, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=gen, dtype=dtype) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], generator=gen, dtype=dtype)  # some negative: the window maximum of y is not x's
+    b = torch.randn(shape[1], generator=gen, dtype=dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+def values_and_grads(fn, x, w, b, seed=1):
+    out = fn(x, w, b)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return (out, *torch.autograd.grad(out, (x, w, b), g))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_values_and_gradients_match_the_unfused_ops_in_float64(shape):
+    x, w, b = inputs(shape)
+    got = values_and_grads(fused.bn_pool_relu, x, w, b)
+    want = values_and_grads(fused.bn_pool_relu_reference, x, w, b)
+    assert got[0].shape == want[0].shape == (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_matches_to_rounding():
+    """Conv-4's first block on 5-way 1-shot queries (75x64x28x28). The per-channel sums (the weight and
+    bias gradients) run over 58800 terms in a different order from torch's: 1e-3 relative. A window whose
+    two largest values differ by a rounding error may send its gradient to the other one: the input
+    gradient may differ at a handful of the 3.8 million positions, never more."""
+    x, w, b = inputs((75, 64, 28, 28), torch.float32)
+    got = values_and_grads(fused.bn_pool_relu, x, w, b)
+    want = values_and_grads(fused.bn_pool_relu_reference, x, w, b)
+    for a, e, tol in zip(got, want, (1e-4, 1e-4, 1e-3, 1e-3)):
+        close = torch.isclose(a, e, rtol=tol, atol=tol * e.abs().max().item())
+        assert (~close).sum().item() <= (a.numel() // 100_000 if a.shape == x.shape else 0)
+
+
+def test_ties_and_relu_cut_route_the_gradient_like_torch():
+    """Equal values in a window (the first maximum wins, as in torch) and windows wholly below zero."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (4, 3, 6, 6), generator=gen).double().contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64), torch.tensor([0.0, 0.1, -3.0], dtype=torch.float64)
+    w.requires_grad_(), b.requires_grad_()
+    for a, e in zip(values_and_grads(fused.bn_pool_relu, x, w, b),
+                    values_and_grads(fused.bn_pool_relu_reference, x, w, b)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck():
+    assert torch.autograd.gradcheck(fused.bn_pool_relu, inputs((3, 4, 5, 4)))
+
+
+def test_second_order_gradients_are_exact():
+    """A recorded backward (create_graph=True) is the unfused block's, so a gradient of a gradient is exact."""
+    x, w, b = inputs((4, 6, 9, 8))
+
+    def grad_of_grad(fn):
+        gx, gw = torch.autograd.grad((fn(x, w, b) ** 2).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad((gx ** 3).sum() + (gw ** 2).sum(), (x, w, b))
+
+    for a, e in zip(grad_of_grad(fused.bn_pool_relu), grad_of_grad(fused.bn_pool_relu_reference)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, w, b = inputs((16, 32, 14, 14), torch.float32)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(values_and_grads(fused.bn_pool_relu, x, w, b))
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+
+
+def maml_meta_grad(first_order: bool):
+    gen = torch.Generator().manual_seed(0)
+    params = {k: v.double().requires_grad_() for k, v in conv4_init(gen, 1, 8, 5, 28).items()}
+    x, qx = torch.rand(10, 1, 28, 28, generator=gen, dtype=torch.float64), torch.rand(15, 1, 28, 28, generator=gen,
+                                                                                      dtype=torch.float64)
+    y, qy = torch.arange(5).repeat(2), torch.arange(5).repeat(3)
+    fast = inner_loop(episode_loss(conv4_forward), params, list(params), (x, y), 2, 0.4, first_order)
+    return torch.autograd.grad(F.cross_entropy(conv4_forward(fast, qx), qy), list(params.values()))
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_conv4_maml_meta_gradient_is_the_same_with_the_switch_on(first_order):
+    with fused.fused(False):
+        want = maml_meta_grad(first_order)
+    with fused.fused(True):
+        got = maml_meta_grad(first_order)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_the_switch_decides_per_call(monkeypatch):
+    x = conv_layout(torch.rand(4, 8, 6, 6))
+    monkeypatch.setenv("METABENCH_FUSED", "1")
+    assert fused.enabled() and fused.usable(x)
+    assert not fused.usable(x.contiguous())  # NCHW: the unfused ops
+    assert not fused.usable(torch.rand(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
+    with fused.fused(False):
+        assert not fused.usable(x)
+    monkeypatch.setenv("METABENCH_FUSED", "0")
+    assert not fused.enabled()
+    monkeypatch.setenv("METABENCH_FUSED", "yes")
+    with pytest.raises(ValueError, match="METABENCH_FUSED must be 0 or 1"):
+        fused.enabled()
+
+
+def test_layer_operations_with_their_own_batch_norm_keep_it():
+    """A subclass that changes batch norm (CAVIA's FiLM, MAML++'s per-step norm) never runs the kernel."""
+
+    class Shifted(Ops):
+        def bn(self, p, name, x):
+            return super().bn(p, name, x) + 1.0
+
+    p = {"bn.weight": torch.ones(4), "bn.bias": torch.zeros(4)}
+    x = conv_layout(torch.rand(3, 4, 6, 6))
+    with fused.fused(True):
+        got = Shifted().bn_pool_relu(p, "bn", x)
+    assert torch.equal(got, F.relu(F.max_pool2d(Shifted().bn(p, "bn", x), 2)))
