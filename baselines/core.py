@@ -10,7 +10,8 @@
   functorch issue): nothing here vmaps over batch norm; `batch_norm_explicit` is the formula for
   code that must.
 - `conv_layout` / `higher_order`: which memory layout a Conv-4 pass runs in (channels-last,
-  except passes whose backward is differentiated again); the values do not depend on it.
+  except passes whose backward is differentiated again, unless the blocks run fused:
+  `Ops.block_layout`); the values do not depend on it.
 - `Ops`: the layer operations (layout, conv, batch norm) every backbone's forward pass is written
   in (Conv-4 here, ResNet-12 and ResNet-18 in baselines/backbones.py); a fast path or a method
   substitutes some (task-batched grouped convolutions, MAML++'s per-step batch norm, CAVIA's
@@ -154,10 +155,24 @@ class Ops:
         """The weight and bias [C] of the plain batch norm `name` (per channel of the activations)."""
         return p[name + ".weight"], p[name + ".bias"]
 
+    def fuses(self) -> bool:
+        """Whether `bn_pool_relu` runs baselines/fused.py's kernel: its switch is on, it is built, and `bn` is
+        the plain batch norm (a subclass that changes it keeps the unfused ops)."""
+        return type(self).bn is Ops.bn and fused.enabled() and fused.available()
+
+    def block_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The input images [N, C, H, W] of a body of `bn_pool_relu` blocks (Conv-4) in their layout: `layout`,
+        but channels-last in second-order passes too where the blocks run fused (the kernel's double
+        backward takes channels-last and is faster than torch's in NCHW)."""
+        if self.fuses():
+            with higher_order(False):
+                return self.layout(x)
+        return self.layout(x)
+
     def bn_pool_relu(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
         """relu(max_pool2d(bn(x), 2)) for batch norm `name`: x [N, C, H, W] -> [N, C, H//2, W//2]; one fused
         kernel when its switch is on and it applies (baselines/fused.py; only where `bn` is the plain one)."""
-        if type(self).bn is Ops.bn and fused.usable(x):
+        if self.fuses() and fused.applies(x):
             return fused.bn_pool_relu(x, *self.bn_affine(p, name))
         return F.relu(F.max_pool2d(self.bn(p, name, x), 2))
 
@@ -167,7 +182,7 @@ PLAIN = Ops()
 
 def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
     """Conv-4 body: x [N, C, H, W] -> features [N, feat] (in the layer operations `ops`)."""
-    x = ops.layout(x)
+    x = ops.block_layout(x)
     for i in range(4):
         x = ops.bn_pool_relu(p, f"bn{i}", ops.conv(p, f"conv{i}", x))
     return x.flatten(1)

@@ -15,10 +15,11 @@ byte map and two per-channel vectors.
   transforms, in layer operations whose batch norm is the plain one; elsewhere (NCHW passes of
   second-order inner loops, 1x1 maps, vmap, MAML++'s and CAVIA's batch norm) the unfused ops run.
   `Ops.bn_pool_relu` in baselines/core.py decides per call (`usable`).
-- Backward is first order in the kernel. When the backward is itself recorded (create_graph=True:
-  a pass whose gradient is differentiated again), it recomputes the unfused block from the saved
-  input and differentiates that, so higher-order gradients are exact (tests/test_fused.py checks
-  values, gradients and second-order gradients in float64 against `bn_pool_relu_reference`).
+- Backward and its own backward (second order: MAML's inner loop) are in the kernel too: batch
+  norm's double backward in training mode, with the gradient routed through the saved window
+  maxima. A third order (a second-order gradient differentiated again) differentiates the unfused
+  block's recorded backward instead, so every order is exact (tests/test_fused.py checks values,
+  gradients, second- and third-order gradients in float64 against `bn_pool_relu_reference`).
 - Same numbers up to rounding: the kernel's per-channel sums are taken in fixed blocks and added in
   order, so its results do not depend on the thread count, but they are not bitwise torch's.
 - The kernel is compiled on first use with torch.utils.cpp_extension (a C++ compiler is needed;
@@ -119,27 +120,71 @@ def applies(x: torch.Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def reference_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unfused block's backward, recorded (differentiable): the gradients of x, weight, bias for the
+    output gradient g [N, C, H//2, W//2]."""
+    with torch.enable_grad():
+        x, weight, bias = partial_inputs(x, weight, bias)
+        out = bn_pool_relu_reference(x, weight, bias)
+        return torch.autograd.grad(out, (x, weight, bias), g, create_graph=True)
+
+
+def partial_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor as its own node of the graph (a view where it has a history, a fresh leaf where it has
+    none), so that gradients taken with respect to them are partial derivatives: in a meta-learning graph
+    x may itself depend on weight (through an inner loop), and differentiating with respect to the
+    tensors themselves would count that path twice."""
+    return [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in tensors]
+
+
+def _needed(grads: tuple[torch.Tensor | None, ...], needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(gr if need else None for gr, need in zip(grads, needs))
+
+
 class _BnPoolRelu(torch.autograd.Function):
-    """Autograd of the kernel: first-order backward in C++, recorded (create_graph) backward by recomputation."""
+    """The kernel's forward; backward in C++, recorded (create_graph) through `_BnPoolReluBackward`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         out, idx, mean, invstd = (_ext or extension()).forward(x, weight, bias, BN_EPS)
         ctx.save_for_backward(x, weight, bias, idx, mean, invstd)
-        ctx.mark_non_differentiable(idx)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, idx, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # this backward is being recorded: differentiate the composed ops
-            inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
+        if torch.is_grad_enabled():  # this backward is being recorded: a differentiable backward
+            return _needed(_BnPoolReluBackward.apply(grad, x, weight, bias, idx, mean, invstd), ctx.needs_input_grad)
+        return _needed(tuple(_ext.backward(grad, x, weight, idx, mean, invstd)), ctx.needs_input_grad)
+
+
+class _BnPoolReluBackward(torch.autograd.Function):
+    """The kernel's backward as a function of (g, x, weight): its own backward (the second-order terms) in
+    C++; a third order (its backward recorded) differentiates the unfused block's recorded backward."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                idx: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(grad, x, weight, bias, idx, mean, invstd)
+        return tuple(_ext.backward(grad, x, weight, idx, mean, invstd))
+
+    @staticmethod
+    def backward(ctx: Any, u: torch.Tensor | None, v: torch.Tensor | None,
+                 t: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad, x, weight, bias, idx, mean, invstd = ctx.saved_tensors
+        u = torch.zeros_like(x) if u is None else u
+        v = torch.zeros_like(weight) if v is None else v
+        t = torch.zeros_like(weight) if t is None else t
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # third order: the composed ops, recorded again
             with torch.enable_grad():
-                out = bn_pool_relu_reference(x, weight, bias)
-            grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-            return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
-        dx, dw, db = _ext.backward(grad, x, weight, idx, mean, invstd)
-        return tuple(g if need else None for g, need in zip((dx, dw, db), ctx.needs_input_grad))
+                inputs = partial_inputs(grad, x, weight)
+                outs = reference_backward(inputs[0], inputs[1], inputs[2], bias)
+                grads = torch.autograd.grad(outs, inputs, (u, v, t), create_graph=True, allow_unused=True)
+        else:
+            grads = tuple(_ext.double_backward(u, v, t, grad, x, weight, idx, mean, invstd))
+        return (*_needed(grads, needs), None, None, None, None)
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
-// Batch norm (the batch's own statistics) -> 2x2 max-pool (stride 2) -> ReLU as one CPU kernel, forward
-// and first-order backward, for channels-last tensors. Built and wrapped by baselines/fused.py, which
-// holds the autograd Function, the switch and the fallback; this file holds only the arithmetic.
+// Batch norm (the batch's own statistics) -> 2x2 max-pool (stride 2) -> ReLU as one CPU kernel: forward,
+// backward and the backward of that backward (second order), for channels-last tensors. Built and
+// wrapped by baselines/fused.py, which holds the autograd Functions, the switch and the fallbacks; this
+// file holds only the arithmetic.
 //
 // Layout: x is [N, C, H, W] in channels-last memory (N, H, W, C); the output is [N, C, H/2, W/2], also
 // channels-last. The kernel keeps, per output element, one byte: which of the 4 window positions was
@@ -119,38 +120,102 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   });
 }
 
+// Per-channel coefficients of `full_pass`.
+template <typename T>
+struct Coef {
+  const T* k;
+  const T* a;
+  const T* b;
+  const T* l;
+};
+
+// One pixel's C channels of `full_pass` (restrict pointers in a plain function: it vectorises).
+template <typename T>
+void row_pass(const T* __restrict x, const T* __restrict u, const T* __restrict g, const uint8_t* __restrict k,
+              uint8_t here, Coef<T> co, T* __restrict d, int64_t C) {
+  const T* __restrict kc = co.k;
+  const T* __restrict ac = co.a;
+  const T* __restrict bc = co.b;
+  const T* __restrict lc = co.l;
+  if (g && u) {
+    for (int64_t c = 0; c < C; ++c) d[c] = kc[c] * (k[c] == here ? g[c] : T(0)) + ac[c] + bc[c] * x[c] + lc[c] * u[c];
+  } else if (g) {
+    for (int64_t c = 0; c < C; ++c) d[c] = kc[c] * (k[c] == here ? g[c] : T(0)) + ac[c] + bc[c] * x[c];
+  } else if (u) {
+    for (int64_t c = 0; c < C; ++c) d[c] = ac[c] + bc[c] * x[c] + lc[c] * u[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) d[c] = ac[c] + bc[c] * x[c];
+  }
+}
+
+// out = K * dy + A + B * x + L * u at every input position (per-channel K, A, B, L), where dy is g at
+// the window maximum it came from (zero elsewhere and where the ReLU cut it) and u another full-size
+// map (nullptr: L * u is left out). The input gradient of backward and of double_backward.
+template <typename T>
+void full_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& idx, const T* up, Coef<T> co, T* dp) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
+  const T* xp = x.data_ptr<T>();
+  const T* gp = g.data_ptr<T>();
+  const uint8_t* kp = idx.data_ptr<uint8_t>();
+  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / H, h = i % H, oh = h / 2;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t ow = w / 2, at_pos = (i * W + w) * C;
+        const bool pooled = oh < OH && ow < OW;
+        const int64_t j = ((n * OH + oh) * OW + ow) * C;
+        row_pass<T>(xp + at_pos, up ? up + at_pos : nullptr, pooled ? gp + j : nullptr, pooled ? kp + j : nullptr,
+                    uint8_t((h % 2) * 2 + (w % 2)), co, dp + at_pos, C);
+      }
+    }
+  });
+}
+
+// Per-channel sums over the pooled positions, with dy = g where the ReLU let it through (else 0) and x, u
+// read at the window maximum: sdy = sum dy, sdyx = sum dy (x - mean), and, when u is given, sdyu = sum dy u.
+template <typename T>
+void pooled_sums(const at::Tensor& x, const at::Tensor& g, const at::Tensor& idx, const T* up, const T* mean,
+                 std::vector<double>& sdy, std::vector<double>& sdyx, std::vector<double>& sdyu) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
+  const T* xp = x.data_ptr<T>();
+  const T* gp = g.data_ptr<T>();
+  const uint8_t* kp = idx.data_ptr<uint8_t>();
+  std::vector<double> unused;
+  for (int pass = 0; pass < (up ? 2 : 1); ++pass) {
+    block_sums<T>(N * OH * OW, C, [&](int64_t j, T* __restrict a1, T* __restrict a2) {
+      const int64_t n = j / (OH * OW), rest = j % (OH * OW), oh = rest / OW, ow = rest % OW;
+      const int64_t base = ((n * H + 2 * oh) * W + 2 * ow) * C;
+      const T* src = pass == 0 ? xp : up;
+      const T* p0 = src + base;
+      const T* p1 = p0 + C;
+      const T* p2 = p0 + W * C;
+      const T* p3 = p2 + C;
+      const uint8_t* k = kp + j * C;
+      const T* gg = gp + j * C;
+      const T* mt = pass == 0 ? mean : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const uint8_t win = k[c];
+        const T dy = win == CUT ? T(0) : gg[c];
+        const T v = win == 0 ? p0[c] : win == 1 ? p1[c] : win == 2 ? p2[c] : p3[c];
+        a1[c] += dy;
+        a2[c] += dy * (mt ? v - mt[c] : v);
+      }
+    }, pass == 0 ? sdy : unused, pass == 0 ? sdyx : sdyu);
+  }
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx,
                    const at::Tensor& mean_t, const at::Tensor& invstd_t, at::Tensor& dx, at::Tensor& dw,
                    at::Tensor& db) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t OH = H / 2, OW = W / 2, M = N * H * W;
-  const T* xp = x.data_ptr<T>();
-  const T* gp = g.data_ptr<T>();
-  const uint8_t* kp = idx.data_ptr<uint8_t>();
+  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
   const double* mp = mean_t.data_ptr<double>();
   const double* ip = invstd_t.data_ptr<double>();
   // The gradient reaching batch norm is g at each window's maximum (where the ReLU let it through) and
   // zero elsewhere: sums of dy and dy * (x - mean) over the output positions, x at the maximum.
   std::vector<T> mean_T(mp, mp + C);
-  const T* mt = mean_T.data();
-  std::vector<double> sdy, sdyx;
-  block_sums<T>(N * OH * OW, C, [&](int64_t j, T* __restrict a1, T* __restrict a2) {
-    const int64_t n = j / (OH * OW), rest = j % (OH * OW), oh = rest / OW, ow = rest % OW;
-    const T* p0 = xp + ((n * H + 2 * oh) * W + 2 * ow) * C;
-    const T* p1 = p0 + C;
-    const T* p2 = p0 + W * C;
-    const T* p3 = p2 + C;
-    const uint8_t* k = kp + j * C;
-    const T* gg = gp + j * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const uint8_t win = k[c];
-      const T dy = win == CUT ? T(0) : gg[c];
-      const T xm = win == 0 ? p0[c] : win == 1 ? p1[c] : win == 2 ? p2[c] : p3[c];
-      a1[c] += dy;
-      a2[c] += dy * (xm - mt[c]);
-    }
-  }, sdy, sdyx);
+  std::vector<double> sdy, sdyx, unused;
+  pooled_sums<T>(x, g, idx, nullptr, mean_T.data(), sdy, sdyx, unused);
   const T* wp = weight.data_ptr<T>();
   T* dwp = dw.data_ptr<T>();
   T* dbp = db.data_ptr<T>();
@@ -165,31 +230,88 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w
     ac[c] = T(-k * mdy + k * mdyx * ip[c] * mp[c]);
     bc[c] = T(-k * mdyx * ip[c]);
   }
-  T* dp = dx.data_ptr<T>();
-  const T* kcp = kc.data();
-  const T* acp = ac.data();
-  const T* bcp = bc.data();
-  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / H, h = i % H, oh = h / 2;
-      const bool in_rows = oh < OH;
-      for (int64_t w = 0; w < W; ++w) {
-        const int64_t ow = w / 2;
-        const T* xr = xp + (i * W + w) * C;
-        T* __restrict d = dp + (i * W + w) * C;
-        if (in_rows && ow < OW) {
-          const uint8_t here = uint8_t((h % 2) * 2 + (w % 2));
-          const int64_t j = ((n * OH + oh) * OW + ow) * C;
-          const uint8_t* k = kp + j;
-          const T* gg = gp + j;
-          for (int64_t c = 0; c < C; ++c) {
-            const T dy = k[c] == here ? gg[c] : T(0);
-            d[c] = kcp[c] * dy + acp[c] + bcp[c] * xr[c];
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) d[c] = acp[c] + bcp[c] * xr[c];
-        }
-      }
+  std::vector<T> lc(C, T(0));
+  full_pass<T>(x, g, idx, nullptr, {kc.data(), ac.data(), bc.data(), lc.data()}, dx.data_ptr<T>());
+}
+
+// One pooled pixel of the g-gradient: P u + Q x at the window maximum, plus R; zero where the ReLU cut.
+// x0, u0 point at the window's first position; `row` is one image row (W * C) further.
+template <typename T>
+void gather_pass(const T* __restrict x0, const T* __restrict u0, int64_t row, const uint8_t* __restrict k,
+                 const T* __restrict p, const T* __restrict q, const T* __restrict r, T* __restrict out, int64_t C) {
+  const T* x1 = x0 + C;
+  const T* x2 = x0 + row;
+  const T* x3 = x2 + C;
+  const T* u1 = u0 + C;
+  const T* u2 = u0 + row;
+  const T* u3 = u2 + C;
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t win = k[c];
+    const T xm = win == 0 ? x0[c] : win == 1 ? x1[c] : win == 2 ? x2[c] : x3[c];
+    const T um = win == 0 ? u0[c] : win == 1 ? u1[c] : win == 2 ? u2[c] : u3[c];
+    out[c] = win == CUT ? T(0) : p[c] * um + q[c] * xm + r[c];
+  }
+}
+
+// The backward of `backward` (second-order gradients): given u, v, t, the gradients reaching dx [N, C, H, W],
+// dweight [C] and dbias [C], the gradients of g, x and weight. The formulas are batch norm's double
+// backward in training mode (mean and invstd as functions of x), with dy = g routed to the window maxima.
+template <typename T>
+void double_backward_impl(const at::Tensor& u, const at::Tensor& v, const at::Tensor& t, const at::Tensor& g,
+                          const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& mean_t,
+                          const at::Tensor& invstd_t, at::Tensor& gg, at::Tensor& gx, at::Tensor& gw) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t OH = H / 2, OW = W / 2;
+  const double M = double(N * H * W);
+  const T* xp = x.data_ptr<T>();
+  const T* upp = u.data_ptr<T>();
+  const double* mp = mean_t.data_ptr<double>();
+  const double* ip = invstd_t.data_ptr<double>();
+  std::vector<T> mean_T(mp, mp + C);
+  // Sg = sum dy, Sgx = sum dy (x - mean), Sgu = sum dy u (pooled positions); Su = sum u, Sux = sum u (x - mean).
+  std::vector<double> Sg, Sgx, Sgu, Su, Sux;
+  pooled_sums<T>(x, g, idx, upp, mean_T.data(), Sg, Sgx, Sgu);
+  const T* mt = mean_T.data();
+  block_sums<T>(N * H * W, C, [&](int64_t r, T* __restrict a1, T* __restrict a2) {
+    const T* xr = xp + r * C;
+    const T* ur = upp + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      a1[c] += ur[c];
+      a2[c] += ur[c] * (xr[c] - mt[c]);
+    }
+  }, Su, Sux);
+  const T* wp = weight.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* tp = t.data_ptr<T>();
+  T* gwp = gw.data_ptr<T>();
+  std::vector<T> kc(C), ac(C), bc(C), lc(C), pc(C), qc(C), rc(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double s = ip[c], s3 = s * s * s, w = wp[c], vv = vp[c], mu = mp[c];
+    const double all_sub = Su[c] * Sg[c] / M - Sgu[c] + 3.0 * s * s * Sgx[c] * Sux[c] / M;
+    // gx = A (x - mean) + B + K dy + L u
+    const double A = w * s3 * all_sub / M - vv * s3 * Sgx[c] / M;
+    const double B = w * (Sux[c] * s3 / M) * (Sg[c] / M) + w * (Sgx[c] * s3 / M) * (Su[c] / M) - vv * s * Sg[c] / M;
+    kc[c] = T(-w * Sux[c] * s3 / M + vv * s);
+    lc[c] = T(-w * Sgx[c] * s3 / M);
+    bc[c] = T(A);
+    ac[c] = T(B - A * mu);
+    gwp[c] = T(s * (Sgu[c] - Su[c] * Sg[c] / M - s * s * Sgx[c] * Sux[c] / M));
+    // gg (at a live window maximum) = P u + Q x + R
+    pc[c] = T(w * s);
+    qc[c] = T(-w * s3 * Sux[c] / M + vv * s);
+    rc[c] = T(-w * s * Su[c] / M + w * s3 * Sux[c] * mu / M - vv * s * mu + tp[c]);
+  }
+  full_pass<T>(x, g, idx, upp, {kc.data(), ac.data(), bc.data(), lc.data()}, gx.data_ptr<T>());
+  const uint8_t* kp = idx.data_ptr<uint8_t>();
+  T* ggp = gg.data_ptr<T>();
+  const T* pcp = pc.data();
+  const T* qcp = qc.data();
+  const T* rcp = rc.data();
+  at::parallel_for(0, N * OH * OW, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n = j / (OH * OW), rest = j % (OH * OW), oh = rest / OW, ow = rest % OW;
+      const int64_t base = ((n * H + 2 * oh) * W + 2 * ow) * C;
+      gather_pass<T>(xp + base, upp + base, W * C, kp + j * C, pcp, qcp, rcp, ggp + j * C, C);
     }
   });
 }
@@ -231,7 +353,25 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
   return {dx, dw, db};
 }
 
+std::vector<at::Tensor> double_backward(const at::Tensor& u, const at::Tensor& v, const at::Tensor& t,
+                                        const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& invstd) {
+  check(x, weight);
+  at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor uu = u.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor w = weight.contiguous(), vv = v.contiguous(), tt = t.contiguous();
+  at::Tensor gg = at::empty_like(g, g.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor gx = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor gw = at::empty({x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bn_pool_relu_double_backward", [&] {
+    double_backward_impl<scalar_t>(uu, vv, tt, g, x, w, idx, mean, invstd, gg, gx, gw);
+  });
+  return {gg, gx, gw};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("double_backward", &double_backward,
+        "backward of backward: gradients of g, x, weight from those of dx, dweight, dbias");
   m.def("forward", &forward, "batch norm -> 2x2 max-pool -> ReLU (channels-last): out, window index, mean, invstd");
   m.def("backward", &backward, "first-order backward of forward: dx, dweight, dbias");
 }

@@ -64,8 +64,9 @@ def test_ties_and_relu_cut_route_the_gradient_like_torch():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck():
+def test_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradcheck(fused.bn_pool_relu, inputs((3, 4, 5, 4)))
+    assert torch.autograd.gradgradcheck(fused.bn_pool_relu, inputs((3, 4, 5, 4), seed=2))
 
 
 def test_second_order_gradients_are_exact():
@@ -78,6 +79,19 @@ def test_second_order_gradients_are_exact():
 
     for a, e in zip(grad_of_grad(fused.bn_pool_relu), grad_of_grad(fused.bn_pool_relu_reference)):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+def test_third_order_gradients_are_exact():
+    """The kernel's double backward, recorded, falls back to the unfused block's: a third order is exact too."""
+    x, w, b = inputs((3, 5, 6, 6), seed=4)
+
+    def third(fn):
+        (gx,) = torch.autograd.grad((fn(x, w, b) ** 2).sum(), (x,), create_graph=True)
+        (ggx,) = torch.autograd.grad((gx ** 2).sum(), (x,), create_graph=True)
+        return torch.autograd.grad((ggx ** 2).sum() + ggx.sum(), (x, w, b))
+
+    for a, e in zip(third(fused.bn_pool_relu), third(fused.bn_pool_relu_reference)):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -105,11 +119,17 @@ def maml_meta_grad(first_order: bool):
 
 
 @pytest.mark.parametrize("first_order", [True, False])
-def test_conv4_maml_meta_gradient_is_the_same_with_the_switch_on(first_order):
+def test_conv4_maml_meta_gradient_is_the_same_with_the_switch_on(first_order, monkeypatch):
+    """Every block of every pass runs fused with the switch on (the second-order inner steps included: they
+    go channels-last), and the meta-gradient is the unfused one."""
     with fused.fused(False):
         want = maml_meta_grad(first_order)
+    calls = []
+    kernel = fused.bn_pool_relu
+    monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append(1) or kernel(*a))
     with fused.fused(True):
         got = maml_meta_grad(first_order)
+    assert len(calls) == 4 * 3  # 4 blocks x (2 inner steps + the query pass)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
