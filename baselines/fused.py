@@ -12,9 +12,10 @@ byte map and two per-channel vectors.
 - Switch: `METABENCH_FUSED=1` in the environment (read at each call), or `fused(True)` around code.
   `metabench perf` times it as the `metabench-fused` implementation.
 - Where it applies: CPU, float32/float64, channels-last maps of at least 2x2, outside torch.func
-  transforms, in layer operations whose batch norm is the plain one; elsewhere (NCHW passes of
-  second-order inner loops, 1x1 maps, vmap, MAML++'s and CAVIA's batch norm) the unfused ops run.
-  `Ops.bn_pool_relu` in baselines/core.py decides per call (`usable`).
+  transforms, in layer operations whose batch norm is the plain one (`Ops.fuses` in
+  baselines/core.py; Conv-4 then runs channels-last in second-order passes too); elsewhere (1x1
+  maps, vmap, MAML++'s and CAVIA's batch norm, the ResNets) the unfused ops run. Summary: Conv-4
+  methods on the plain or task-batched layer operations.
 - Backward and its own backward (second order: MAML's inner loop) are in the kernel too: batch
   norm's double backward in training mode, with the gradient routed through the saved window
   maxima. A third order (a second-order gradient differentiated again) differentiates the unfused
