@@ -2,8 +2,9 @@
 peak memory, evaluation throughput and achieved FLOP rate, side by side with learn2learn.
 
 For each workload (a method's paper settings on a benchmark shape, `WORKLOADS`), implementation
-("metabench", and "l2l" when learn2learn is installed) and method ("maml", "fomaml", or any
-registered gradient method for metabench), one fresh worker process measures:
+("metabench" and its variants "metabench-batched", "metabench-lean" and "metabench-fused" (with
+baselines/fused.py's kernel); "reference"; "l2l" when learn2learn is installed) and method ("maml",
+"fomaml", or any registered gradient method for metabench), one fresh worker process measures:
 
 - sec_per_iter: median seconds of one meta-iteration (one outer update on a meta-batch) over
   `repeats` runs after `warmup` iterations;

@@ -161,3 +161,27 @@ def test_layer_operations_with_their_own_batch_norm_keep_it():
     with fused.fused(True):
         got = Shifted().bn_pool_relu(p, "bn", x)
     assert torch.equal(got, F.relu(F.max_pool2d(Shifted().bn(p, "bn", x), 2)))
+
+
+def test_task_batched_network_runs_fused_with_the_same_values_and_gradients(monkeypatch):
+    """The task-batched layer operations (grouped convolutions, one task per group of channels) fuse too."""
+    from baselines.taskbatch import conv4_forward_tasks, stack_params
+
+    gen = torch.Generator().manual_seed(5)
+    params = {k: v.double().requires_grad_() for k, v in conv4_init(gen, 1, 8, 5, 28).items()}
+    x = torch.rand(3, 10, 1, 28, 28, generator=gen, dtype=torch.float64)
+
+    def run():
+        out = conv4_forward_tasks(stack_params(params, 3), x)
+        return (out, *torch.autograd.grad((out ** 2).sum(), list(params.values())))
+
+    with fused.fused(False):
+        want = run()
+    calls = []
+    kernel = fused.bn_pool_relu
+    monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append(1) or kernel(*a))
+    with fused.fused(True):
+        got = run()
+    assert len(calls) == 4
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
