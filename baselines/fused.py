@@ -34,6 +34,7 @@ import hashlib
 import os
 import platform
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -83,6 +84,8 @@ def extension() -> Any:
                             extra_cflags=["-O3", "-march=native"], verbose=False)
             except Exception as exc:  # no compiler, no headers: the unfused ops serve
                 _build_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"baselines/fused.py: the fused kernel could not be built, so the unfused ops run "
+                              f"({_build_error.splitlines()[0][:300]})", RuntimeWarning, stacklevel=2)
         return _ext
 
 

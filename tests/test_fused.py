@@ -185,3 +185,20 @@ def test_task_batched_network_runs_fused_with_the_same_values_and_gradients(monk
     assert len(calls) == 4
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_a_failed_build_says_so_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_build_error", None)
+    with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
+        assert not fused.available()
+    assert "Ninja" in fused.build_error()
+    assert not fused.available()  # remembered: no second attempt, no second warning
+    with fused.fused(True):
+        assert not Ops().fuses()
