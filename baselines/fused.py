@@ -191,12 +191,7 @@ class _BnPoolReluBackward(torch.autograd.Function):
         return (*_needed(grads, needs), None, None, None, None)
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether a block on x [N, C, H, W] runs fused: the switch is on, the kernel `applies` and is built."""
-    return enabled() and applies(x) and available()
-
-
 def bn_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The kernel: batch norm of x [N, C, H, W] (channels-last) with its own statistics and affine
-    weight, bias [C], then 2x2 max-pool, then ReLU -> [N, C, H//2, W//2] (check `usable(x)` first)."""
+    weight, bias [C], then 2x2 max-pool, then ReLU -> [N, C, H//2, W//2] (where `applies(x)`; `Ops.fuses` says when)."""
     return _BnPoolRelu.apply(x, weight, bias)

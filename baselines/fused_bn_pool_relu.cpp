@@ -171,37 +171,30 @@ void full_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& idx, 
   });
 }
 
-// Per-channel sums over the pooled positions, with dy = g where the ReLU let it through (else 0) and x, u
-// read at the window maximum: sdy = sum dy, sdyx = sum dy (x - mean), and, when u is given, sdyu = sum dy u.
+// Per-channel sums over the pooled positions, with dy = g where the ReLU let it through (else 0) and v the
+// value of `src` (x or u, full-size maps like x) at the window maximum: s_dy = sum dy, s_dyv = sum dy (v - shift).
 template <typename T>
-void pooled_sums(const at::Tensor& x, const at::Tensor& g, const at::Tensor& idx, const T* up, const T* mean,
-                 std::vector<double>& sdy, std::vector<double>& sdyx, std::vector<double>& sdyu) {
+void pooled_sums(const at::Tensor& x, const at::Tensor& g, const at::Tensor& idx, const T* src, const T* shift,
+                 std::vector<double>& s_dy, std::vector<double>& s_dyv) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
-  const T* xp = x.data_ptr<T>();
   const T* gp = g.data_ptr<T>();
   const uint8_t* kp = idx.data_ptr<uint8_t>();
-  std::vector<double> unused;
-  for (int pass = 0; pass < (up ? 2 : 1); ++pass) {
-    block_sums<T>(N * OH * OW, C, [&](int64_t j, T* __restrict a1, T* __restrict a2) {
-      const int64_t n = j / (OH * OW), rest = j % (OH * OW), oh = rest / OW, ow = rest % OW;
-      const int64_t base = ((n * H + 2 * oh) * W + 2 * ow) * C;
-      const T* src = pass == 0 ? xp : up;
-      const T* p0 = src + base;
-      const T* p1 = p0 + C;
-      const T* p2 = p0 + W * C;
-      const T* p3 = p2 + C;
-      const uint8_t* k = kp + j * C;
-      const T* gg = gp + j * C;
-      const T* mt = pass == 0 ? mean : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
-        const uint8_t win = k[c];
-        const T dy = win == CUT ? T(0) : gg[c];
-        const T v = win == 0 ? p0[c] : win == 1 ? p1[c] : win == 2 ? p2[c] : p3[c];
-        a1[c] += dy;
-        a2[c] += dy * (mt ? v - mt[c] : v);
-      }
-    }, pass == 0 ? sdy : unused, pass == 0 ? sdyx : sdyu);
-  }
+  block_sums<T>(N * OH * OW, C, [&](int64_t j, T* __restrict a1, T* __restrict a2) {
+    const int64_t n = j / (OH * OW), rest = j % (OH * OW), oh = rest / OW, ow = rest % OW;
+    const T* p0 = src + ((n * H + 2 * oh) * W + 2 * ow) * C;
+    const T* p1 = p0 + C;
+    const T* p2 = p0 + W * C;
+    const T* p3 = p2 + C;
+    const uint8_t* k = kp + j * C;
+    const T* gg = gp + j * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const uint8_t win = k[c];
+      const T dy = win == CUT ? T(0) : gg[c];
+      const T v = win == 0 ? p0[c] : win == 1 ? p1[c] : win == 2 ? p2[c] : p3[c];
+      a1[c] += dy;
+      a2[c] += dy * (v - shift[c]);
+    }
+  }, s_dy, s_dyv);
 }
 
 template <typename T>
@@ -214,8 +207,8 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w
   // The gradient reaching batch norm is g at each window's maximum (where the ReLU let it through) and
   // zero elsewhere: sums of dy and dy * (x - mean) over the output positions, x at the maximum.
   std::vector<T> mean_T(mp, mp + C);
-  std::vector<double> sdy, sdyx, unused;
-  pooled_sums<T>(x, g, idx, nullptr, mean_T.data(), sdy, sdyx, unused);
+  std::vector<double> sdy, sdyx;
+  pooled_sums<T>(x, g, idx, x.data_ptr<T>(), mean_T.data(), sdy, sdyx);
   const T* wp = weight.data_ptr<T>();
   T* dwp = dw.data_ptr<T>();
   T* dbp = db.data_ptr<T>();
@@ -267,10 +260,11 @@ void double_backward_impl(const at::Tensor& u, const at::Tensor& v, const at::Te
   const T* upp = u.data_ptr<T>();
   const double* mp = mean_t.data_ptr<double>();
   const double* ip = invstd_t.data_ptr<double>();
-  std::vector<T> mean_T(mp, mp + C);
+  std::vector<T> mean_T(mp, mp + C), zero(C, T(0));
   // Sg = sum dy, Sgx = sum dy (x - mean), Sgu = sum dy u (pooled positions); Su = sum u, Sux = sum u (x - mean).
-  std::vector<double> Sg, Sgx, Sgu, Su, Sux;
-  pooled_sums<T>(x, g, idx, upp, mean_T.data(), Sg, Sgx, Sgu);
+  std::vector<double> Sg, Sgx, Sg_again, Sgu, Su, Sux;
+  pooled_sums<T>(x, g, idx, xp, mean_T.data(), Sg, Sgx);
+  pooled_sums<T>(x, g, idx, upp, zero.data(), Sg_again, Sgu);
   const T* mt = mean_T.data();
   block_sums<T>(N * H * W, C, [&](int64_t r, T* __restrict a1, T* __restrict a2) {
     const T* xr = xp + r * C;

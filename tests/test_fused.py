@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines import fused
-from baselines.core import Ops, conv4_forward, conv4_init, conv_layout, episode_loss, inner_loop
+from baselines.core import PLAIN, Ops, conv4_forward, conv4_init, conv_layout, episode_loss, inner_loop
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason=f"the fused kernel did not build: {fused.build_error()}")
 
@@ -20,6 +20,15 @@ def inputs(shape, dtype=torch.float64, seed=0):
     w = torch.randn(shape[1], generator=gen, dtype=dtype)  # some negative: the window maximum of y is not x's
     b = torch.randn(shape[1], generator=gen, dtype=dtype)
     return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that grows by one each time a block runs the kernel (through baselines.core's layer operations)."""
+    calls = []
+    kernel = fused.bn_pool_relu
+    monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append(1) or kernel(*a))
+    return calls
 
 
 def values_and_grads(fn, x, w, b, seed=1):
@@ -70,7 +79,7 @@ def test_gradcheck_and_gradgradcheck():
 
 
 def test_second_order_gradients_are_exact():
-    """A recorded backward (create_graph=True) is the unfused block's, so a gradient of a gradient is exact."""
+    """The kernel's backward of its backward (a gradient of a gradient) against the unfused block's."""
     x, w, b = inputs((4, 6, 9, 8))
 
     def grad_of_grad(fn):
@@ -119,29 +128,30 @@ def maml_meta_grad(first_order: bool):
 
 
 @pytest.mark.parametrize("first_order", [True, False])
-def test_conv4_maml_meta_gradient_is_the_same_with_the_switch_on(first_order, monkeypatch):
+def test_conv4_maml_meta_gradient_is_the_same_with_the_switch_on(first_order, kernel_calls):
     """Every block of every pass runs fused with the switch on (the second-order inner steps included: they
     go channels-last), and the meta-gradient is the unfused one."""
     with fused.fused(False):
         want = maml_meta_grad(first_order)
-    calls = []
-    kernel = fused.bn_pool_relu
-    monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append(1) or kernel(*a))
+    assert kernel_calls == []
     with fused.fused(True):
         got = maml_meta_grad(first_order)
-    assert len(calls) == 4 * 3  # 4 blocks x (2 inner steps + the query pass)
+    assert len(kernel_calls) == 4 * 3  # 4 blocks x (2 inner steps + the query pass)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
 def test_the_switch_decides_per_call(monkeypatch):
+    def runs_fused(x):  # the decision of Ops.bn_pool_relu
+        return PLAIN.fuses() and fused.applies(x)
+
     x = conv_layout(torch.rand(4, 8, 6, 6))
     monkeypatch.setenv("METABENCH_FUSED", "1")
-    assert fused.enabled() and fused.usable(x)
-    assert not fused.usable(x.contiguous())  # NCHW: the unfused ops
-    assert not fused.usable(torch.rand(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
+    assert fused.enabled() and runs_fused(x)
+    assert not runs_fused(x.contiguous())  # NCHW: the unfused ops
+    assert not runs_fused(torch.rand(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
     with fused.fused(False):
-        assert not fused.usable(x)
+        assert not runs_fused(x)
     monkeypatch.setenv("METABENCH_FUSED", "0")
     assert not fused.enabled()
     monkeypatch.setenv("METABENCH_FUSED", "yes")
@@ -163,7 +173,7 @@ def test_layer_operations_with_their_own_batch_norm_keep_it():
     assert torch.equal(got, F.relu(F.max_pool2d(Shifted().bn(p, "bn", x), 2)))
 
 
-def test_task_batched_network_runs_fused_with_the_same_values_and_gradients(monkeypatch):
+def test_task_batched_network_runs_fused_with_the_same_values_and_gradients(kernel_calls):
     """The task-batched layer operations (grouped convolutions, one task per group of channels) fuse too."""
     from baselines.taskbatch import conv4_forward_tasks, stack_params
 
@@ -177,12 +187,10 @@ def test_task_batched_network_runs_fused_with_the_same_values_and_gradients(monk
 
     with fused.fused(False):
         want = run()
-    calls = []
-    kernel = fused.bn_pool_relu
-    monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append(1) or kernel(*a))
+    assert kernel_calls == []
     with fused.fused(True):
         got = run()
-    assert len(calls) == 4
+    assert len(kernel_calls) == 4
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
