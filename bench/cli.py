@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = resolve_root(args.root)
     cfg = RunConfig(args.method, args.benchmark, args.seed, args.steps, args.chunk, args.val_episodes,
                     args.test_episodes, parse_overrides(args.set), args.patience, args.label, args.device,
-                    args.step_curve, args.permutations, args.flops, args.axis_episodes)
+                    args.step_curve, args.permutations, args.flops, args.axis_episodes, args.fused)
     dirs = RunDirs(root, Path(args.results), Path(args.runs) if args.runs else root / "runs")
     warn_oversubscription()
     note = None if args.quiet else preset_note(cfg, dirs, args.restart)
@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     s.add_argument("--quiet", action="store_true", help="no progress bars or announcements; only the final summary")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")
-    from bench.grid import add_axis_flags
+    from bench.grid import FUSED_HELP, add_axis_flags
+
+    s.add_argument("--fused", action="store_true", default=False,
+                   help=FUSED_HELP + " (default: as METABENCH_FUSED says)")
 
     add_axis_flags(s)
     s.set_defaults(func=cmd_run)

@@ -37,10 +37,13 @@ from bench.paths import resolve_root
 AXIS_KEYS = ("step_curve", "permutations", "flops", "axis_episodes")
 """Run fields of the evaluation axes (bench.axes; RunConfig): step_curve and flops true/false, permutations N,
 axis_episodes N (the first N test episodes)."""
-RUN_KEYS = ("chunk", "val_episodes", "test_episodes", "patience", *AXIS_KEYS)
-GRID_KEYS = {"methods", "benchmarks", "seeds", "steps", "chunk", "val_episodes", "test_episodes", "patience",
-             "results", "runs", "root", "device", "retries", "workers", "threads", "set", "method_set",
-             "benchmark_steps", "label", "part", *AXIS_KEYS}
+RUN_KEYS = ("chunk", "val_episodes", "test_episodes", "patience", "fused", *AXIS_KEYS)
+GRID_KEYS = {"methods", "benchmarks", "seeds", "steps", "results", "runs", "root", "device", "retries", "workers",
+             "threads", "set", "method_set", "benchmark_steps", "label", "part", *RUN_KEYS}
+SWITCH_KEYS = ("step_curve", "flops", "fused")
+"""Run fields that are true or false."""
+FUSED_HELP = ("run with baselines/fused.py's kernel (batch norm, max-pool and ReLU as one: the same numbers up to "
+              "rounding; the device column ends in -fused)")
 PART_KEYS = {"methods", "benchmarks", "seeds", "steps", "benchmark_steps", "set", "method_set", "label", *RUN_KEYS}
 """Keys of a grid file's `[[part]]` tables: a grid of its own beside the main one (another budget, a long run),
 which takes the main grid's methods, benchmarks, seeds, set, method_set and label where it does not say."""
@@ -172,6 +175,10 @@ def load_grid_file(path: Path) -> dict[str, Any]:
         if unknown:
             raise MetabenchError(f"{path}: [[part]] number {i + 1}: unknown key(s) {unknown}; a part has "
                                  f"{sorted(PART_KEYS)}")
+    for where, table in (("", data), *((f"[[part]] number {i + 1}: ", part) for i, part in enumerate(parts))):
+        wrong = [k for k in SWITCH_KEYS if k in table and not isinstance(table[k], bool)]
+        if wrong:
+            raise MetabenchError(f"{path}: {where}{wrong[0]} must be true or false, not {table[wrong[0]]!r}")
         if "benchmarks" in part:
             part["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
                                   for b in part["benchmarks"]]
@@ -242,7 +249,9 @@ def run_args_cli(cell: Cell, spec: GridSpec) -> list[str]:
     if cell.label:
         args += ["--label", cell.label]
     for key, value in {**spec.run_args, **cell.run_args}.items():
-        if isinstance(value, bool):  # an axis switch: only "off" has a flag
+        if key == "fused":  # a switch whose only flag is "on"
+            args += ["--fused"] if value else []
+        elif isinstance(value, bool):  # an axis switch: only "off" has a flag
             args += [] if value else [f"--no-{key.replace('_', '-')}"]
         else:
             args += [f"--{key.replace('_', '-')}", str(value)]
@@ -473,6 +482,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--test-episodes", type=int, default=None, help="test episodes (default: the benchmark's)")
     s.add_argument("--patience", type=int, default=None, help="early stop after this many chunks without gain")
     add_axis_flags(s, default=None)
+    s.add_argument("--fused", action="store_const", const=True, default=None,
+                   help=FUSED_HELP + " (default: the grid file's fused, else as METABENCH_FUSED says)")
     s.add_argument("--workers", type=int, default=None, help="cells at a time (default: usable cores)")
     s.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / workers)")
     s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",

@@ -55,7 +55,9 @@ class RunConfig:
     inner step; permutations: label permutations per test episode (the identity included; 0 or 1: off);
     axis_episodes: the steps and permutation axes on the first this many test episodes only (None: all;
     they cost several evaluations each); flops: count the FLOPs of one outer step and one adaptation into
-    the run card."""
+    the run card. fused: run with baselines/fused.py's kernel switched on (batch norm, max-pool and ReLU as
+    one kernel: the same numbers up to rounding, the device column ends in "-fused"); False leaves the
+    switch as METABENCH_FUSED says."""
 
     method: str
     benchmark: str | benchmarks.Benchmark
@@ -72,6 +74,7 @@ class RunConfig:
     permutations: int = DEFAULT_PERMUTATIONS
     flops: bool = True
     axis_episodes: int | None = None
+    fused: bool = False
 
 
 SEED_MAX = 2**63 - 1
@@ -475,6 +478,13 @@ def execute(p: Plan, dirs: RunDirs,
     The caller holds the run's lock and writes the results (the Ray executor returns them to the
     driver, which writes them where the results live).
     """
+    with fused.fused(True) if p.cfg.fused else contextlib.nullcontext():
+        return _fit_and_test(p, dirs, progress)
+
+
+def _fit_and_test(p: Plan, dirs: RunDirs,
+                  progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """`execute`'s work, under the run's kernel switch."""
     cfg, bench, learner, steps, n_test = p.cfg, p.bench, p.learner, p.steps, p.n_test
     rev = code_rev()  # the code this process loaded, even if the tree changes while it runs
     device = resolve_device(cfg.device)

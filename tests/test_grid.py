@@ -160,6 +160,7 @@ def test_seeds_and_grid_files(tmp_path):
         benchmarks = ["omniglot-small-5w1s"]
         seeds = "0"
         axis_episodes = 50
+        fused = true
         method_set = {fomaml = {meta_batch = 2}}
     """))
     spec = grid.spec_from(grid.load_grid_file(path))
@@ -179,6 +180,12 @@ def test_seeds_and_grid_files(tmp_path):
     assert part2["maml"].steps == 10 and part2["maml"].label == "maml-small"  # the grid's steps and label
     assert part2["maml"].overrides == {"hidden": 16} and part2["fomaml"].overrides == {"hidden": 8, "meta_batch": 2}
     assert grid.cell_config(part2["maml"], spec).axis_episodes == 50 and spec.cells[0].run_args == {}
+    assert grid.cell_config(part2["maml"], spec).fused and not grid.cell_config(long, spec).fused
+    assert "--fused" in grid.run_args_cli(part2["maml"], spec) and "--fused" not in args
+    path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\n[[part]]\nfused = "yes"\n')
+    with pytest.raises(grid.MetabenchError, match=r"GRID.toml: \[\[part\]\] number 1: fused must be true or false, "
+                                                  "not 'yes'"):
+        grid.load_grid_file(path)
     path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\nresult = "x"\n')
     with pytest.raises(grid.MetabenchError, match="unknown key"):
         grid.load_grid_file(path)

@@ -282,3 +282,20 @@ def test_device_says_when_the_fused_kernel_ran(monkeypatch):
     assert runner.device_name().endswith("t-fused")
     monkeypatch.setattr(fused, "available", lambda: False)  # no compiler: the unfused ops ran
     assert not runner.device_name().endswith("-fused")
+
+
+def test_a_fused_run_switches_the_kernel_on_for_its_work_only(tmp_path, monkeypatch):
+    from baselines import fused
+
+    seen = []
+    monkeypatch.setenv("METABENCH_FUSED", "0")
+    monkeypatch.setattr(fused, "available", lambda: True)  # (chance runs no convolution: nothing is built)
+    monkeypatch.setattr(runner, "device_name", lambda device=None: seen.append(fused.enabled()) or "cpu-test")
+    from bench.cli import main
+
+    assert main(["run", "chance", "synthetic-5w1s", "--steps", "2", "--val-episodes", "2", "--test-episodes", "4",
+                 "--root", str(tmp_path / "root"), "--results", str(tmp_path / "results"), "--runs",
+                 str(tmp_path / "runs"), "--quiet", "--fused"]) == 0
+    assert seen and all(seen) and not fused.enabled()
+    run(small_cfg(method="chance", overrides={}, label="plain"), dirs_in(tmp_path), progress=False)
+    assert seen[-1] is False
