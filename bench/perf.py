@@ -2,8 +2,8 @@
 peak memory, evaluation throughput and achieved FLOP rate, side by side with learn2learn.
 
 For each workload (a method's paper settings on a benchmark shape, `WORKLOADS`), implementation
-("metabench" and its variants "metabench-batched", "metabench-lean" and "metabench-fused" (with
-baselines/fused.py's kernel); "reference"; "l2l" when learn2learn is installed) and method ("maml",
+("metabench" and its variants "metabench-batched", "metabench-lean", "metabench-fused" (with
+baselines/fused.py's kernel) and "metabench-lean-fused" (both switches); "reference"; "l2l" when learn2learn is installed) and method ("maml",
 "fomaml", or any registered gradient method for metabench), one fresh worker process measures:
 
 - sec_per_iter: median seconds of one meta-iteration (one outer update on a meta-batch) over
@@ -63,10 +63,12 @@ from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
 from baselines.parallel import task_workers
 
-IMPLS = ("metabench", "metabench-batched", "metabench-lean", "metabench-fused", "reference", "l2l")
+IMPLS = ("metabench", "metabench-batched", "metabench-lean", "metabench-fused", "metabench-lean-fused", "reference",
+         "l2l")
 IMPL_ENV = {"metabench": {"METABENCH_FUSED": "0"}, "metabench-batched": {"METABENCH_FUSED": "0"},
             "metabench-lean": {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "0"},
-            "metabench-fused": {"METABENCH_FUSED": "1"}}
+            "metabench-fused": {"METABENCH_FUSED": "1"},
+            "metabench-lean-fused": {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "1"}}
 """The environment that makes an implementation of metabench's own (baselines.parallel's pool switch,
 baselines.fused's kernel switch)."""
 DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
@@ -522,11 +524,11 @@ def l2l_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
 
 # --- one worker ----------------------------------------------------------------------------
 def require_fused_kernel() -> None:
-    """Build baselines.fused's kernel now, or stop: a metabench-fused row must never time the unfused ops."""
+    """Build baselines.fused's kernel now, or stop: a fused row must never time the unfused ops."""
     from baselines import fused
 
     if not fused.available():
-        raise MetabenchError(f"metabench-fused: the fused kernel could not be built ({fused.build_error()})")
+        raise MetabenchError(f"the fused kernel could not be built ({fused.build_error()})")
 
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
@@ -541,7 +543,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     elif job["impl"] == "reference":
         step, evaluate = reference_impl(w, job["method"], device)
     else:
-        if job["impl"] == "metabench-fused":
+        if IMPL_ENV.get(job["impl"], {}).get("METABENCH_FUSED") == "1":
             require_fused_kernel()  # built before the timed iterations (the first build compiles for ~20 s)
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
     matmul_before = matmul_gflops(device)
@@ -680,7 +682,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="metabench (the default mode: tasks on the task pool), metabench-batched (whole meta-batch "
                         "at once), metabench-lean (METABENCH_TASK_WORKERS=0: no pool, one task's graph at a time), "
                         "metabench-fused (the default mode with METABENCH_FUSED=1: batch norm, max-pool and ReLU "
-                        "as one kernel, baselines/fused.py), "
+                        "as one kernel, baselines/fused.py), metabench-lean-fused (both switches), "
                         "reference (plain per-task autograd loop, NCHW, no pool), l2l (learn2learn) "
                         f"(default: {' '.join(DEFAULT_IMPLS)}; with --methods all: metabench reference)")
     p.add_argument("--allocators", nargs="+", default=["glibc"] + (["tcmalloc"] if tcmalloc_path() else []),
