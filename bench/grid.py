@@ -175,13 +175,13 @@ def load_grid_file(path: Path) -> dict[str, Any]:
         if unknown:
             raise MetabenchError(f"{path}: [[part]] number {i + 1}: unknown key(s) {unknown}; a part has "
                                  f"{sorted(PART_KEYS)}")
+        if "benchmarks" in part:
+            part["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
+                                  for b in part["benchmarks"]]
     for where, table in (("", data), *((f"[[part]] number {i + 1}: ", part) for i, part in enumerate(parts))):
         wrong = [k for k in SWITCH_KEYS if k in table and not isinstance(table[k], bool)]
         if wrong:
             raise MetabenchError(f"{path}: {where}{wrong[0]} must be true or false, not {table[wrong[0]]!r}")
-        if "benchmarks" in part:
-            part["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
-                                  for b in part["benchmarks"]]
     return data
 
 

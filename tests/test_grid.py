@@ -205,3 +205,24 @@ def test_workers_times_threads_never_exceed_the_cores(monkeypatch):
     assert grid.slots(spec) == (4, 1)
     assert grid.slots(grid.GridSpec(spec.cells, spec.results, spec.runs, spec.root, workers=2)) == (2, 2)
     assert grid.slots(grid.GridSpec(spec.cells, spec.results, spec.runs, spec.root, workers=2, threads=8)) == (2, 2)
+
+
+def test_benchmark_files_of_every_part_are_relative_to_the_grid_file(tmp_path):
+    path = tmp_path / "sub" / "GRID.toml"
+    path.parent.mkdir()
+    path.write_text(textwrap.dedent("""
+        methods = ["maml"]
+        benchmarks = ["a.toml"]
+        [[part]]
+        benchmarks = ["b.toml", "glyphs-5w1s"]
+        [[part]]
+        benchmarks = ["c.toml"]
+        flops = false
+    """))
+    data = grid.load_grid_file(path)
+    assert data["benchmarks"] == [str(tmp_path / "sub" / "a.toml")]
+    assert [p["benchmarks"] for p in data["part"]] == [[str(tmp_path / "sub" / "b.toml"), "glyphs-5w1s"],
+                                                       [str(tmp_path / "sub" / "c.toml")]]
+    path.write_text('methods = ["maml"]\nbenchmarks = ["glyphs-5w1s"]\nstep_curve = 1\n')
+    with pytest.raises(grid.MetabenchError, match=r"GRID.toml: step_curve must be true or false, not 1"):
+        grid.load_grid_file(path)
