@@ -40,8 +40,9 @@ axis_episodes N (the first N test episodes)."""
 RUN_KEYS = ("chunk", "val_episodes", "test_episodes", "patience", "fused", *AXIS_KEYS)
 GRID_KEYS = {"methods", "benchmarks", "seeds", "steps", "results", "runs", "root", "device", "retries", "workers",
              "threads", "set", "method_set", "benchmark_steps", "label", "part", *RUN_KEYS}
-SWITCH_KEYS = ("step_curve", "flops", "fused")
-"""Run fields that are true or false."""
+SWITCHES = {"step_curve": True, "flops": True, "fused": False}
+"""Run fields that are true or false, with RunConfig's default: the `metabench run` flag of one is --KEY
+(default false) or --no-KEY (default true), given only when the value is not the default."""
 FUSED_HELP = ("run with baselines/fused.py's kernel (batch norm, max-pool and ReLU as one: the same numbers up to "
               "rounding; the device column ends in -fused)")
 PART_KEYS = {"methods", "benchmarks", "seeds", "steps", "benchmark_steps", "set", "method_set", "label", *RUN_KEYS}
@@ -179,7 +180,7 @@ def load_grid_file(path: Path) -> dict[str, Any]:
             part["benchmarks"] = [str((Path(path).parent / b).resolve()) if b.endswith(".toml") else b
                                   for b in part["benchmarks"]]
     for where, table in (("", data), *((f"[[part]] number {i + 1}: ", part) for i, part in enumerate(parts))):
-        wrong = [k for k in SWITCH_KEYS if k in table and not isinstance(table[k], bool)]
+        wrong = [k for k in SWITCHES if k in table and not isinstance(table[k], bool)]
         if wrong:
             raise MetabenchError(f"{path}: {where}{wrong[0]} must be true or false, not {table[wrong[0]]!r}")
     return data
@@ -249,10 +250,8 @@ def run_args_cli(cell: Cell, spec: GridSpec) -> list[str]:
     if cell.label:
         args += ["--label", cell.label]
     for key, value in {**spec.run_args, **cell.run_args}.items():
-        if key == "fused":  # a switch whose only flag is "on"
-            args += ["--fused"] if value else []
-        elif isinstance(value, bool):  # an axis switch: only "off" has a flag
-            args += [] if value else [f"--no-{key.replace('_', '-')}"]
+        if key in SWITCHES:
+            args += [] if value == SWITCHES[key] else [f"--{'' if value else 'no-'}{key.replace('_', '-')}"]
         else:
             args += [f"--{key.replace('_', '-')}", str(value)]
     for key, value in cell.overrides.items():

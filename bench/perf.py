@@ -3,8 +3,9 @@ peak memory, evaluation throughput and achieved FLOP rate, side by side with lea
 
 For each workload (a method's paper settings on a benchmark shape, `WORKLOADS`), implementation
 ("metabench" and its variants "metabench-batched", "metabench-lean", "metabench-fused" (with
-baselines/fused.py's kernel) and "metabench-lean-fused" (both switches); "reference"; "l2l" when learn2learn is installed) and method ("maml",
-"fomaml", or any registered gradient method for metabench), one fresh worker process measures:
+baselines/fused.py's kernel) and "metabench-lean-fused" (both switches); "reference"; "l2l" when
+learn2learn is installed) and method ("maml", "fomaml", or any registered gradient method for
+metabench), one fresh worker process measures:
 
 - sec_per_iter: median seconds of one meta-iteration (one outer update on a meta-batch) over
   `repeats` runs after `warmup` iterations;

@@ -214,7 +214,8 @@ def echo_worker_env(monkeypatch, *keys):
 @pytest.mark.parametrize("impl, env", [("metabench-lean", {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "0"}),
                                        ("metabench", {"METABENCH_FUSED": "0"}),
                                        ("metabench-fused", {"METABENCH_FUSED": "1"}),
-                                       ("metabench-lean-fused", {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "1"})])
+                                       ("metabench-lean-fused",
+                                        {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "1"})])
 def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
     monkeypatch.delenv("METABENCH_TASK_WORKERS", raising=False)
     monkeypatch.setenv("METABENCH_FUSED", "1")  # the parent's switch never leaks into another implementation
