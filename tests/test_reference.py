@@ -1,5 +1,7 @@
 """results/reference, the committed reference board: every run is a cell of its GRID.toml, its files are
-intact, its rows are the benchmarks' hashed test episodes, and the README shows what `metabench table` prints."""
+intact, its rows are the benchmarks' hashed test episodes, and the README shows what `metabench table` prints.
+results/reference-pending (the finished cells of a benchmark whose column is not complete yet) is held to the
+same checks against the same GRID.toml."""
 
 from __future__ import annotations
 
@@ -15,22 +17,25 @@ from bench.results import find_csvs, read_axis, read_card, read_csv, read_result
 
 REPO = Path(__file__).resolve().parents[1]
 REF = REPO / "results" / "reference"
+PENDING = REPO / "results" / "reference-pending"
+FOLDERS = pytest.mark.parametrize("folder", [REF, PENDING], ids=["reference", "pending"])
 README_START, README_END = "<!-- reference-table:start -->", "<!-- reference-table:end -->"
 
 
-def committed_runs() -> list[tuple[Path, dict]]:
-    return [(csv, read_card(csv)) for csv in find_csvs(REF)] if REF.is_dir() else []
+def committed_runs(folder: Path = REF) -> list[tuple[Path, dict]]:
+    return [(csv, read_card(csv)) for csv in find_csvs(folder)] if folder.is_dir() else []
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_every_run_is_a_cell_of_the_grid_file_with_its_settings():
+@FOLDERS
+def test_every_run_is_a_cell_of_the_grid_file_with_its_settings(folder):
     spec = grid.spec_from(grid.load_grid_file(REF / "GRID.toml"))
     cells = {(c.label or c.method, c.benchmark, c.seed): c for c in spec.cells}
     assert len(cells) == len(spec.cells)
-    for csv, card in committed_runs():
+    for csv, card in committed_runs(folder):
         key = (card["method"], card["benchmark"], card["seed"])
         assert key in cells, f"{csv}: not a cell of results/reference/GRID.toml"
         cell = cells[key]
@@ -40,13 +45,14 @@ def test_every_run_is_a_cell_of_the_grid_file_with_its_settings():
         assert [c["step"] for c in card["curve"]] == list(range(0, cell.steps + 1, cfg.chunk)), csv
 
 
-def test_committed_files_are_whole_and_the_pairs_their_cards_record():
-    runs = committed_runs()
+@FOLDERS
+def test_committed_files_are_whole_and_the_pairs_their_cards_record(folder):
+    runs = committed_runs(folder)
     if not runs:
-        pytest.skip("no reference runs committed yet")
-    leftovers = [p for p in REF.rglob("*") if p.suffix in (".next", ".prev", ".tmp") or p.name.startswith(".")]
+        pytest.skip(f"no runs committed in {folder.name} yet")
+    leftovers = [p for p in folder.rglob("*") if p.suffix in (".next", ".prev", ".tmp") or p.name.startswith(".")]
     assert not leftovers, f"half-written files: {leftovers[:3]}"
-    frame = read_results(REF)  # columns, types, one version and one set of episode hashes per benchmark
+    frame = read_results(folder)  # columns, types, one version and one set of episode hashes per benchmark
     assert set(frame["split"]) == {"test"}
     for csv, card in runs:
         assert card["csv_sha256"] == sha256(csv), csv
@@ -60,13 +66,14 @@ def test_committed_files_are_whole_and_the_pairs_their_cards_record():
 
 
 @pytest.mark.slow
-def test_every_row_is_the_benchmarks_hashed_test_episode(shared_data, data_root, tmp_path_factory):
+@FOLDERS
+def test_every_row_is_the_benchmarks_hashed_test_episode(folder, shared_data, data_root, tmp_path_factory):
     from bench.benchmarks import load
     from bench.sources import meta_dataset as md
 
-    frame = read_results(REF) if committed_runs() else None
+    frame = read_results(folder) if committed_runs(folder) else None
     if frame is None:
-        pytest.skip("no reference runs committed yet")
+        pytest.skip(f"no runs committed in {folder.name} yet")
     for bench, rows in frame.groupby("benchmark"):
         root = data_root
         if bench.startswith("md-"):
