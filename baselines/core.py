@@ -121,13 +121,17 @@ def conv_layout(x: torch.Tensor) -> torch.Tensor:
     Channels-last, where torch's CPU max-pool is ~20x and batch norm ~4x faster than in NCHW
     (75x64x28x28, 2 threads) and convolutions follow their input's layout; except inside
     `higher_order()`, where NCHW is kept because the double backward of batch norm and ReLU is
-    slower in channels-last (its per-channel sums reduce across the innermost dimension).
+    slower in channels-last (its per-channel sums reduce across the innermost dimension), and for
+    several channels under a torch.func transform (vmap), where a memory format can be neither
+    queried nor set.
     """
     if _HIGHER_ORDER.get():
         return x
     n, c, h, w = x.shape
     if c == 1:  # .contiguous(memory_format=...) treats a 1-channel tensor as channels-last already
         return x.reshape(n, h, w, 1).permute(0, 3, 1, 2)
+    if torch._C._are_functorch_transforms_active():
+        return x
     return x.contiguous(memory_format=torch.channels_last)
 
 

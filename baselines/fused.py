@@ -118,10 +118,10 @@ def bn_pool_relu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the fused kernel can take x [N, C, H, W] (the switch aside)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+    return (not torch._C._are_functorch_transforms_active()  # first: under vmap is_contiguous(channels_last) raises
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
             and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[0] * x.shape[2] * x.shape[3] > 1
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch._C._are_functorch_transforms_active())
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def reference_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

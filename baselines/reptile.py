@@ -54,6 +54,12 @@ from torch.func import grad, vmap
 from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, new_generator, with_meta_dataset
 from baselines.core import GradientLearner, Params, record_steps, step_curve
 
+# Inductive prediction forwards, for each query, the support set plus that query; queries go through in
+# vmapped chunks of at most this many input values (2**22: a layer's map holds hidden / channels times as
+# many, 512 MiB at 32 channels on grey images), so a large episode (Meta-Dataset: ~300 support and ~450 query
+# images at 84 px) never holds all of them at once.
+INDUCTIVE_CHUNK_VALUES = 2 ** 22
+
 
 def _mini_batches(n: int, batch: int, count: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     """`count` index batches of size min(batch, n) over range(n): shuffle, cut, reshuffle when exhausted
@@ -239,8 +245,10 @@ class Reptile(GradientLearner):
             return self.forward(fast, torch.cat([sx, q.unsqueeze(0)]), way)[-1]
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
+            per_query = sx[0].numel() * (len(sx) + 1)  # input values of one query's batch
+            chunk = max(1, INDUCTIVE_CHUNK_VALUES // per_query)
             with torch.no_grad():
-                return vmap(one)(query_x)
+                return vmap(one, chunk_size=chunk if chunk < len(query_x) else None)(query_x)
 
         return predict
 

@@ -213,6 +213,28 @@ def test_reptile_non_transductive_prediction_uses_support_plus_one_query(synthet
     assert m.tags.order == "first"
 
 
+@pytest.mark.parametrize("fused_on", [False, True], ids=["unfused", "fused"])
+def test_reptile_non_transductive_prediction_on_colour_images_in_chunks(fused_on, monkeypatch):
+    """Several channels (miniImageNet, Meta-Dataset) under vmap, with the fused kernel's switch on or off, and
+    queries in chunks (reptile.INDUCTIVE_CHUNK_VALUES): each query still sees the support set plus itself."""
+    from baselines import fused, reptile
+    from bench.api import TaskInfo
+
+    if fused_on and not fused.available():
+        pytest.skip(f"the fused kernel did not build: {fused.build_error()}")
+    gen = torch.Generator().manual_seed(3)
+    ep = Episode(torch.rand(10, 3, 16, 16, generator=gen), torch.arange(5).repeat(2),
+                 torch.rand(7, 3, 16, 16, generator=gen), torch.arange(7) % 5, tuple(range(5)), "test", 0, "x")
+    m = Reptile(hidden=8, seed=1, inner_steps_test=2).setup(TaskInfo((3, 16, 16), 5, 5))
+    with fused.fused(fused_on):
+        whole = m.adapt(ep.support_x, ep.support_y)(ep.query_x)
+        monkeypatch.setattr(reptile, "INDUCTIVE_CHUNK_VALUES", 3 * ep.support_x[0].numel() * 11)  # 3 queries a chunk
+        chunked = m.adapt(ep.support_x, ep.support_y)(ep.query_x)
+        fast = adapted(m, ep)
+        ref = torch.stack([m.forward(fast, torch.cat([ep.support_x, q[None]]), 5)[-1] for q in ep.query_x])
+    assert whole.shape == (7, 5) and torch.allclose(whole, ref, atol=1e-5) and torch.allclose(chunked, ref, atol=1e-5)
+
+
 def test_reptile_state_dict_carries_the_inner_adam_state(synthetic_set):
     m = small(Reptile, synthetic_set, inner_steps=2)
     m.fit(synthetic_set.stream("train"), 1)
