@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -186,7 +185,7 @@ def test_seeds_and_grid_files(tmp_path):
     assert "--fused" in grid.run_args_cli(part2["maml"], spec) and "--fused" not in args
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     assert grid.SWITCHES == {k: defaults[k] for k in grid.SWITCHES}  # the flags given are the non-defaults
-    off = grid.run_args_cli(replace(part2["maml"], run_args={"step_curve": False, "flops": True}), spec)
+    off = grid.run_args_cli(dataclasses.replace(part2["maml"], run_args={"step_curve": False, "flops": True}), spec)
     assert "--no-step-curve" in off and "--no-flops" not in off and "--flops" not in off
     path.write_text('methods = ["maml"]\nbenchmarks = ["synthetic-5w1s"]\n[[part]]\nfused = "yes"\n')
     with pytest.raises(grid.MetabenchError, match=r"GRID.toml: \[\[part\]\] number 1: fused must be true or false, "
