@@ -3,6 +3,7 @@
     metabench grid --methods maml,fomaml --benchmarks glyphs-5w1s --seeds 0-2 --results DIR [--steps N]
         [--set k=v ...] [--workers N] [--ray [ADDRESS]] [--device cuda] [--retries 2]
     metabench grid GRID.toml          # the same fields, plus per-method overrides and per-benchmark steps
+    metabench grid GRID.toml --methods maml --benchmarks glyphs-5w1s --seeds 1   # some of its cells
 
 Every cell is exactly one run (bench.runner: same identity, files and rows as `metabench run`), so a
 grid is idempotent: finished cells are skipped, interrupted ones continue from their checkpoints.
@@ -214,6 +215,35 @@ def cell_config(cell: Cell, spec: GridSpec) -> Any:
                      label=cell.label, device=spec.device, **{**spec.run_args, **cell.run_args})
 
 
+def pick_cells(spec: GridSpec, source: Path, chosen: dict[str, str | None]) -> GridSpec:
+    """The cells of a grid file's spec that the command line picks: `chosen` maps methods, benchmarks and seeds
+    to a flag's text (None: all). A cell is picked by its row name (its label where the file gives one, else its
+    method), its benchmark and its seed; every cell keeps the settings of its part. A value that no cell of the
+    file has is an error naming the file."""
+    def row(c: Cell) -> str:
+        return c.label or c.method
+
+    def benchmark(b: str) -> str:
+        return str(Path(b).resolve()) if b.endswith(".toml") else b
+
+    keys = {"methods": (row, _split), "seeds": (lambda c: c.seed, parse_seeds),
+            "benchmarks": (lambda c: c.benchmark, lambda t: [benchmark(b) for b in _split(t)])}
+    cells = spec.cells
+    for flag, text in chosen.items():
+        if text is None:
+            continue
+        of_cell, parse = keys[flag]
+        wanted, present = parse(text), {of_cell(c) for c in spec.cells}
+        missing = [w for w in wanted if w not in present]
+        if missing:
+            raise MetabenchError(f"{source}: --{flag}: no cell of this grid has {missing[0]!r} (it has "
+                                 f"{', '.join(map(str, sorted(present)))})")
+        cells = tuple(c for c in cells if of_cell(c) in wanted)
+    if not cells:
+        raise MetabenchError(f"{source}: no cell of this grid has all of the --methods, --benchmarks and --seeds given")
+    return replace(spec, cells=cells)
+
+
 def check_cells(spec: GridSpec) -> dict[Cell, str]:
     """Resolve every cell before any work; returns the cells that cannot run, with their error."""
     from bench.runner import RunDirs, check_identity, plan
@@ -407,16 +437,20 @@ def run_grid(spec: GridSpec, ray_address: str | None = None, use_ray: bool = Fal
     return outcomes
 
 
-def cmd_grid(args: argparse.Namespace) -> int:
-    """`metabench grid`: run the cells, print a table, build the site; exit 1 if any cell failed."""
+def grid_spec(args: argparse.Namespace) -> GridSpec:
+    """The grid of `metabench grid`'s arguments: a grid file's cells (those --methods, --benchmarks and --seeds
+    pick), or the flags' methods x benchmarks x seeds; the run flags given override every cell's, a part's too."""
     if args.file:
         fields = load_grid_file(Path(args.file))
+        if args.steps is not None or args.set:
+            raise MetabenchError(f"{args.file}: the grid file sets each cell's steps and hyperparameters; change them "
+                                 f"in the file (or a copy of it), not with --steps or --set")
     else:
         from bench.cli import parse_overrides
 
         if not args.methods or not args.benchmarks:
             raise MetabenchError("a grid needs --methods and --benchmarks (or a GRID.toml)")
-        fields = {"methods": _split(args.methods), "benchmarks": _split(args.benchmarks), "seeds": args.seeds,
+        fields = {"methods": _split(args.methods), "benchmarks": _split(args.benchmarks), "seeds": args.seeds or "0",
                   "steps": args.steps, "set": parse_overrides(args.set)}
     for key in ("results", "runs", "root", "device", "workers", "threads", *RUN_KEYS):
         if getattr(args, key, None) is not None:
@@ -424,6 +458,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if args.retries is not None:
         fields["retries"] = args.retries
     spec = spec_from(fields)
+    if args.file:
+        spec = pick_cells(spec, Path(args.file), {"methods": args.methods, "benchmarks": args.benchmarks,
+                                                  "seeds": args.seeds})
+    given = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
+    return replace(spec, cells=tuple(replace(c, run_args={**c.run_args, **given}) for c in spec.cells))
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """`metabench grid`: run the cells, print a table, build the site; exit 1 if any cell failed."""
+    spec = grid_spec(args)
     from bench.runner import resolve_device
 
     resolve_device(spec.device)  # fail at once on a machine without CUDA
@@ -467,12 +511,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `metabench grid`."""
     s = sub.add_parser("grid", help="run methods x benchmarks x seeds (local processes or a Ray cluster)",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("file", nargs="?", default=None, help="a GRID.toml (the flags below override its fields)")
-    s.add_argument("--methods", help="comma-separated methods")
+    s.add_argument("file", nargs="?", default=None,
+                   help="a GRID.toml (--methods, --benchmarks and --seeds then pick among its cells, each with its "
+                        "part's settings; the run flags below override its fields)")
+    s.add_argument("--methods", help="comma-separated methods (with a grid file: row names, its labels)")
     s.add_argument("--benchmarks", help="comma-separated benchmarks (names, pkg.module:NAME or .toml files)")
-    s.add_argument("--seeds", default="0", help="seeds: 0-2, or 0,3,5")
-    s.add_argument("--steps", type=int, default=None, help="outer steps of every cell (default: the presets)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    s.add_argument("--seeds", default=None, help="seeds: 0-2, or 0,3,5 (default: 0; with a grid file: its seeds)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="outer steps of every cell (default: the presets; not with a grid file)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter (not with a grid file)")
     s.add_argument("--results", default=None, help="results folder (the site goes to RESULTS/site)")
     s.add_argument("--runs", default=None, help="checkpoint folder, reachable from every node (default: ROOT/runs)")
     s.add_argument("--root", default=None, help="data folder (default: per-user cache)")

@@ -231,3 +231,65 @@ def test_benchmark_files_of_every_part_are_relative_to_the_grid_file(tmp_path):
     path.write_text('methods = ["maml"]\nbenchmarks = ["glyphs-5w1s"]\nstep_curve = 1\n')
     with pytest.raises(grid.MetabenchError, match=r"GRID.toml: step_curve must be true or false, not 1"):
         grid.load_grid_file(path)
+
+
+def test_the_command_line_picks_cells_of_a_grid_file(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "GRID.toml"
+    path.write_text(textwrap.dedent("""
+        methods = ["maml", "fomaml"]
+        benchmarks = ["synthetic-5w1s", "glyphs-5w1s"]
+        seeds = "0-2"
+        results = "out"
+        [[part]]
+        methods = ["maml"]
+        benchmarks = ["glyphs-5w1s"]
+        seeds = "0"
+        steps = 300
+        label = {maml = "maml-long"}
+        [[part]]
+        methods = ["fomaml"]
+        benchmarks = ["b.toml"]
+        seeds = "1"
+        steps = 7
+        chunk = 7
+    """))
+    spec = grid.spec_from(grid.load_grid_file(path))
+    assert len(spec.cells) == 14
+
+    def pick(**chosen):
+        return grid.pick_cells(spec, path, {"methods": None, "benchmarks": None, "seeds": None, **chosen}).cells
+
+    assert pick() == spec.cells
+    long = pick(methods="maml-long")  # a labelled cell by its row name, with its part's settings
+    assert [(c.method, c.benchmark, c.seed, c.steps) for c in long] == [("maml", "glyphs-5w1s", 0, 300)]
+    assert {(c.benchmark, c.seed) for c in pick(methods="maml")} == {(b, s) for b in ("synthetic-5w1s", "glyphs-5w1s")
+                                                                     for s in (0, 1, 2)}
+    monkeypatch.chdir(tmp_path)  # a benchmark file given relative to where the command runs
+    [part2] = pick(benchmarks="b.toml")
+    assert (part2.method, part2.seed, part2.steps, part2.run_args) == ("fomaml", 1, 7, {"chunk": 7})
+    assert [(c.method, c.seed) for c in pick(methods="fomaml,maml", benchmarks="glyphs-5w1s", seeds="1-2")] == [
+        ("maml", 1), ("maml", 2), ("fomaml", 1), ("fomaml", 2)]
+    with pytest.raises(grid.MetabenchError, match=r"GRID.toml: --methods: no cell of this grid has 'anil' \(it has "
+                                                  r"fomaml, maml, maml-long\)"):
+        pick(methods="maml,anil")
+    with pytest.raises(grid.MetabenchError, match=r"GRID.toml: --seeds: no cell of this grid has 5"):
+        pick(seeds="5")
+    with pytest.raises(grid.MetabenchError, match="no cell of this grid has all of the --methods, --benchmarks and "):
+        pick(methods="maml-long", seeds="1")
+    from bench.cli import build_parser
+
+    args = build_parser().parse_args(["grid", str(path), "--benchmarks", "b.toml", "--chunk", "2", "--test-episodes",
+                                      "4"])
+    [cell] = grid.grid_spec(args).cells  # the run flags given win over the part's own chunk
+    assert cell.run_args == {"chunk": 2, "test_episodes": 4} and grid.cell_config(cell, spec).chunk == 2
+    flags = build_parser().parse_args(["grid", "--methods", "maml", "--benchmarks", "glyphs-5w1s", "--results", "r"])
+    assert [c.seed for c in grid.grid_spec(flags).cells] == [0]  # without a file: seed 0 unless --seeds
+    for flags in (["--steps", "5"], ["--set", "hidden=4"]):
+        assert main(["grid", str(path), "--methods", "maml", *flags]) == 2
+        assert "GRID.toml: the grid file sets each cell's steps and hyperparameters" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    path.write_text('methods = ["chance", "fomaml"]\nbenchmarks = ["synthetic-5w1s"]\nseeds = "0-1"\nresults = "out"\n'
+                    'runs = "runs"\nroot = "root"\ntest_episodes = 4\n')
+    assert main(["grid", str(path), "--methods", "chance", "--seeds", "1", "--quiet", "--no-site"]) == 0
+    assert "1 of 1 cells done" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "out" / "synthetic-5w1s").glob("*/seed*.json")] == ["seed1.json"]
