@@ -244,18 +244,24 @@ def pick_cells(spec: GridSpec, source: Path, chosen: dict[str, str | None]) -> G
     return replace(spec, cells=cells)
 
 
-def check_cells(spec: GridSpec) -> dict[Cell, str]:
-    """Resolve every cell before any work; returns the cells that cannot run, with their error."""
-    from bench.runner import RunDirs, check_identity, plan
+def triage(spec: GridSpec) -> tuple[dict[Cell, str], dict[Cell, Path]]:
+    """Resolve every cell before any work: the cells that cannot run, with their error, and those whose exact
+    run (identity, steps, test episodes) has already written its results, with their CSV (skipped without
+    starting a worker)."""
+    from bench.runner import RunDirs, check_identity, finished, plan
 
     dirs = RunDirs(spec.root, spec.results, spec.runs)
-    bad = {}
+    bad, done = {}, {}
     for cell in spec.cells:
         try:
-            check_identity(plan(cell_config(cell, spec), dirs), overwrite=False)
+            p = plan(cell_config(cell, spec), dirs)
+            check_identity(p, overwrite=False)
         except MetabenchError as e:
             bad[cell] = str(e)
-    return bad
+            continue
+        if finished(p):
+            done[cell] = p.csv
+    return bad, done
 
 
 def slots(spec: GridSpec) -> tuple[int, int]:
@@ -348,7 +354,7 @@ def run_ray(spec: GridSpec, address: str | None, report: Callable[[Outcome], Non
         import ray
     except ImportError as e:
         raise MetabenchError("--ray needs Ray: pip install 'metabench[ray]'") from e
-    from bench.runner import RunDirs, check_identity, finished, plan, write_outputs
+    from bench.runner import RunDirs, check_identity, plan, write_outputs
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -363,10 +369,6 @@ def run_ray(spec: GridSpec, address: str | None, report: Callable[[Outcome], Non
     try:
         for cell in spec.cells:
             p = plan(cell_config(cell, spec), dirs)
-            if finished(p):
-                outcomes.append(Outcome(cell, True, p.csv, 0, 0.0))
-                report(outcomes[-1])
-                continue
             starts[cell] = time.perf_counter()
             pending[task.remote(p.cfg, str(spec.root), str(spec.runs), threads)] = (cell, p)
         while pending:
@@ -415,14 +417,18 @@ def summary_table(results: Path, outcomes: list[Outcome]) -> str:
 
 def run_grid(spec: GridSpec, ray_address: str | None = None, use_ray: bool = False, quiet: bool = False
              ) -> list[Outcome]:
-    """Run a grid; cells that cannot even be planned are reported as failed, the others run."""
+    """Run a grid; cells that cannot even be planned are reported as failed, finished ones are skipped, the
+    others run."""
     from tqdm.auto import tqdm
 
-    unplannable = check_cells(spec)
-    runnable = replace(spec, cells=tuple(c for c in spec.cells if c not in unplannable))
+    unplannable, done = triage(spec)
+    runnable = replace(spec, cells=tuple(c for c in spec.cells if c not in unplannable and c not in done))
     outcomes = [Outcome(c, False, error=e) for c, e in unplannable.items()]
+    outcomes += [Outcome(c, True, csv, 0, 0.0) for c, csv in done.items()]
     bar = tqdm(total=len(spec.cells), unit="cell", desc="grid", disable=quiet)
     bar.update(len(outcomes))
+    if done:
+        bar.write(f"{len(done)} of {len(spec.cells)} cells already finished: skipped")
 
     def report(o: Outcome) -> None:
         status = "ok" if o.ok else f"FAILED after {o.attempts} attempt(s): {o.error}"

@@ -97,7 +97,7 @@ def test_local_grid_equals_sequential_runs_and_survives_a_killed_worker(tmp_path
     # a finished grid does no training: no checkpoint is written, nothing changes
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").rglob("*") if p.is_file()}
     again = grid.run_grid(spec, quiet=True)
-    assert all(o.ok for o in again)
+    assert all(o.ok and o.attempts == 0 for o in again)  # skipped by the driver: no worker process started
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").rglob("*") if p.is_file()}
     assert before == after
 
@@ -293,3 +293,5 @@ def test_the_command_line_picks_cells_of_a_grid_file(tmp_path, capsys, monkeypat
     assert main(["grid", str(path), "--methods", "chance", "--seeds", "1", "--quiet", "--no-site"]) == 0
     assert "1 of 1 cells done" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "out" / "synthetic-5w1s").glob("*/seed*.json")] == ["seed1.json"]
+    assert main(["grid", str(path), "--methods", "chance", "--quiet", "--no-site"]) == 0
+    assert "1 of 2 cells already finished: skipped" in capsys.readouterr().out
