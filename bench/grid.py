@@ -248,7 +248,7 @@ def triage(spec: GridSpec) -> tuple[dict[Cell, str], dict[Cell, Path]]:
     """Resolve every cell before any work: the cells that cannot run, with their error, and those whose exact
     run (identity, steps, test episodes) has already written its results, with their CSV (skipped without
     starting a worker)."""
-    from bench.runner import RunDirs, check_identity, finished, plan
+    from bench.runner import RunDirs, check_identity, finished, output_path, plan
 
     dirs = RunDirs(spec.root, spec.results, spec.runs)
     bad, done = {}, {}
@@ -260,7 +260,7 @@ def triage(spec: GridSpec) -> tuple[dict[Cell, str], dict[Cell, Path]]:
             bad[cell] = str(e)
             continue
         if finished(p):
-            done[cell] = p.csv
+            done[cell] = output_path(p)
     return bad, done
 
 
@@ -435,8 +435,8 @@ def run_grid(spec: GridSpec, ray_address: str | None = None, use_ray: bool = Fal
         bar.write(f"{o.cell.name}: {status} ({o.seconds:.0f} s)")
         bar.update(1)
 
-    for o in outcomes:
-        bar.write(f"{o.cell.name}: FAILED: {o.error}")
+    for cell, error in unplannable.items():
+        bar.write(f"{cell.name}: FAILED: {error}")
     if runnable.cells:
         outcomes += run_ray(runnable, ray_address, report) if use_ray else run_local(runnable, report)
     bar.close()

@@ -388,6 +388,11 @@ def check_identity(p: Plan, overwrite: bool) -> None:
                              "--overwrite to replace it")
 
 
+def output_path(p: Plan) -> Path:
+    """The file a run of this plan returns and names: its result CSV (a suite: its suite card)."""
+    return p.card if p.bench.is_suite else p.csv
+
+
 def finished(p: Plan) -> bool:
     """True when this exact run (identity, steps, test episodes) has already written its results."""
     if existing_identity(p) != p.params_hash or not all(c.exists() for c in member_csvs(p)):
@@ -450,9 +455,9 @@ def run(cfg: RunConfig, dirs: RunDirs, restart: bool = False, overwrite: bool = 
     benchmarks.check_root(dirs.root)
     if not restart and finished(p):
         if progress:
-            print(f"{p.label} {p.bench.name} seed {cfg.seed}: already finished ({p.csv}); nothing to do",
+            print(f"{p.label} {p.bench.name} seed {cfg.seed}: already finished ({output_path(p)}); nothing to do",
                   file=sys.stderr)
-        return p.csv
+        return output_path(p)
     with run_lock(p.folder):
         clean_stale_temps(p.folder)
         clean_stale_temps(p.csv.parent)

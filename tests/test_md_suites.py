@@ -96,7 +96,7 @@ def test_imagenet_suite_end_to_end(small_md, tmp_path):
 
     # a finished suite does nothing; a run of one member alone would write over it: refused
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*") if p.is_file()}
-    run(cfg, dirs, progress=False)
+    assert run(cfg, dirs, progress=False) == card_path  # (the suite card again, as a grid worker reports it)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*") if p.is_file()}
     alone = plan(dataclasses.replace(cfg, benchmark="md-aircraft"), dirs)
     with pytest.raises(MetabenchError, match="written by suite md-imagenet"):
@@ -123,3 +123,5 @@ def test_all_datasets_suite_through_grid(small_md, tmp_path, monkeypatch):
         sources |= set(read_card(tmp_path / "results" / member / "fomaml" / "seed0.csv")["data_fingerprints"])
     assert len(sources) == 10
     assert "md-all-fungi" in grid.summary_table(tmp_path / "results", [out])
+    (again,) = grid.run_grid(spec, quiet=True)  # finished: skipped by the driver, the same outcome's files
+    assert again.ok and again.attempts == 0 and again.csv == out.csv
