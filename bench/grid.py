@@ -246,8 +246,8 @@ def pick_cells(spec: GridSpec, source: Path, chosen: dict[str, str | None]) -> G
 
 def triage(spec: GridSpec) -> tuple[dict[Cell, str], dict[Cell, Path]]:
     """Resolve every cell before any work: the cells that cannot run, with their error, and those whose exact
-    run (identity, steps, test episodes) has already written its results, with their CSV (skipped without
-    starting a worker)."""
+    run (identity, steps, test episodes) has already written its results, with their result file (skipped
+    without starting a worker)."""
     from bench.runner import RunDirs, check_identity, finished, output_path, plan
 
     dirs = RunDirs(spec.root, spec.results, spec.runs)
@@ -520,7 +520,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s.add_argument("file", nargs="?", default=None,
                    help="a GRID.toml (--methods, --benchmarks and --seeds then pick among its cells, each with its "
                         "part's settings; the run flags below override its fields)")
-    s.add_argument("--methods", help="comma-separated methods (with a grid file: row names, its labels)")
+    s.add_argument("--methods", help="comma-separated methods (with a grid file: its cells' row names, the label where it "
+                                          "gives one)")
     s.add_argument("--benchmarks", help="comma-separated benchmarks (names, pkg.module:NAME or .toml files)")
     s.add_argument("--seeds", default=None, help="seeds: 0-2, or 0,3,5 (default: 0; with a grid file: its seeds)")
     s.add_argument("--steps", type=int, default=None,
