@@ -13,9 +13,10 @@ byte map and two per-channel vectors.
   `metabench perf` times it as the `metabench-fused` implementation.
 - Where it applies: CPU, float32/float64, channels-last maps of at least 2x2, outside torch.func
   transforms, in layer operations whose batch norm is the plain one (`Ops.fuses` in
-  baselines/core.py; Conv-4 then runs channels-last in second-order passes too); elsewhere (1x1
-  maps, vmap, MAML++'s and CAVIA's batch norm, the ResNets) the unfused ops run. Summary: Conv-4
-  methods on the plain or task-batched layer operations.
+  baselines/core.py; Conv-4 then runs channels-last in second-order passes too) or MAML++'s per-step
+  one (its `StepOps` passes the step's row); elsewhere (1x1 maps, vmap, CAVIA's FiLM batch norm, the
+  ResNets) the unfused ops run. Summary: Conv-4 methods on the plain, task-batched or per-step layer
+  operations.
 - Backward and its own backward (second order: MAML's inner loop) are in the kernel too: batch
   norm's double backward in training mode, with the gradient routed through the saved window
   maxima. A third order (a second-order gradient differentiated again) differentiates the unfused
@@ -24,8 +25,9 @@ byte map and two per-channel vectors.
 - Same numbers up to rounding: the kernel's per-channel sums are taken in fixed blocks and added in
   order, so its results do not depend on the thread count, but they are not bitwise torch's.
 - The kernel is compiled on first use with torch.utils.cpp_extension (a C++ compiler is needed;
-  the build is cached under torch's extensions folder, TORCH_EXTENSIONS_DIR). `available()` says
-  whether it could be built; without it the switch falls back to the unfused ops.
+  the build is cached under torch's extensions folder, TORCH_EXTENSIONS_DIR, one build per processor
+  kind, source and flags; a finished build is imported without torch's build lock, see `extension`).
+  `available()` says whether it could be built; without it the switch falls back to the unfused ops.
 """
 
 from __future__ import annotations
@@ -72,16 +74,22 @@ def fused(on: bool = True) -> Iterator[None]:
         _override.pop()
 
 
+CFLAGS = ["-O3", "-march=native"]
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed process (a build takes ~25 s)
+
+
 def extension() -> Any:
-    """The compiled kernel module (built on first call); None when it cannot be built (see `build_error`)."""
+    """The compiled kernel module (built on first call); None when it cannot be built (see `build_error`).
+
+    A finished build is imported directly. torch's `load` takes a lock file in the build folder even to
+    find that nothing needs building, and a process killed while holding it (out of memory, a stopped
+    grid) left every later process waiting on it for ever; a lock older than STALE_LOCK_S is removed.
+    """
     global _ext, _build_error
     with _build_lock:
         if _ext is None and _build_error is None:
             try:
-                from torch.utils.cpp_extension import load
-
-                _ext = load(f"metabench_fused_bn_pool_relu_{cpu_tag()}", [str(SOURCE)],
-                            extra_cflags=["-O3", "-march=native"], verbose=False)
+                _ext = import_built() or build()
             except Exception as exc:  # no compiler, no headers: the unfused ops serve
                 _build_error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"baselines/fused.py: the fused kernel could not be built, so the unfused ops run "
@@ -89,15 +97,56 @@ def extension() -> Any:
         return _ext
 
 
-def cpu_tag() -> str:
-    """A short hash of this processor's instruction-set flags: the build (-march=native) is cached per
-    kind of processor, so a home folder shared across a cluster never loads another machine's build."""
+def build_folder() -> Path:
+    """Where the kernel is built: TORCH_EXTENSIONS_DIR (else torch's per-user default) / `module_name()`."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / module_name()
+
+
+def module_name() -> str:
+    """The extension's name: it changes with the processor's instruction set (the build is -march=native,
+    so a home folder shared across a cluster never loads another machine's build), the source and the flags."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = platform.processor() or platform.machine()
     flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), text)
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+    key = "\n".join([flags, SOURCE.read_text(), " ".join(CFLAGS), torch.__version__])
+    return f"metabench_fused_bn_pool_relu_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def import_built() -> Any:
+    """The finished build of this source, imported without torch's lock; None when there is none yet."""
+    import importlib.util
+
+    path = build_folder() / f"{module_name()}.so"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(module_name(), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build() -> Any:
+    """Compile the kernel with torch.utils.cpp_extension (removing a stale lock first) and import it."""
+    import time
+
+    from torch.utils.cpp_extension import load
+
+    folder = build_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        age = 0.0
+    if age > STALE_LOCK_S:
+        warnings.warn(f"baselines/fused.py: removing {lock}, a build lock {age:.0f} s old (left by a killed "
+                      "process)", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+    return load(module_name(), [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(folder), verbose=False)
 
 
 def available() -> bool:

@@ -80,30 +80,53 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, Tags, TaskInfo, with_meta_dataset
+from baselines import fused
 from baselines.backbones import layer_kind
-from baselines.core import BN_EPS, GradientLearner, Ops, Params, head_forward, record_steps, step_curve
+from baselines.core import (BN_EPS, GradientLearner, Ops, Params, conv_layout, head_forward, record_steps,
+                            step_curve)
 
 LR_PREFIX = "lr."
 
 
 class StepOps(Ops):
-    """Layer operations of inner step `step`: NCHW, batch norm by its explicit formula with the
-    batch-norm row `step` of every "<bn>.weight" / "<bn>.bias" [inner_steps, C], and with track=True
-    the running statistics of that step updated through `learner.track_stats`."""
+    """Layer operations of inner step `step`: batch norm with the batch-norm row `step` of every
+    "<bn>.weight" / "<bn>.bias" [inner_steps, C], and with track=True the running statistics of that
+    step updated through `learner.track_stats`.
+
+    Unfused (the default): NCHW, batch norm by its explicit formula. With baselines/fused.py's switch on,
+    Conv-4's blocks run its kernel with the step's row, channels-last (as the plain layer operations do);
+    the kernel gives no statistics out, so tracking takes them from the block's input, detached.
+    """
 
     def __init__(self, learner: "MAMLpp", step: int, track: bool) -> None:
         self.learner, self.step, self.track = learner, step, track
 
+    def fuses(self) -> bool:
+        return fused.enabled() and fused.available()
+
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return conv_layout(x) if self.fuses() else x
+
+    def bn_affine(self, p: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return p[name + ".weight"][self.step], p[name + ".bias"][self.step]
+
+    def bn_pool_relu(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.track and self.fuses() and fused.applies(x):
+            with torch.no_grad():
+                self.track_batch(name, x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), x)
+        return super().bn_pool_relu(p, name, x)
 
     def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         if self.track:
-            self.learner.track_stats(name, self.step, mean, var, x.numel() // x.shape[1])
-        w, b = p[name + ".weight"][self.step], p[name + ".bias"][self.step]
+            self.track_batch(name, mean, var, x)
+        w, b = self.bn_affine(p, name)
         return (x - mean) * torch.rsqrt(var + BN_EPS) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+    def track_batch(self, name: str, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor) -> None:
+        """Log the batch statistics (mean, biased var; C values each) of x [N, C, H, W] for this step."""
+        self.learner.track_stats(name, self.step, mean, var, x.numel() // x.shape[1])
 
 
 def msl_weights(steps: int, msl_epochs: int, epoch: int) -> list[float]:

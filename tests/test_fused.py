@@ -160,7 +160,8 @@ def test_the_switch_decides_per_call(monkeypatch):
 
 
 def test_layer_operations_with_their_own_batch_norm_keep_it():
-    """A subclass that changes batch norm (CAVIA's FiLM, MAML++'s per-step norm) never runs the kernel."""
+    """A subclass that changes batch norm (CAVIA's FiLM) never runs the kernel (MAML++'s StepOps opts in:
+    tests/test_mamlpp.py)."""
 
     class Shifted(Ops):
         def bn(self, p, name, x):
@@ -195,15 +196,52 @@ def test_task_batched_network_runs_fused_with_the_same_values_and_gradients(kern
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
-def test_a_failed_build_says_so_once_and_falls_back(monkeypatch):
+def forget_the_build(monkeypatch):
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_build_error", None)
+
+
+def test_a_finished_build_is_imported_without_torchs_lock(monkeypatch):
+    """A lock left in the build folder by a killed process does not stop a later one from loading the kernel."""
+    import torch.utils.cpp_extension as cpp
+
+    (fused.build_folder() / "lock").touch()
+    try:
+        monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("rebuilt a finished build"))
+        forget_the_build(monkeypatch)
+        assert fused.available()
+        x, w, b = inputs((3, 4, 6, 6))
+        torch.testing.assert_close(fused.bn_pool_relu(x, w, b), fused.bn_pool_relu_reference(x, w, b))
+    finally:
+        (fused.build_folder() / "lock").unlink()
+
+
+def test_a_stale_build_lock_is_removed_before_building(monkeypatch, tmp_path):
+    import os
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = fused.build_folder() / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))
+    seen = []
+    monkeypatch.setattr(cpp, "load", lambda name, sources, **k: seen.append((lock.exists(), k["build_directory"])))
+    forget_the_build(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="removing .*lock.*killed"):
+        fused.available()
+    assert seen == [(False, str(lock.parent))]
+
+
+def test_a_failed_build_says_so_once_and_falls_back(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no finished build there
     monkeypatch.setattr(cpp, "load", no_compiler)
-    monkeypatch.setattr(fused, "_ext", None)
-    monkeypatch.setattr(fused, "_build_error", None)
+    forget_the_build(monkeypatch)
     with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
         assert not fused.available()
     assert "Ninja" in fused.build_error()

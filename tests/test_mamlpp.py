@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, TaskInfo
-from baselines import registry
+from baselines import fused, registry
 from baselines.mamlpp import MAMLpp, cosine_lr, msl_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,6 +106,33 @@ def test_meta_gradient_matches_plain_autograd(fit_steps, second, weights):
     # the multi-step loss reaches the BN row of every step it weights
     if len(used_steps) == 1:  # only the last step's query loss: earlier BN rows only through 2nd order
         assert bool(grads["bn3.bias"][:-1].abs().sum() > 0) is second
+
+
+@pytest.mark.skipif(not fused.available(), reason="the fused kernel did not build")
+@pytest.mark.parametrize("fit_steps,second,weights", PHASES[:2], ids=["first-order-msl", "second-order-msl"])
+def test_fused_kernel_gives_the_unfused_meta_gradient_and_statistics(fit_steps, second, weights, monkeypatch):
+    """With the switch on every block runs the kernel with its step's batch-norm row (float64: the same
+    meta-gradient up to rounding) and the tracked per-step statistics are the unfused ones."""
+    calls = []
+    kernel = fused.bn_pool_relu
+    monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append(1) or kernel(*a))
+    runs = []
+    for on in (False, True):
+        m = small()
+        as_float64_with_distinct_rows(m)
+        m.bn_stats = {k: v.double() for k, v in m.bn_stats.items()}
+        m.fit_steps = fit_steps
+        keys = list(m.meta)
+        with fused.fused(on):
+            grads = torch.autograd.grad(m.task_loss(random_episode()), [m.meta[k] for k in keys])
+        runs.append((dict(zip(keys, grads)), m.bn_stats))
+        assert len(calls) == (4 * 2 * STEPS if on else 0)  # 4 blocks x (support + query pass) x steps
+    (want, want_stats), (got, got_stats) = runs
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11, msg=k)
+    for k in want_stats:
+        torch.testing.assert_close(got_stats[k], want_stats[k], rtol=1e-12, atol=1e-12, msg=k)
+    assert not torch.equal(want_stats["bn1.running_var"][1], torch.ones(3, dtype=torch.float64))  # it tracked
 
 
 def test_first_order_phase_detaches_second_order_terms():
