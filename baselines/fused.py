@@ -75,15 +75,16 @@ def fused(on: bool = True) -> Iterator[None]:
 
 
 CFLAGS = ["-O3", "-march=native"]
-STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed process (a build takes ~25 s)
+STALE_LOCK_S = 900.0  # a build lock older than this was left by a killed process (builds: ~25 s, ~9 min on busy cores)
 
 
 def extension() -> Any:
     """The compiled kernel module (built on first call); None when it cannot be built (see `build_error`).
 
-    A finished build is imported directly. torch's `load` takes a lock file in the build folder even to
-    find that nothing needs building, and a process killed while holding it (out of memory, a stopped
-    grid) left every later process waiting on it for ever; a lock older than STALE_LOCK_S is removed.
+    A finished build (its file there, no build under way) is imported directly. torch's `load` takes a
+    lock file in the build folder even to find that nothing needs building, and a process killed while
+    holding it (out of memory, a stopped grid) left every later process waiting on it for ever: `build`
+    waits for a lock only until it is STALE_LOCK_S old, then removes it.
     """
     global _ext, _build_error
     with _build_lock:
@@ -117,11 +118,12 @@ def module_name() -> str:
 
 
 def import_built() -> Any:
-    """The finished build of this source, imported without torch's lock; None when there is none yet."""
+    """The finished build of this source, imported without torch's lock; None when there is none yet or a
+    build holds the lock (its file may be half written)."""
     import importlib.util
 
     path = build_folder() / f"{module_name()}.so"
-    if not path.is_file():
+    if not path.is_file() or path.with_name("lock").exists():
         return None
     spec = importlib.util.spec_from_file_location(module_name(), path)
     module = importlib.util.module_from_spec(spec)
@@ -130,7 +132,8 @@ def import_built() -> Any:
 
 
 def build() -> Any:
-    """Compile the kernel with torch.utils.cpp_extension (removing a stale lock first) and import it."""
+    """Compile the kernel with torch.utils.cpp_extension and import it, after waiting for another process's
+    build lock until it is STALE_LOCK_S old (then it was left by a killed process, and is removed)."""
     import time
 
     from torch.utils.cpp_extension import load
@@ -138,14 +141,17 @@ def build() -> Any:
     folder = build_folder()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        age = 0.0
-    if age > STALE_LOCK_S:
-        warnings.warn(f"baselines/fused.py: removing {lock}, a build lock {age:.0f} s old (left by a killed "
-                      "process)", RuntimeWarning, stacklevel=3)
-        lock.unlink(missing_ok=True)
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            break
+        if age > STALE_LOCK_S:
+            warnings.warn(f"baselines/fused.py: removing {lock}, a build lock {age:.0f} s old (left by a killed "
+                          "process)", RuntimeWarning, stacklevel=3)
+            lock.unlink(missing_ok=True)
+            break
+        time.sleep(min(1.0, STALE_LOCK_S - age + 0.01))
     return load(module_name(), [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(folder), verbose=False)
 
 

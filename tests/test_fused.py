@@ -201,35 +201,32 @@ def forget_the_build(monkeypatch):
     monkeypatch.setattr(fused, "_build_error", None)
 
 
-def test_a_finished_build_is_imported_without_torchs_lock(monkeypatch):
-    """A lock left in the build folder by a killed process does not stop a later one from loading the kernel."""
+def test_a_finished_build_is_imported_without_building(monkeypatch):
     import torch.utils.cpp_extension as cpp
 
-    (fused.build_folder() / "lock").touch()
-    try:
-        monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("rebuilt a finished build"))
-        forget_the_build(monkeypatch)
-        assert fused.available()
-        x, w, b = inputs((3, 4, 6, 6))
-        torch.testing.assert_close(fused.bn_pool_relu(x, w, b), fused.bn_pool_relu_reference(x, w, b))
-    finally:
-        (fused.build_folder() / "lock").unlink()
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("went through torch's build for a finished build"))
+    forget_the_build(monkeypatch)
+    assert fused.available()
+    x, w, b = inputs((3, 4, 6, 6))
+    torch.testing.assert_close(fused.bn_pool_relu(x, w, b), fused.bn_pool_relu_reference(x, w, b))
 
 
-def test_a_stale_build_lock_is_removed_before_building(monkeypatch, tmp_path):
-    import os
+def test_a_build_lock_left_by_a_killed_process_is_removed_once_stale(monkeypatch, tmp_path):
+    """A process killed inside torch's `load` leaves its lock: a later one waits for it only until it is
+    STALE_LOCK_S old, then removes it and builds (without the fix it waited for ever)."""
     import torch.utils.cpp_extension as cpp
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "STALE_LOCK_S", 0.3)
     lock = fused.build_folder() / "lock"
     lock.parent.mkdir(parents=True)
+    (lock.parent / f"{fused.module_name()}.so").write_bytes(b"half written by the killed build")
     lock.touch()
-    os.utime(lock, (0, 0))
     seen = []
     monkeypatch.setattr(cpp, "load", lambda name, sources, **k: seen.append((lock.exists(), k["build_directory"])))
     forget_the_build(monkeypatch)
     with pytest.warns(RuntimeWarning, match="removing .*lock.*killed"):
-        fused.available()
+        fused.available()  # the half-written file is not imported while the lock stands
     assert seen == [(False, str(lock.parent))]
 
 
