@@ -32,6 +32,7 @@ byte map and two per-channel vectors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -105,9 +106,11 @@ def build_folder() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / module_name()
 
 
+@functools.lru_cache(maxsize=None)
 def module_name() -> str:
     """The extension's name: it changes with the processor's instruction set (the build is -march=native,
-    so a home folder shared across a cluster never loads another machine's build), the source and the flags."""
+    so a home folder shared across a cluster never loads another machine's build), the source and the flags
+    (computed once per process: it reads /proc/cpuinfo and the source)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
