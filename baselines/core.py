@@ -177,8 +177,13 @@ class Ops:
         """relu(max_pool2d(bn(x), 2)) for batch norm `name`: x [N, C, H, W] -> [N, C, H//2, W//2]; one fused
         kernel when its switch is on and it applies (baselines/fused.py; only where `bn` is the plain one)."""
         if self.fuses() and fused.applies(x):
-            return fused.bn_pool_relu(x, *self.bn_affine(p, name))
+            return self.fused_block(p, name, x)
         return F.relu(F.max_pool2d(self.bn(p, name, x), 2))
+
+    def fused_block(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        """`bn_pool_relu` in baselines/fused.py's kernel (chosen by `bn_pool_relu`): x [N, C, H, W] ->
+        [N, C, H//2, W//2]. A subclass that needs more of the block (statistics) extends this."""
+        return fused.bn_pool_relu(x, *self.bn_affine(p, name))
 
 
 PLAIN = Ops()

@@ -110,11 +110,11 @@ class StepOps(Ops):
     def bn_affine(self, p: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return p[name + ".weight"][self.step], p[name + ".bias"][self.step]
 
-    def bn_pool_relu(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.track and self.fuses() and fused.applies(x):
+    def fused_block(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.track:
             with torch.no_grad():
                 self.track_batch(name, x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), x)
-        return super().bn_pool_relu(p, name, x)
+        return super().fused_block(p, name, x)
 
     def bn(self, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
