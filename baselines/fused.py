@@ -122,12 +122,21 @@ def module_name() -> str:
 
 def import_built() -> Any:
     """The finished build of this source, imported without torch's lock; None when there is none yet or a
-    build holds the lock (its file may be half written)."""
+    build may be writing it: a lock stands that is not newer than the file. (A lock newer than the file was
+    taken after the build finished, e.g. by torch's check that nothing needs building, in a process that may
+    since have been killed.)"""
     import importlib.util
 
     path = build_folder() / f"{module_name()}.so"
-    if not path.is_file() or path.with_name("lock").exists():
+    try:
+        built = path.stat().st_mtime
+    except FileNotFoundError:
         return None
+    try:
+        if path.with_name("lock").stat().st_mtime <= built:
+            return None
+    except FileNotFoundError:
+        pass
     spec = importlib.util.spec_from_file_location(module_name(), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,27 @@ def test_a_finished_build_is_imported_without_building(monkeypatch):
     torch.testing.assert_close(fused.bn_pool_relu(x, w, b), fused.bn_pool_relu_reference(x, w, b))
 
 
+def test_a_lock_taken_after_the_build_finished_does_not_delay_loading_it(monkeypatch, tmp_path):
+    """torch's `load` takes the lock even to check that nothing needs building: a process killed there left
+    a lock newer than the finished file, which is imported at once (no waiting, no rebuild)."""
+    import shutil
+
+    import torch.utils.cpp_extension as cpp
+
+    assert fused.available()
+    finished = fused.build_folder() / f"{fused.module_name()}.so"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    fused.build_folder().mkdir(parents=True)
+    shutil.copy2(finished, fused.build_folder())
+    time.sleep(0.02)
+    (fused.build_folder() / "lock").touch()
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("waited for or rebuilt a finished build"))
+    forget_the_build(monkeypatch)
+    assert fused.available()
+    x, w, b = inputs((3, 4, 6, 6))
+    torch.testing.assert_close(fused.bn_pool_relu(x, w, b), fused.bn_pool_relu_reference(x, w, b))
+
+
 def test_a_build_lock_left_by_a_killed_process_is_removed_once_stale(monkeypatch, tmp_path):
     """A process killed inside torch's `load` leaves its lock: a later one waits for it only until it is
     STALE_LOCK_S old, then removes it and builds (without the fix it waited for ever)."""
@@ -220,8 +243,9 @@ def test_a_build_lock_left_by_a_killed_process_is_removed_once_stale(monkeypatch
     monkeypatch.setattr(fused, "STALE_LOCK_S", 0.3)
     lock = fused.build_folder() / "lock"
     lock.parent.mkdir(parents=True)
-    (lock.parent / f"{fused.module_name()}.so").write_bytes(b"half written by the killed build")
     lock.touch()
+    time.sleep(0.02)
+    (lock.parent / f"{fused.module_name()}.so").write_bytes(b"half written by the killed build")
     seen = []
     monkeypatch.setattr(cpp, "load", lambda name, sources, **k: seen.append((lock.exists(), k["build_directory"])))
     forget_the_build(monkeypatch)
