@@ -17,6 +17,9 @@ metabench), one fresh worker process measures:
   first iteration: the memory the tensors need, without what the allocator keeps cached (which
   peak_mb includes and which depends on the allocator's history); NaN under another allocator;
 - eval_eps_per_s: test episodes per second (adapt with the test-time steps, predict the query);
+- eval_faults_per_ep: the process's minor page faults (getrusage) during that timed evaluation, per
+  episode: memory the allocator had to fault in fresh (glibc growing and giving back the main thread's
+  heap after the task pool trained, e.g.), a count that explains a slow evaluation without timing it;
 - gflops, flop_fraction: the workload's FLOPs (convolutions and matmuls of one meta-iteration,
   counted once with torch's FlopCounterMode on a plain-autograd reference of the same math, so
   every implementation is credited the same work) per second, and that rate over the machine's
@@ -44,6 +47,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -76,7 +80,8 @@ DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
 COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device",
-           "sec_per_iter", "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "gflop_per_iter",
+           "sec_per_iter", "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "eval_faults_per_ep",
+           "gflop_per_iter",
            "gflops", "matmul_gflops", "flop_fraction", "torch"]
 
 
@@ -194,6 +199,11 @@ def proc_status_mb(field: str) -> float:
     except OSError:
         pass
     return math.nan
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (getrusage: pages first touched, none read from disk)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def reset_peak_rss() -> None:
@@ -560,7 +570,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         timed(step, device)
     times = [timed(step, device) for _ in range(job["repeats"])]
     episodes = synthetic_episodes(w, job["eval_episodes"], seed=1)
+    faults = minor_faults()
     eval_seconds = timed(lambda: evaluate(episodes), device)
+    faults = minor_faults() - faults
     flops = (workload_flops(w, first_order=job["method"] == "fomaml") if job["method"] in ("maml", "fomaml")
              else method_flops(w, job["method"]))
     matmul = max(matmul_before, matmul_gflops(device))
@@ -571,7 +583,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             "task_workers": workers, "device": device,
             "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first,
             "peak_mb": peak, "heap_peak_mb": heap[0],
-            "eval_eps_per_s": len(episodes) / eval_seconds, "gflop_per_iter": flops / 1e9,
+            "eval_eps_per_s": len(episodes) / eval_seconds, "eval_faults_per_ep": faults / len(episodes),
+            "gflop_per_iter": flops / 1e9,
             "gflops": flops / median / 1e9, "matmul_gflops": matmul, "flop_fraction": flops / median / 1e9 / matmul,
             "torch": torch.__version__}
 
@@ -602,10 +615,10 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the rows, then the learn2learn ratios."""
     head = ("| workload | inner steps | impl | method | alloc | s/iter (median) | peak MB | heap peak MB | eval ep/s | "
-            "GFLOP/s | of matmul |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "eval faults/ep | GFLOP/s | of matmul |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['workload']} | {r['inner_steps']} | {r['impl']} | {r['method']} | {r['allocator']} | "
             f"{r['sec_per_iter']:.3f} | {r['peak_mb']:.0f} | {float(r.get('heap_peak_mb', math.nan)):.0f} | "
-            f"{r['eval_eps_per_s']:.1f} | {r['gflops']:.1f} | "
+            f"{r['eval_eps_per_s']:.1f} | {float(r.get('eval_faults_per_ep', math.nan)):.0f} | {r['gflops']:.1f} | "
             f"{100 * r['flop_fraction']:.0f}% |"
             for r in rows]
     ratios = []

@@ -58,6 +58,19 @@ def test_one_worker_row(tiny):
     for key in ("sec_per_iter", "eval_eps_per_s", "gflops", "matmul_gflops", "flop_fraction"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["sec_min"] <= row["sec_per_iter"] <= row["sec_max"]
+    assert row["eval_faults_per_ep"] >= 0
+
+
+def test_minor_faults_count_pages_touched_for_the_first_time():
+    import mmap
+
+    before = perf.minor_faults()
+    block = mmap.mmap(-1, 8 * 2**20)  # fresh anonymous memory: each page faults in when first written
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    touched = perf.minor_faults() - before
+    block.close()
+    assert touched >= 4  # 2048 pages, or as few as 4 where the kernel backs them with 2 MiB huge pages
 
 
 def test_report_prints_ratios_and_writes_csv(tmp_path):
@@ -94,7 +107,7 @@ def test_conv4_module_is_the_functional_conv4():
     p = conv4_init(torch.Generator().manual_seed(0), 1, 4, 3, 28)
     module = perf.conv4_module(TINY)
     perf.load_functional_params(module, p)
-    x = torch.rand(5, 1, 28, 28)
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(module(x), conv4_forward(p, x), rtol=1e-5, atol=1e-5)
 
 
@@ -136,7 +149,7 @@ def test_resnet12_workload_and_module_are_the_functional_resnet12(tiny):
     p = net.init(torch.Generator().manual_seed(0), 1, small.way, small.size)
     module = perf.network_module(small)
     perf.load_functional_params(module, p)
-    x = torch.rand(5, 1, 20, 20)
+    x = torch.rand(5, 1, 20, 20, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(module(x), head_forward(p, net.features(p, x)), rtol=1e-5, atol=1e-5)
     assert perf.workload_flops(small, False) > perf.workload_flops(small, True) > 0
     for method in ("maml", "fomaml"):
