@@ -81,8 +81,7 @@ DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 ALLOCATORS = ("glibc", "tcmalloc")
 COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device",
            "sec_per_iter", "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "eval_faults_per_ep",
-           "gflop_per_iter",
-           "gflops", "matmul_gflops", "flop_fraction", "torch"]
+           "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction", "torch"]
 
 
 @dataclass(frozen=True)
