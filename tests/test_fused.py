@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,9 +225,10 @@ def test_a_lock_taken_after_the_build_finished_does_not_delay_loading_it(monkeyp
     finished = fused.build_folder() / f"{fused.module_name()}.so"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     fused.build_folder().mkdir(parents=True)
-    shutil.copy2(finished, fused.build_folder())
-    time.sleep(0.02)
-    (fused.build_folder() / "lock").touch()
+    built = Path(shutil.copy2(finished, fused.build_folder()))
+    lock = fused.build_folder() / "lock"
+    lock.touch()
+    os.utime(lock, (built.stat().st_mtime + 5, built.stat().st_mtime + 5))  # newer, whatever the clock's grain
     monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("waited for or rebuilt a finished build"))
     forget_the_build(monkeypatch)
     assert fused.available()
@@ -244,8 +246,9 @@ def test_a_build_lock_left_by_a_killed_process_is_removed_once_stale(monkeypatch
     lock = fused.build_folder() / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    time.sleep(0.02)
-    (lock.parent / f"{fused.module_name()}.so").write_bytes(b"half written by the killed build")
+    half = lock.parent / f"{fused.module_name()}.so"
+    half.write_bytes(b"half written by the killed build")
+    os.utime(half, (lock.stat().st_mtime + 5, lock.stat().st_mtime + 5))  # written after the lock was taken
     seen = []
     monkeypatch.setattr(cpp, "load", lambda name, sources, **k: seen.append((lock.exists(), k["build_directory"])))
     forget_the_build(monkeypatch)
