@@ -6,8 +6,10 @@ short element-wise passes. Running whole tasks side by side, each single-threade
 fully (torch releases the GIL inside every operation and inside the autograd engine), e.g.
 1.25x on Omniglot 20-way 1-shot second-order MAML on 2 cores (`python -m bench.perf`).
 
-Results do not depend on the number of workers: every task runs on one intra-op thread wherever
-it runs, each task's gradient is returned (not accumulated into `.grad` concurrently), and the
+Results do not depend on the number of workers: every task of a meta-batch of two or more runs on
+one intra-op thread wherever it runs (a meta-batch of one task runs in the calling thread on torch's
+intra-op threads, whatever the number of workers: ProtoNet's one 60-way episode, Meta-Dataset's one
+episode per step), each task's gradient is returned (not accumulated into `.grad` concurrently), and the
 gradients are summed in meta-batch order. They can differ from a task-by-task loop at several
 intra-op threads in the last bits (a different summation order inside some kernels).
 
@@ -61,13 +63,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def map_tasks(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
     """fn(item) for each item, each call on a single-threaded worker, yielded in item order
-    (with the pool off: computed in this thread, one after another, as they are consumed).
+    (with the pool off: computed in this thread, one after another, as they are consumed; a single
+    item is computed in this thread on torch's intra-op threads, where a worker would leave all cores
+    but one idle).
 
     fn must not mutate shared state (it runs concurrently with itself). An exception raised by a
     call is raised when its result is reached.
     """
     workers = task_workers()
-    if workers == 0:
+    if workers == 0 or len(items) == 1:
         return (fn(item) for item in items)
     return _pool(workers).map(fn, items)
 
