@@ -22,6 +22,8 @@ byte map and two per-channel vectors.
   maxima. A third order (a second-order gradient differentiated again) differentiates the unfused
   block's recorded backward instead, so every order is exact (tests/test_fused.py checks values,
   gradients, second- and third-order gradients in float64 against `bn_pool_relu_reference`).
+- Its calls release the GIL while the kernel runs, as torch's operators do, so the task pool's threads
+  (baselines/parallel.py) do not wait for one another's kernel calls.
 - Same numbers up to rounding: the kernel's per-channel sums are taken in fixed blocks and added in
   order, so its results do not depend on the thread count, but they are not bitwise torch's.
 - The kernel is compiled on first use with torch.utils.cpp_extension (a C++ compiler is needed;

@@ -363,9 +363,13 @@ std::vector<at::Tensor> double_backward(const at::Tensor& u, const at::Tensor& v
   return {gg, gx, gw};
 }
 
+// Each call releases the GIL while it runs (it touches no Python object), as torch's own operators do: the
+// task pool's threads (baselines/parallel.py) would otherwise wait for one another's kernel calls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using nogil = py::call_guard<py::gil_scoped_release>;
   m.def("double_backward", &double_backward,
-        "backward of backward: gradients of g, x, weight from those of dx, dweight, dbias");
-  m.def("forward", &forward, "batch norm -> 2x2 max-pool -> ReLU (channels-last): out, window index, mean, invstd");
-  m.def("backward", &backward, "first-order backward of forward: dx, dweight, dbias");
+        "backward of backward: gradients of g, x, weight from those of dx, dweight, dbias", nogil());
+  m.def("forward", &forward, "batch norm -> 2x2 max-pool -> ReLU (channels-last): out, window index, mean, invstd",
+        nogil());
+  m.def("backward", &backward, "first-order backward of forward: dx, dweight, dbias", nogil());
 }

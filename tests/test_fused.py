@@ -120,6 +120,42 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, e)
 
 
+def test_kernel_calls_release_the_gil():
+    """While one thread is inside a kernel call, Python runs in another (the task pool's threads would otherwise
+    wait for each other's calls). Counted, not timed: the longest stretch of the call during which the main
+    thread's loop made no step (the whole call when the call holds the GIL)."""
+    import sys
+    import threading
+    import time
+
+    args = [t.detach() for t in inputs((64, 64, 112, 112), torch.float32)] + [fused.BN_EPS]
+    ext = fused.extension()
+    window: list[float] = []
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+
+    def call() -> None:
+        start = time.perf_counter()
+        ext.forward(*args)
+        window.extend([start, time.perf_counter()])
+
+    torch.set_num_threads(1)  # the call on one core, the main thread's loop on another
+    sys.setswitchinterval(1e-4)
+    try:
+        worker = threading.Thread(target=call)
+        stamps = []
+        worker.start()
+        while worker.is_alive():
+            stamps.append(time.perf_counter())
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+        sys.setswitchinterval(interval)
+    start, end = window
+    inside = [start] + [s for s in stamps if start < s < end] + [end]
+    longest = max(b - a for a, b in zip(inside, inside[1:]))
+    assert longest < (end - start) / 2, f"no Python ran for {longest:.3f} s of a {end - start:.3f} s kernel call"
+
+
 def maml_meta_grad(first_order: bool):
     gen = torch.Generator().manual_seed(0)
     params = {k: v.double().requires_grad_() for k, v in conv4_init(gen, 1, 8, 5, 28).items()}
