@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from bench.api import Episode, MetaLearner, Predictor, StepCurves, Tags, TaskInfo, new_generator, rng_state
 from bench.errors import MetabenchError, MethodError
 from baselines import fused
-from baselines.parallel import summed_grads
+from baselines.parallel import map_tasks, summed_grads, task_workers
 
 Params = dict[str, torch.Tensor]
 BN_EPS = 1e-5
@@ -279,6 +279,41 @@ def inner_loop(loss_fn: LossFn, params: Params, keys: list[str], data: tuple[tor
     return result
 
 
+def tasks_on_pool(run: Callable[[slice], Params], n_tasks: int, per_worker: int) -> Params:
+    """A task-batched inner loop of `n_tasks` tasks cut into consecutive slices of `per_worker` tasks, each slice
+    run(slice) -> parameters [len(slice), ...] on a single-threaded task-pool worker (parallel.map_tasks; a single
+    slice too), concatenated in task order: parameters [n_tasks, ...], detached.
+
+    Each task's numbers then come from one thread whatever the number of workers, as in training. Inside
+    `tracing`, each slice records its own inner loop (one `inner_loop` call per slice) and the records join the
+    caller's trace as ONE call over the n tasks (what `adapt_steps` reads); the seconds beyond the own steps
+    are the workers' share of them, scaled to the wall-clock time of the whole (they ran side by side)."""
+    trace = _TRACE.get()
+    upto = None if trace is None else trace.upto_of_next()
+
+    def one(tasks: slice) -> tuple[Params, list[Params], float, float]:
+        start = time.perf_counter()
+        if upto is None:
+            return _detached(run(tasks)), [], 0.0, 0.0
+        with tracing(upto) as own:
+            fast = _detached(run(tasks))
+        if len(own.calls) != 1:
+            raise MethodError(f"a task-batched inner loop made {len(own.calls)} inner_loop calls; it must make one")
+        return fast, own.calls[0], own.extra_seconds, time.perf_counter() - start
+
+    slices = [slice(first, min(first + per_worker, n_tasks)) for first in range(0, n_tasks, per_worker)]
+    start = time.perf_counter()
+    parts = list(map_tasks(one, slices, single_here=False))
+    wall = time.perf_counter() - start
+    fast = {k: torch.cat([part[0][k] for part in parts]) for k in parts[0][0]}
+    if trace is not None:
+        steps = range(len(parts[0][1]))
+        trace.calls.append([{k: torch.cat([part[1][s][k] for part in parts]) for k in parts[0][1][s]} for s in steps])
+        busy = sum(part[3] for part in parts)
+        trace.extra_seconds += wall * sum(part[2] for part in parts) / busy if busy > 0 else 0.0
+    return fast
+
+
 def record_steps(step: Callable[[Any, int], Any], start: Any, own: int, upto: int) -> tuple[list[Any], float]:
     """A method's own inner loop run step by step and kept: states[s] = the state after s steps (states[0] =
     `start`), s = 0..max(own, upto), each from `step(state, s)` (s the index of the step being taken). The
@@ -505,6 +540,23 @@ class GradientLearner(MetaLearner):
         """Whether meta-training runs the tasks of a meta-batch on the task pool: PARALLEL_TASKS, on a backbone
         whose tasks are small enough to gain from it (`Backbone.pool_tasks`: Conv-4, not the ResNets)."""
         return self.PARALLEL_TASKS and self.net.pool_tasks
+
+    @property
+    def adapts_side_by_side(self) -> bool:
+        """Whether evaluation adapts (MAML's task-batched adapt_many, TASK_BATCHED) and predicts on the task pool,
+        each slice of tasks and each prediction on one thread: on a backbone that pools tasks, with the pool on.
+        The numbers then do not depend on the number of workers or of torch's threads."""
+        return self.TASK_BATCHED and self.net.pool_tasks and task_workers() > 0
+
+    def map_predictions(self, calls: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
+        if not self.adapts_side_by_side:
+            return super().map_predictions(calls)
+
+        def predict(call: tuple[Predictor, torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad():
+                return call[0](call[1])
+
+        return list(map_tasks(predict, calls, single_here=False))
 
     def backward_tasks(self, batch: list[Episode]) -> None:
         """Add the gradient of the mean task loss over `batch` to the meta-parameters' .grad

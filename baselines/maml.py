@@ -13,8 +13,10 @@ block (the reference code's miniImageNet variant) for Omniglot too, instead of s
 Speed: when the class declares TASK_BATCHED (its per-task computation is MAML's own:
 subclasses that only change which keys adapt or their learning rates: FOMAML, ANIL, BOIL,
 Meta-SGD; a subclass that does not declare it never takes the fast path) and the tasks have
-equal shapes, evaluation adapts EVAL_CHUNK tasks at once as one task-batched network
-(baselines/taskbatch.py, `adapt_many`), and training does so for `task_batch` tasks at a time
+equal shapes, evaluation adapts EVAL_CHUNK tasks at once as task-batched networks
+(baselines/taskbatch.py, `adapt_many`: slices of ADAPT_TASKS_PER_WORKER tasks side by side on the task
+pool, each on one thread, so the numbers do not depend on the number of workers or threads; with the
+pool off, the whole chunk in one pass), and training does so for `task_batch` tasks at a time
 when asked (it trades memory for speed). Both paths compute the same function
 (tests/test_taskbatch.py compares them in float64 and over several float32 steps).
 
@@ -33,11 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, Tags
-from baselines.core import GradientLearner, Params, episode_loss, inner_loop
+from baselines.core import GradientLearner, Params, episode_loss, inner_loop, tasks_on_pool
 from baselines.taskbatch import forward_tasks, same_shapes, stack_episodes, stack_params, tasks_loss
 
 
 REGISTER = {"maml": "MAML", "fomaml": "FOMAML"}
+
+ADAPT_TASKS_PER_WORKER = 4
+"""Tasks per task-pool worker call when `adapt_many` adapts on the pool: 4 was at or near the fastest of 1-16 for
+Omniglot 5w1s and 20w1s and miniImageNet 5w1s on 2 cores (bench.perf, README "Performance")."""
 
 _FINN = "Finn, Abbeel, Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017"
 _TRIANTAFILLOU = ("Triantafillou, Zhu, Dumoulin, Lamblin, Evci, Xu, Goroshin, Gelada, Swersky, Manzagol, Larochelle. "
@@ -148,8 +154,16 @@ class MAML(GradientLearner):
         if len(supports) < 2 or not (self.TASK_BATCHED and shapes_equal):
             return super().adapt_many(supports)
         x, y = torch.stack([s[0] for s in supports]), torch.stack([s[1] for s in supports])
-        with torch.enable_grad():
-            fast = self.inner_tasks({k: v.detach() for k, v in self.meta.items()}, (x, y), self.inner_steps_test, True)
+        start = {k: v.detach() for k, v in self.meta.items()}
+
+        def adapt(tasks: slice) -> Params:
+            with torch.enable_grad():
+                return self.inner_tasks(start, (x[tasks], y[tasks]), self.inner_steps_test, True)
+
+        if self.adapts_side_by_side:  # single-threaded slices side by side (as training's tasks)
+            fast = tasks_on_pool(adapt, len(supports), ADAPT_TASKS_PER_WORKER)
+        else:
+            fast = adapt(slice(None))
         way = int(y.max()) + 1
         return [self.predictor({k: v[t].detach() for k, v in fast.items()}, way) for t in range(len(supports))]
 

@@ -13,6 +13,10 @@ episode per step), each task's gradient is returned (not accumulated into `.grad
 gradients are summed in meta-batch order. They can differ from a task-by-task loop at several
 intra-op threads in the last bits (a different summation order inside some kernels).
 
+Evaluation uses the same pool (baselines/core.py: `tasks_on_pool`, `GradientLearner.map_predictions`): slices
+of an evaluation chunk and the query predictions, each on one worker, so evaluation numbers do not depend on
+the number of workers or of torch's threads either.
+
 Workers: `METABENCH_TASK_WORKERS` when set, else torch's intra-op thread count. W workers hold
 W tasks' graphs in memory at once; 0 turns the pool off (callers then run the tasks one after
 another on torch's intra-op threads: one task's graph at a time, the last bits of the numbers
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -48,6 +53,20 @@ def task_workers() -> int:
     return int(value)
 
 
+@contextmanager
+def workers_set(workers: str) -> Iterator[None]:
+    """METABENCH_TASK_WORKERS set to `workers` inside (e.g. "0": the pool off); restored after."""
+    before = os.environ.get("METABENCH_TASK_WORKERS")
+    os.environ["METABENCH_TASK_WORKERS"] = workers
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("METABENCH_TASK_WORKERS", None)
+        else:
+            os.environ["METABENCH_TASK_WORKERS"] = before
+
+
 def _single_threaded() -> None:
     torch.set_num_threads(1)
 
@@ -61,17 +80,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
-def map_tasks(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, single_here: bool = True) -> Iterator[R]:
     """fn(item) for each item, each call on a single-threaded worker, yielded in item order
     (with the pool off: computed in this thread, one after another, as they are consumed; a single
     item is computed in this thread on torch's intra-op threads, where a worker would leave all cores
-    but one idle).
+    but one idle, unless single_here is False: then it goes to a worker like any other, so that every
+    item is computed single-threaded whatever the number of items).
 
     fn must not mutate shared state (it runs concurrently with itself). An exception raised by a
     call is raised when its result is reached.
     """
     workers = task_workers()
-    if workers == 0 or len(items) == 1:
+    if workers == 0 or (len(items) == 1 and single_here):
         return (fn(item) for item in items)
     return _pool(workers).map(fn, items)
 

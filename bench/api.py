@@ -216,6 +216,13 @@ class MetaLearner(abc.ABC):
         """
         return [self.adapt(x, y) for x, y in supports]
 
+    def map_predictions(self, calls: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
+        """predict(query_x) for each (predict, query_x [n_query, C, H, W]), in order, without gradients: logits
+        [n_query, way] each. Here one after another; a method whose predictors only read may compute them
+        side by side (baselines.core.GradientLearner: on the task pool, where evaluation adapts on it)."""
+        with torch.no_grad():
+            return [predict(x) for predict, x in calls]
+
     @property
     def test_steps(self) -> int | None:
         """Test-time inner steps of adaptation (None: the method has no inner loop)."""
@@ -277,15 +284,17 @@ class MetaLearner(abc.ABC):
                 predictors, curves, extra = self.adapt_steps(supports, steps_upto)
             else:
                 predictors = self.adapt_many(supports) if batched else [self.adapt(*supports[0])]
-            with torch.no_grad():
-                logits = [predict(ep.query_x) for predict, ep in zip(predictors, chunk)]
+            logits = self.map_predictions([(predict, ep.query_x) for predict, ep in zip(predictors, chunk)])
             extra = extra() if callable(extra) else extra
             seconds = (time.perf_counter() - start - extra) / len(chunk)
             rows = [score(lg, ep) | {"adapt_seconds": seconds, "adapt_batch": len(chunk)} for lg, ep in zip(logits, chunk)]
-            for row, curve, ep, lg, predict in zip(rows, curves or [], chunk, logits, predictors):
-                with torch.no_grad():
-                    row["steps"] = [(s, *(score(lg if curve[s] is predict else curve[s](ep.query_x), ep)[k]
-                                          for k in ("accuracy", "loss"))) for s in sorted(curve)]
+            if curves is not None:  # each step's predictor on its query set (the main one's logits reused)
+                calls = [(curve[s], ep.query_x) for curve, ep, predict in zip(curves, chunk, predictors)
+                         for s in sorted(curve) if curve[s] is not predict]
+                stepped = iter(self.map_predictions(calls))
+                for row, curve, ep, lg, predict in zip(rows, curves, chunk, logits, predictors):
+                    scores = [score(lg if curve[s] is predict else next(stepped), ep) for s in sorted(curve)]
+                    row["steps"] = [(s, sc["accuracy"], sc["loss"]) for s, sc in zip(sorted(curve), scores)]
             out.extend(rows)
         return out
 

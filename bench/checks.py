@@ -47,6 +47,7 @@ import torch
 from bench.api import Episode, MetaLearner, Tags, TaskInfo
 from bench.errors import MetabenchError
 from bench.registry import Registry
+from baselines.parallel import workers_set
 
 PRESET_KEY, WAY = "omniglot-5w", 5  # the synthetic benchmark's preset key (whose method presets apply) and way
 # Check-time hyperparameters of in-tree base classes (like scikit-learn's per-estimator check
@@ -709,22 +710,39 @@ def check_fit_worker_independent(s: Subject) -> str | None:
     if not s.tags.deterministic:
         raise NotApplicable("tagged deterministic=False")
     states = []
-    before = os.environ.get("METABENCH_TASK_WORKERS")
-    try:
-        for workers in ("1", "3"):
-            os.environ["METABENCH_TASK_WORKERS"] = workers
+    for workers in ("1", "3"):
+        with workers_set(workers):
             m = s.ready()
             m.fit(s.train_stream(), 2)
             states.append(m.state_dict())
-    finally:
-        if before is None:
-            os.environ.pop("METABENCH_TASK_WORKERS", None)
-        else:
-            os.environ["METABENCH_TASK_WORKERS"] = before
     d = first_difference(states[0], states[1])
     require(d is None, f"PARALLEL_TASKS is True, so the tasks of a meta-batch run concurrently, but 1 and 3 workers "
                        f"reach different states: {d}; task_loss must only read shared state (set PARALLEL_TASKS = "
                        "False if it writes any)")
+    return None
+
+
+@check
+def check_evaluate_worker_independent(s: Subject) -> str | None:
+    """TASK_BATCHED methods: evaluating with 1 and with 3 task workers gives identical rows, test-time step
+    curves included (MAML's adapt_many adapts slices of a chunk side by side on the task pool, each on one
+    thread; an inner_tasks that writes shared state would race there)."""
+    if not getattr(s.cls, "TASK_BATCHED", False):
+        raise NotApplicable("adapt_many does not adapt on the task pool (TASK_BATCHED is False)")
+    if not s.tags.deterministic:
+        raise NotApplicable("tagged deterministic=False")
+    m = s.ready()
+    m.fit(s.train_stream(), 1)
+    eps = [s.episode(index=i) for i in range(6)]
+    rows = []
+    for workers in ("1", "3"):
+        with workers_set(workers):
+            rows.append(m.evaluate(eps, steps_upto=2))
+    keys = ("accuracy", "loss", "steps")
+    d = first_difference([{k: r.get(k) for k in keys} for r in rows[0]], [{k: r.get(k) for k in keys} for r in rows[1]],
+                         "rows")
+    require(d is None, f"evaluating with 1 and 3 task workers gives different rows: {d}; adapt_many's inner loop "
+                       "must only read shared state")
     return None
 
 

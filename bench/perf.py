@@ -342,16 +342,10 @@ def plain_path() -> Iterator[None]:
     and the task pool off (METABENCH_TASK_WORKERS=0: tasks one after another in this thread)."""
     from baselines.core import higher_order
 
-    before = os.environ.get("METABENCH_TASK_WORKERS")
-    os.environ["METABENCH_TASK_WORKERS"] = "0"
-    try:
-        with higher_order():
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("METABENCH_TASK_WORKERS", None)
-        else:
-            os.environ["METABENCH_TASK_WORKERS"] = before
+    from baselines.parallel import workers_set
+
+    with workers_set("0"), higher_order():
+        yield
 
 
 def reference_step(m: Any, batch: list[Episode]) -> None:

@@ -209,9 +209,33 @@ class ConcurrencySensitiveMAML(SmallMAML):
         return {**super().state_dict(), "most_active": self.most_active}
 
 
+@dataclass
+class ConcurrencySensitiveAdaptMAML(SmallMAML):
+    """Its task-batched inner loop at test time depends on how many slices ran at once (a deterministic stand-in
+    for any race on shared state) while claiming TASK_BATCHED."""
+
+    TASK_BATCHED: ClassVar[bool] = True
+
+    def setup(self, info):
+        self.active, self.most_active, self.lock = 0, 0, threading.Lock()
+        return super().setup(info)
+
+    def inner_tasks(self, start, data, steps, first_order):
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(0.2)
+        with self.lock:
+            self.active -= 1
+        shifted = {k: v + 0.01 * self.most_active for k, v in start.items()}
+        return super().inner_tasks(shifted, data, steps, first_order)
+
+
 BROKEN = [
     (ConcurrencySensitiveMAML, "check_fit_worker_independent", ["1 and 3 workers reach different states",
                                                                 "most_active", "PARALLEL_TASKS = False"]),
+    (ConcurrencySensitiveAdaptMAML, "check_evaluate_worker_independent",
+     ["evaluating with 1 and 3 task workers gives different rows", "only read shared state"]),
     (ShuffledManyMAML, "check_adapt_many", ["support set 0: adapt_many's predictions differ from adapt's"]),
     (MutatingMAML, "check_adapt_leaves_meta_untouched", ["must never change the meta-parameters", "head.bias"]),
     (ForgetfulMAML, "check_fit_resumable", ["fit(a) then fit(b) must equal fit(a + b)", "optimizer"]),

@@ -158,3 +158,57 @@ def test_resnet_tasks_run_one_after_another():
     assert not MAML(backbone="resnet12", widths="4-4-4-4").tasks_side_by_side
     assert not MAML(backbone="resnet18", widths="4-4-4-4").tasks_side_by_side
     assert not Mixture(hidden=8).tasks_side_by_side  # (PARALLEL_TASKS is False)
+
+
+def test_single_here_false_sends_a_single_item_to_a_worker(monkeypatch):
+    """(What evaluation uses: every slice and prediction single-threaded, however few.)"""
+    import threading
+
+    here = threading.get_ident()
+    monkeypatch.setenv("METABENCH_TASK_WORKERS", "2")
+    [(where, threads)] = map_tasks(lambda _: (threading.get_ident(), torch.get_num_threads()), [0], single_here=False)
+    assert where != here and threads == 1
+
+
+def evaluation_rows(m: MAML, eps: list[Episode], upto: int | None) -> list[tuple]:
+    rows = m.evaluate(eps, steps_upto=upto)
+    return [(r["accuracy"], r["loss"], r.get("steps")) for r in rows]
+
+
+def test_evaluation_does_not_depend_on_the_number_of_workers_or_threads(synthetic_set, monkeypatch):
+    """adapt_many adapts slices of a chunk side by side, each on one thread: the rows (and the test-time step
+    curves) are bitwise the same with 1 or 3 workers and 1 or 2 torch threads; the step curve's point at the
+    method's own test steps is the main number."""
+    m = make_maml(synthetic_set, inner_steps_test=3)
+    m.fit(synthetic_set.stream("train"), 2)
+    stream = synthetic_set.stream("test")
+    eps = [next(stream) for _ in range(10)]  # slices of 4, 4 and 2
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for workers, threads in (("1", 1), ("3", 1), ("1", 2), ("3", 2)):
+            monkeypatch.setenv("METABENCH_TASK_WORKERS", workers)
+            torch.set_num_threads(threads)
+            got[workers, threads] = (evaluation_rows(m, eps, None), evaluation_rows(m, eps, 5))
+    finally:
+        torch.set_num_threads(before)
+    first = got["1", 1]
+    assert all(rows == first for rows in got.values())
+    plain, traced = first
+    assert [(a, l) for a, l, _ in plain] == [(a, l) for a, l, _ in traced]
+    for accuracy, loss, steps in traced:
+        assert [s for s, _, _ in steps] == list(range(6)) and (3, accuracy, loss) in steps
+
+
+def test_evaluation_on_the_pool_equals_the_chunk_in_one_pass_in_float64(synthetic_set, monkeypatch):
+    """The slices on the pool compute what one task-batched pass over the chunk in this thread computes
+    (the pool off)."""
+    m = to_float64(make_maml(synthetic_set, inner_steps_test=3))
+    stream = synthetic_set.stream("test")
+    eps = [Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y, e.classes, e.split, e.index,
+                   e.spec_hash) for e in (next(stream) for _ in range(6))]
+    losses = {}
+    for workers in ("0", "3"):
+        monkeypatch.setenv("METABENCH_TASK_WORKERS", workers)
+        losses[workers] = torch.tensor([r["loss"] for r in m.evaluate(eps)], dtype=torch.float64)
+    torch.testing.assert_close(losses["3"], losses["0"], rtol=1e-10, atol=1e-12)
