@@ -116,8 +116,8 @@ def to_float64(m: GradientLearner) -> GradientLearner:
     return m
 
 
-def double_batch(synthetic_set, n: int = 4) -> list[Episode]:
-    stream = synthetic_set.stream("train")
+def double_batch(synthetic_set, n: int = 4, split: str = "train") -> list[Episode]:
+    stream = synthetic_set.stream(split)
     return [Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y, e.classes, e.split, e.index,
                     e.spec_hash) for e in (next(stream) for _ in range(n))]
 
@@ -204,9 +204,7 @@ def test_evaluation_on_the_pool_equals_the_chunk_in_one_pass_in_float64(syntheti
     """The slices on the pool compute what one task-batched pass over the chunk in this thread computes
     (the pool off)."""
     m = to_float64(make_maml(synthetic_set, inner_steps_test=3))
-    stream = synthetic_set.stream("test")
-    eps = [Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y, e.classes, e.split, e.index,
-                   e.spec_hash) for e in (next(stream) for _ in range(6))]
+    eps = double_batch(synthetic_set, 6, "test")
     losses = {}
     for workers in ("0", "3"):
         monkeypatch.setenv("METABENCH_TASK_WORKERS", workers)
