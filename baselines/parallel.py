@@ -20,8 +20,10 @@ the number of workers or of torch's threads either.
 Workers: `METABENCH_TASK_WORKERS` when set, else torch's intra-op thread count. W workers hold
 W tasks' graphs in memory at once; 0 turns the pool off (callers then run the tasks one after
 another on torch's intra-op threads: one task's graph at a time, the last bits of the numbers
-may differ from the pool's). Under glibc with METABENCH_MMAP_THRESHOLD set, the pool pins malloc's
-mmap threshold when it starts (bench.allocator.pin_mmap_threshold): half the peak memory, slower.
+may differ from the pool's). Under glibc the pool sets malloc's thresholds when it starts
+(bench.allocator.tune_malloc): by default freed task graphs stay with the process for the next task
+instead of being page-faulted in again; METABENCH_MMAP_THRESHOLD=BYTES gives them back at once (half the
+peak memory, slower).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from bench.allocator import pin_mmap_threshold
+from bench.allocator import tune_malloc
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,7 +76,7 @@ def _single_threaded() -> None:
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _lock:
         if workers not in _pools:
-            pin_mmap_threshold()  # METABENCH_MMAP_THRESHOLD: freed task graphs go back to the system
+            tune_malloc()  # glibc: freed task graphs kept for the next task (METABENCH_MMAP_THRESHOLD)
             _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metabench-task",
                                                  initializer=_single_threaded)
         return _pools[workers]

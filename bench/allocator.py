@@ -7,7 +7,8 @@ first large block is freed glibc serves them from its heap, but strace shows eac
 left. Measured with one thread on a 2-core Xeon beside other work (the times are loose, the fault
 counts are not): allocating and zeroing such a block 1.9-6.2 ms with ~900-1500
 page faults, against 1.0-1.5 ms to zero one already held; under tcmalloc 1.5 ms and no faults. Raising
-glibc's trim and mmap thresholds with mallopt did not stop the faults, and glibc's transparent huge pages
+glibc's trim and mmap thresholds with mallopt did not stop them on the main thread then; with the top pad
+too, the task pool's threads stop faulting (`tune_malloc`, below). glibc's transparent huge pages
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) made it 27 ms. `python -m bench.perf` measured 1.10-1.47x faster
 meta-iterations for metabench and 1.18-1.61x for learn2learn under tcmalloc (Omniglot 5-way 1- and
 20-way 1-shot, miniImageNet 5-way 1-shot; MAML and first-order MAML; README: Performance).
@@ -15,12 +16,19 @@ meta-iterations for metabench and 1.18-1.61x for learn2learn under tcmalloc (Omn
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
 
-Under glibc, METABENCH_MMAP_THRESHOLD=BYTES (e.g. 131072) makes the task pool (baselines.parallel)
-pin malloc's mmap threshold when it starts (`pin_mmap_threshold`). glibc raises the threshold to
-the size of each large block freed, after which the pool threads' large activations come from
-per-thread heaps that are not given back: the default mode's peak memory. Pinned, every large
-block is mapped and unmapped by itself: the peak halves, but each one is page-faulted in again,
-so meta-training is ~1.6x slower (README: Performance). Unset (or "dynamic"): glibc's own rule.
+Under glibc, the task pool (baselines.parallel) sets malloc's thresholds once when it starts
+(`tune_malloc`), as METABENCH_MMAP_THRESHOLD says:
+- unset or "keep" (the default): freed memory stays with the process for the next task. Blocks up to
+  32 MiB come from the heaps (mmap threshold 32 MiB, glibc's largest), the heaps are never trimmed
+  (trim threshold 2 GiB - 1) and a pool thread's emptied heap is not unmapped (top pad 64 MiB, one heap).
+  Left to its own rule, glibc gave the freed activations of each task back to the system and faulted
+  them in again for the next: 56,000-270,000 minor page faults per meta-iteration of Omniglot 5-way 1-shot
+  MAML (meta-batch 32, 2 pool threads, 2-core Xeon), against under 100 kept; the peak stays what the
+  live tensors reach (README: Performance).
+- "dynamic": glibc's own rule (raise the mmap threshold to each large block freed, trim the heaps).
+- BYTES (e.g. 131072): the mmap threshold pinned there: every larger block is mapped and unmapped by
+  itself, so the pool threads' freed activations go back to the system at once. The peak halves, but
+  each block is page-faulted in again, so meta-training is ~1.6x slower (README: Performance).
 """
 
 from __future__ import annotations
@@ -57,8 +65,11 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
 
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-_pinned: list[int] = []
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameter numbers (malloc.h)
+KEEP = {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20}
+"""The "keep" settings: blocks up to glibc's largest mmap threshold (32 MiB on 64-bit) from the heaps, heaps
+never trimmed, a thread's emptied heap (64 MiB at most) kept mapped."""
+_tuned: list[dict[int, int]] = []
 
 
 def tcmalloc_loaded(env: dict[str, str]) -> bool:
@@ -66,30 +77,32 @@ def tcmalloc_loaded(env: dict[str, str]) -> bool:
     return "tcmalloc" in env.get("LD_PRELOAD", "") or env.get("METABENCH_ALLOCATOR") == "tcmalloc"
 
 
-def mmap_threshold(env: dict[str, str]) -> int | None:
-    """The mmap threshold to pin: METABENCH_MMAP_THRESHOLD in bytes (None: unset or "dynamic", glibc's own
-    rule, or another allocator is loaded)."""
+def malloc_settings(env: dict[str, str]) -> dict[int, int]:
+    """The mallopt settings {parameter: value} METABENCH_MMAP_THRESHOLD asks for: `KEEP` when unset or "keep",
+    {M_MMAP_THRESHOLD: BYTES} for a number, none for "dynamic" (glibc's own rule) or another allocator."""
     if tcmalloc_loaded(env):
-        return None
+        return {}
     value = env.get("METABENCH_MMAP_THRESHOLD", "").strip()
-    if value in ("", "dynamic"):
-        return None
+    if value in ("", "keep"):
+        return dict(KEEP)
+    if value == "dynamic":
+        return {}
     if not value.isdigit():
-        raise ValueError(f"METABENCH_MMAP_THRESHOLD must be a number of bytes or 'dynamic', got {value!r}")
-    return int(value)
+        raise ValueError(f"METABENCH_MMAP_THRESHOLD must be 'keep', 'dynamic' or a number of bytes, got {value!r}")
+    return {M_MMAP_THRESHOLD: int(value)}
 
 
-def pin_mmap_threshold() -> int | None:
-    """Pin glibc malloc's mmap threshold once per process (`mmap_threshold`); returns it, or None when
-    nothing was pinned (not glibc, another allocator, or "dynamic")."""
-    if _pinned:
-        return _pinned[0] or None
-    threshold = mmap_threshold(dict(os.environ))
+def tune_malloc() -> dict[int, int]:
+    """Apply `malloc_settings` to glibc's malloc once per process; returns what was applied ({} when nothing
+    was: not glibc, another allocator, or "dynamic")."""
+    if _tuned:
+        return _tuned[0]
+    settings = malloc_settings(dict(os.environ))
     try:
         libc = ctypes.CDLL(None)
-        glibc = threshold is not None and hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
+        glibc = bool(settings) and hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
     except OSError:
         glibc = False
-    done = bool(glibc and libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1)
-    _pinned.append(threshold if done else 0)
-    return threshold if done else None
+    done = glibc and all(libc.mallopt(key, ctypes.c_int(value)) == 1 for key, value in settings.items())
+    _tuned.append(settings if done else {})
+    return _tuned[0]
