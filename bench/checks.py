@@ -34,7 +34,6 @@ import functools
 import inspect
 import io
 import math
-import os
 import random
 import time
 import traceback
