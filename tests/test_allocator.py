@@ -42,23 +42,27 @@ def test_malloc_settings_keep_freed_memory_under_glibc_unless_asked_not_to():
         allocator.malloc_settings({"METABENCH_MMAP_THRESHOLD": "lots"})
 
 
-def _pool_in_a_child(threshold: str | None) -> tuple[str, bool]:
-    """What a fresh process reports about its malloc settings before and after the task pool starts, and
-    whether it runs glibc."""
+def _child(code: str, **env: str) -> str:
+    """The stripped stdout of `python -c code` in a fresh process under glibc's malloc (no LD_PRELOAD), with
+    METABENCH_MMAP_THRESHOLD unset unless `env` sets it (and `env` added)."""
     import os
-    import platform
     import subprocess
     import sys
 
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "METABENCH_MMAP_THRESHOLD")}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _pool_in_a_child(threshold: str | None) -> tuple[str, bool]:
+    """What a fresh process reports about its malloc settings before and after the task pool starts, and
+    whether it runs glibc."""
+    import platform
+
     code = ("import torch; from bench import allocator; from baselines.parallel import map_tasks; "
             "print(list(allocator._tuned), list(map_tasks(abs, [-1, -2])), allocator._tuned, allocator.tune_malloc())")
-    env = {**os.environ, "METABENCH_TASK_WORKERS": "2"}
-    env.pop("LD_PRELOAD", None)
-    env.pop("METABENCH_MMAP_THRESHOLD", None)
-    if threshold is not None:
-        env["METABENCH_MMAP_THRESHOLD"] = threshold
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    return out.strip(), platform.libc_ver()[0] == "glibc"
+    env = {"METABENCH_TASK_WORKERS": "2"} | ({} if threshold is None else {"METABENCH_MMAP_THRESHOLD": threshold})
+    return _child(code, **env), platform.libc_ver()[0] == "glibc"
 
 
 def test_the_task_pool_tunes_malloc_once_per_process():
@@ -74,10 +78,7 @@ def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
     """Under glibc's own rule each meta-iteration gives the pool threads' freed activations back to the system
     and faults them in again (Omniglot 5-way 1-shot MAML, 4 tasks, 2 workers: ~38,000 minor faults in the third
     iteration on a 2-core Xeon); with the keep settings the third iteration reuses what the first two held."""
-    import os
     import platform
-    import subprocess
-    import sys
 
     import pytest
 
@@ -88,9 +89,6 @@ def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
             "step, _ = perf.metabench_impl(w, 'maml', 'cpu'); step(); step()\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; step()\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env.update(METABENCH_TASK_WORKERS="2", METABENCH_FUSED="0", OMP_NUM_THREADS="1")
-    faults = {mode: int(subprocess.run([sys.executable, "-c", code], env={**env, "METABENCH_MMAP_THRESHOLD": mode},
-                                       capture_output=True, text=True, check=True).stdout.split()[-1])
-              for mode in ("dynamic", "keep")}
+    faults = {mode: int(_child(code, METABENCH_TASK_WORKERS="2", METABENCH_FUSED="0", OMP_NUM_THREADS="1",
+                               METABENCH_MMAP_THRESHOLD=mode).split()[-1]) for mode in ("dynamic", "keep")}
     assert 5 * faults["keep"] < faults["dynamic"], faults
