@@ -76,8 +76,10 @@ def test_the_task_pool_tunes_malloc_once_per_process():
 
 def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
     """Under glibc's own rule each meta-iteration gives the pool threads' freed activations back to the system
-    and faults them in again (Omniglot 5-way 1-shot MAML, 4 tasks, 2 workers: ~38,000 minor faults in the third
-    iteration on a 2-core Xeon); with the keep settings the third iteration reuses what the first two held."""
+    and faults them in again (Omniglot 5-way 1-shot MAML, 4 tasks, 2 workers, iterations 3-6 on a 2-core Xeon:
+    130,000-190,000 minor faults, also beside two busy processes); with the keep settings those iterations reuse what
+    the first two held (300-13,000 faults; 0-7,400 in any one iteration, since which thread's arena a task lands in
+    varies: the test sums four)."""
     import platform
 
     import pytest
@@ -87,8 +89,9 @@ def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
     code = ("import dataclasses, resource; from bench import perf\n"
             "w = dataclasses.replace(perf.WORKLOADS['omniglot-5w1s'], meta_batch=4)\n"
             "step, _ = perf.metabench_impl(w, 'maml', 'cpu'); step(); step()\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; step()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(4): step()\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
     faults = {mode: int(_child(code, METABENCH_TASK_WORKERS="2", METABENCH_FUSED="0", OMP_NUM_THREADS="1",
                                METABENCH_MMAP_THRESHOLD=mode).split()[-1]) for mode in ("dynamic", "keep")}
-    assert 5 * faults["keep"] < faults["dynamic"], faults
+    assert 4 * faults["keep"] < faults["dynamic"], faults
