@@ -10,11 +10,14 @@ metabench), one fresh worker process measures:
 - sec_per_iter: median seconds of one meta-iteration (one outer update on a meta-batch) over
   `repeats` runs after `warmup` iterations;
 - peak_mb: growth of the process's peak resident memory (VmHWM, reset through
-  /proc/self/clear_refs) during the first meta-iteration, over the resident memory just before it;
-  on a GPU, torch.cuda.max_memory_allocated of that iteration;
+  /proc/self/clear_refs) over all its training iterations (the first, the warm-up and the timed
+  ones), over the resident memory just before the first, with nothing run in the process before it
+  but building the model and data (the matmul probe runs after training: run first, its thread pool
+  and allocator state took 100-120 MB off learn2learn's Omniglot 5-way 1-shot MAML peak, 181-197 MB
+  without it); on a GPU, torch.cuda.max_memory_allocated of those iterations;
 - heap_peak_mb: growth of the bytes malloc has handed out and not yet had back (glibc's mallinfo2:
-  in-use heap chunks plus mapped blocks, sampled every half millisecond by a thread) during that same
-  first iteration: the memory the tensors need, without what the allocator keeps cached (which
+  in-use heap chunks plus mapped blocks, sampled every half millisecond by a thread) during the first
+  training iteration (the sampling thread would disturb the timed ones): the memory the tensors need, without what the allocator keeps cached (which
   peak_mb includes and which depends on the allocator's history); NaN under another allocator;
 - eval_eps_per_s: test episodes per second (adapt with the test-time steps, predict the query);
 - eval_faults_per_ep: the process's minor page faults (getrusage) during that timed evaluation, per
@@ -170,7 +173,7 @@ def workload_flops(w: Workload, first_order: bool) -> float:
 def matmul_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
     """The large-matmul rate now: GFLOP/s of an n x n float32 matmul (median of `repeats`).
 
-    `measure` takes the better of a reading before and one after the workload: a neighbour
+    `measure` takes the better of a reading after training and one after evaluation: a neighbour
     slowing one reading would otherwise inflate the FLOP fraction (a 108% row was seen)."""
     a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
     times = []
@@ -550,25 +553,25 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         if IMPL_ENV.get(job["impl"], {}).get("METABENCH_FUSED") == "1":
             require_fused_kernel()  # built before the timed iterations (the first build compiles for ~20 s)
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
-    matmul_before = matmul_gflops(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    before = proc_status_mb("VmRSS")
+    before = proc_status_mb("VmRSS")  # nothing timed or probed before: see the module docstring
     reset_peak_rss()
     with heap_peak() as heap:
         first = timed(step, device)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-            else proc_status_mb("VmHWM") - before)
     for _ in range(job["warmup"]):
         timed(step, device)
     times = [timed(step, device) for _ in range(job["repeats"])]
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else proc_status_mb("VmHWM") - before)
+    matmul_trained = matmul_gflops(device)
     episodes = synthetic_episodes(w, job["eval_episodes"], seed=1)
     faults = minor_faults()
     eval_seconds = timed(lambda: evaluate(episodes), device)
     faults = minor_faults() - faults
     flops = (workload_flops(w, first_order=job["method"] == "fomaml") if job["method"] in ("maml", "fomaml")
              else method_flops(w, job["method"]))
-    matmul = max(matmul_before, matmul_gflops(device))
+    matmul = max(matmul_trained, matmul_gflops(device))
     workers = task_workers() if job["impl"] not in ("l2l", "reference") and w.network().pool_tasks else 0
     median = statistics.median(times)
     return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],

@@ -61,6 +61,26 @@ def test_one_worker_row(tiny):
     assert row["eval_faults_per_ep"] >= 0
 
 
+def test_peak_covers_every_training_iteration_and_nothing_before_them(tiny, monkeypatch):
+    """A step that needs 256 MB only on its last timed iteration shows in peak_mb; the matmul probe's
+    buffers (48 MB at n=2048) do not, because it runs after training."""
+    calls = []
+
+    def step() -> None:
+        calls.append(1)
+        if len(calls) == 4:  # the first, one warm-up, then the second timed iteration
+            torch.ones(64 * 2**20)  # 256 MB, touched and freed inside the step
+
+    monkeypatch.setattr(perf, "metabench_impl", lambda w, method, device, batched=False: (step, lambda eps: None))
+    monkeypatch.setattr(perf, "matmul_gflops", lambda device: calls.append("matmul") or 100.0)
+    job = {"workload": "tiny", "impl": "metabench", "method": "maml", "allocator": "glibc", "threads": 1,
+           "device": "cpu", "repeats": 2, "warmup": 1, "eval_episodes": 1}
+    row = perf.measure(job)
+    assert calls[:5] == [1, 1, 1, 1, "matmul"]
+    if math.isfinite(row["peak_mb"]):  # VmHWM is Linux's
+        assert row["peak_mb"] > 200, row["peak_mb"]
+
+
 def test_minor_faults_count_pages_touched_for_the_first_time():
     import mmap
 
