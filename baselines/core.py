@@ -39,6 +39,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from bench.allocator import tune_malloc
 from bench.api import Episode, MetaLearner, Predictor, StepCurves, Tags, TaskInfo, new_generator, rng_state
 from bench.errors import MetabenchError, MethodError
 from baselines import fused
@@ -576,6 +577,7 @@ class GradientLearner(MetaLearner):
         return self.meta_batch
 
     def fit(self, episodes: Iterator[Episode], steps: int) -> "GradientLearner":
+        tune_malloc()  # glibc: each step's freed graph kept for the next (bench/allocator.py)
         for _ in range(steps):
             batch = next_batch(episodes, self.episodes_per_step())
             self.ensure_setup(batch[0])

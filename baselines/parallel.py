@@ -20,10 +20,10 @@ the number of workers or of torch's threads either.
 Workers: `METABENCH_TASK_WORKERS` when set, else torch's intra-op thread count. W workers hold
 W tasks' graphs in memory at once; 0 turns the pool off (callers then run the tasks one after
 another on torch's intra-op threads: one task's graph at a time, the last bits of the numbers
-may differ from the pool's). Under glibc the pool sets malloc's thresholds when it starts
-(bench.allocator.tune_malloc): by default freed task graphs stay with the process for the next task
-instead of being page-faulted in again; METABENCH_MMAP_THRESHOLD=BYTES gives them back at once (half the
-peak memory, slower).
+may differ from the pool's). Under glibc the first `map_tasks` call sets malloc's thresholds, pool on or
+off (bench.allocator.tune_malloc; GradientLearner.fit does too, for methods whose tasks do not come here): by
+default freed task graphs stay with the process for the next task instead of being page-faulted in again;
+METABENCH_MMAP_THRESHOLD=BYTES gives them back at once (half the peak memory, slower).
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ def _single_threaded() -> None:
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _lock:
         if workers not in _pools:
-            tune_malloc()  # glibc: freed task graphs kept for the next task (METABENCH_MMAP_THRESHOLD)
             _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metabench-task",
                                                  initializer=_single_threaded)
         return _pools[workers]
@@ -92,6 +91,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, single_here: bool = T
     fn must not mutate shared state (it runs concurrently with itself). An exception raised by a
     call is raised when its result is reached.
     """
+    tune_malloc()  # glibc: freed task graphs kept for the next task, pool or not (METABENCH_MMAP_THRESHOLD)
     workers = task_workers()
     if workers == 0 or (len(items) == 1 and single_here):
         return (fn(item) for item in items)

@@ -16,8 +16,8 @@ meta-iterations for metabench and 1.18-1.61x for learn2learn under tcmalloc (Omn
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
 
-Under glibc, the task pool (baselines.parallel) sets malloc's thresholds once when it starts
-(`tune_malloc`), as METABENCH_MMAP_THRESHOLD says:
+Under glibc, meta-training sets malloc's thresholds once, before its first step (`tune_malloc`, called by
+baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METABENCH_MMAP_THRESHOLD says:
 - unset or "keep" (the default): freed memory stays with the process for the next task. Blocks up to
   32 MiB come from the heaps (mmap threshold 32 MiB, glibc's largest), the heaps are never trimmed
   (trim threshold 2 GiB - 1) and a pool thread's emptied heap is not unmapped (top pad 64 MiB, one heap).

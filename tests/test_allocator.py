@@ -54,14 +54,14 @@ def _child(code: str, **env: str) -> str:
                           check=True).stdout.strip()
 
 
-def _pool_in_a_child(threshold: str | None) -> tuple[str, bool]:
-    """What a fresh process reports about its malloc settings before and after the task pool starts, and
-    whether it runs glibc."""
+def _pool_in_a_child(threshold: str | None, workers: str = "2") -> tuple[str, bool]:
+    """What a fresh process reports about its malloc settings before and after its first map_tasks call (on
+    the task pool, or with workers "0" in the calling thread), and whether it runs glibc."""
     import platform
 
     code = ("import torch; from bench import allocator; from baselines.parallel import map_tasks; "
-            "print(list(allocator._tuned), list(map_tasks(abs, [-1, -2])), allocator._tuned, allocator.tune_malloc())")
-    env = {"METABENCH_TASK_WORKERS": "2"} | ({} if threshold is None else {"METABENCH_MMAP_THRESHOLD": threshold})
+            "print(list(allocator._tuned), list(map_tasks(abs, [-1, -2])), list(allocator._tuned), allocator.tune_malloc())")
+    env = {"METABENCH_TASK_WORKERS": workers} | ({} if threshold is None else {"METABENCH_MMAP_THRESHOLD": threshold})
     return _child(code, **env), platform.libc_ver()[0] == "glibc"
 
 
@@ -72,6 +72,25 @@ def test_the_task_pool_tunes_malloc_once_per_process():
     out, glibc = _pool_in_a_child("131072")
     assert out == ("[] [1, 2] [{-3: 131072}] {-3: 131072}" if glibc else "[] [1, 2] [{}] {}")
     assert _pool_in_a_child("dynamic")[0] == "[] [1, 2] [{}] {}"
+
+
+def test_the_lean_mode_tunes_malloc_too():
+    """With the pool off (METABENCH_TASK_WORKERS=0) the tasks run in the calling thread, whose freed graphs
+    glibc would otherwise also give back and fault in again every step."""
+    out, glibc = _pool_in_a_child(None, workers="0")
+    keep = "{-3: 33554432, -1: 2147483647, -2: 67108864}"
+    assert out == (f"[] [1, 2] [{keep}] {keep}" if glibc else "[] [1, 2] [{}] {}")
+
+
+def test_fit_tunes_malloc_for_methods_whose_tasks_skip_the_pool():
+    code = ("import torch; from bench import allocator; from baselines.core import GradientLearner; "
+            "print(list(allocator._tuned)); GradientLearner.fit(object.__new__(GradientLearner), iter([]), 0); "
+            "print(allocator._tuned)")
+    out = _child(code, METABENCH_TASK_WORKERS="0")
+    import platform
+
+    keep = "[{-3: 33554432, -1: 2147483647, -2: 67108864}]"
+    assert out.split("\n") == ["[]", keep if platform.libc_ver()[0] == "glibc" else "[{}]"]
 
 
 def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
