@@ -17,8 +17,9 @@ metabench), one fresh worker process measures:
   without it); on a GPU, torch.cuda.max_memory_allocated of those iterations;
 - heap_peak_mb: growth of the bytes malloc has handed out and not yet had back (glibc's mallinfo2:
   in-use heap chunks plus mapped blocks, sampled every half millisecond by a thread) during the first
-  training iteration (the sampling thread would disturb the timed ones): the memory the tensors need, without what the allocator keeps cached (which
-  peak_mb includes and which depends on the allocator's history); NaN under another allocator;
+  training iteration (the sampling thread would disturb the timed ones): the memory the tensors need,
+  without what the allocator keeps cached (which peak_mb includes and which depends on the allocator's
+  history); NaN under another allocator;
 - eval_eps_per_s: test episodes per second (adapt with the test-time steps, predict the query);
 - eval_faults_per_ep: the process's minor page faults (getrusage) during that timed evaluation, per
   episode: memory the allocator had to fault in fresh (glibc growing and giving back the main thread's

@@ -54,6 +54,9 @@ def _child(code: str, **env: str) -> str:
                           check=True).stdout.strip()
 
 
+KEEP = "{-3: 33554432, -1: 2147483647, -2: 67108864}"  # the keep settings as a child prints them (mallopt keys)
+
+
 def _pool_in_a_child(threshold: str | None, workers: str = "2") -> tuple[str, bool]:
     """What a fresh process reports about its malloc settings before and after its first map_tasks call (on
     the task pool, or with workers "0" in the calling thread), and whether it runs glibc."""
@@ -67,8 +70,7 @@ def _pool_in_a_child(threshold: str | None, workers: str = "2") -> tuple[str, bo
 
 def test_the_task_pool_tunes_malloc_once_per_process():
     out, glibc = _pool_in_a_child(None)
-    keep = "{-3: 33554432, -1: 2147483647, -2: 67108864}"
-    assert out == (f"[] [1, 2] [{keep}] {keep}" if glibc else "[] [1, 2] [{}] {}")
+    assert out == (f"[] [1, 2] [{KEEP}] {KEEP}" if glibc else "[] [1, 2] [{}] {}")
     out, glibc = _pool_in_a_child("131072")
     assert out == ("[] [1, 2] [{-3: 131072}] {-3: 131072}" if glibc else "[] [1, 2] [{}] {}")
     assert _pool_in_a_child("dynamic")[0] == "[] [1, 2] [{}] {}"
@@ -78,8 +80,7 @@ def test_the_lean_mode_tunes_malloc_too():
     """With the pool off (METABENCH_TASK_WORKERS=0) the tasks run in the calling thread, whose freed graphs
     glibc would otherwise also give back and fault in again every step."""
     out, glibc = _pool_in_a_child(None, workers="0")
-    keep = "{-3: 33554432, -1: 2147483647, -2: 67108864}"
-    assert out == (f"[] [1, 2] [{keep}] {keep}" if glibc else "[] [1, 2] [{}] {}")
+    assert out == (f"[] [1, 2] [{KEEP}] {KEEP}" if glibc else "[] [1, 2] [{}] {}")
 
 
 def test_fit_tunes_malloc_for_methods_whose_tasks_skip_the_pool():
@@ -89,8 +90,7 @@ def test_fit_tunes_malloc_for_methods_whose_tasks_skip_the_pool():
     out = _child(code, METABENCH_TASK_WORKERS="0")
     import platform
 
-    keep = "[{-3: 33554432, -1: 2147483647, -2: 67108864}]"
-    assert out.split("\n") == ["[]", keep if platform.libc_ver()[0] == "glibc" else "[{}]"]
+    assert out.split("\n") == ["[]", f"[{KEEP}]" if platform.libc_ver()[0] == "glibc" else "[{}]"]
 
 
 def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
