@@ -186,6 +186,16 @@ class Ops:
         [N, C, H//2, W//2]. A subclass that needs more of the block (statistics) extends this."""
         return fused.bn_pool_relu(x, *self.bn_affine(p, name))
 
+    def conv_block(self, p: Mapping[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
+        """Conv-4 block i: `bn_pool_relu` of conv i, x [N, C, H, W] -> [N, C', H//2, W//2]. Where the blocks
+        run fused, a one-channel input's conv runs inside the kernel too (fused.stem; only where `conv` and
+        `fused_block` are the plain ones)."""
+        weight = p[f"conv{i}.weight"]
+        if (type(self).conv is Ops.conv and type(self).fused_block is Ops.fused_block and self.fuses()
+                and fused.stem_applies(x, weight)):
+            return fused.stem(x, weight, p.get(f"conv{i}.bias"), *self.bn_affine(p, f"bn{i}"))
+        return self.bn_pool_relu(p, f"bn{i}", self.conv(p, f"conv{i}", x))
+
 
 PLAIN = Ops()
 
@@ -194,7 +204,7 @@ def conv4_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops = PL
     """Conv-4 body: x [N, C, H, W] -> features [N, feat] (in the layer operations `ops`)."""
     x = ops.block_layout(x)
     for i in range(4):
-        x = ops.bn_pool_relu(p, f"bn{i}", ops.conv(p, f"conv{i}", x))
+        x = ops.conv_block(p, i, x)
     return x.flatten(1)
 
 

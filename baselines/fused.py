@@ -1,4 +1,5 @@
-"""The fused Conv-4 block tail: batch norm -> 2x2 max-pool -> ReLU as one CPU kernel (a switch, off by default).
+"""The fused Conv-4 block tail: batch norm -> 2x2 max-pool -> ReLU as one CPU kernel, with the first block's conv
+inside it on one-channel images (the stem); a switch, off by default.
 
 In the unfused block (`bn_pool_relu_reference`) each of the three operations reads and writes the
 full activation map, max-pool keeps int64 indices and its full input for backward, and its backward
@@ -17,11 +18,22 @@ byte map and two per-channel vectors.
   one (its `StepOps` passes the step's row); elsewhere (1x1 maps, vmap, CAVIA's FiLM batch norm, the
   ResNets) the unfused ops run. Summary: Conv-4 methods on the plain, task-batched or per-step layer
   operations.
+- The stem (`stem`): on one-channel images (Omniglot) the first block's 3x3 conv runs inside the kernel
+  too, so its output, the largest map of the network (75 x 64 x 28 x 28 floats for 5-way 1-shot queries),
+  is never stored: the conv at a position is recomputed from its 9 input values where the pooled pass
+  needs it, and every sum over positions batch norm needs (forward and backward) comes from the 9 taps'
+  sums and Gram matrix (double) and, in the backward, from the sums of g times the taps at each window
+  maximum; the conv's bias drops out (batch norm removes it; its gradient is 0). Only the first-order
+  backward is in C++: a recorded backward (MAML's second-order inner step, on the support set) or an input
+  that needs its gradient recomputes conv2d and differentiates it with the block kernel. `Ops.conv_block`
+  (baselines/core.py) takes it where `conv` and `fused_block` are the plain ones. Three-channel images
+  keep conv2d: 27 taps against 32 channels cost more to recompute than to store.
 - Backward and its own backward (second order: MAML's inner loop) are in the kernel too: batch
   norm's double backward in training mode, with the gradient routed through the saved window
   maxima. A third order (a second-order gradient differentiated again) differentiates the unfused
   block's recorded backward instead, so every order is exact (tests/test_fused.py checks values,
-  gradients, second- and third-order gradients in float64 against `bn_pool_relu_reference`).
+  gradients, second- and third-order gradients in float64 against `bn_pool_relu_reference`, and the stem
+  against `stem_reference`).
 - Its calls release the GIL while the kernel runs, as torch's operators do, so the task pool's threads
   (baselines/parallel.py) do not wait for one another's kernel calls.
 - Same numbers up to rounding: the kernel's per-channel sums are taken in fixed blocks and added in
@@ -264,3 +276,65 @@ def bn_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     """The kernel: batch norm of x [N, C, H, W] (channels-last) with its own statistics and affine
     weight, bias [C], then 2x2 max-pool, then ReLU -> [N, C, H//2, W//2] (where `applies(x)`; `Ops.fuses` says when)."""
     return _BnPoolRelu.apply(x, weight, bias)
+
+
+STEM_MAX_OUT = 256  # the stem kernel's limit on output channels and on the image width
+
+
+def stem_reference(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+    """The unfused first block: `bn_pool_relu_reference` of conv2d(x, conv_weight, conv_bias, padding=1);
+    x [N, Cin, H, W], conv_weight [C, Cin, 3, 3] -> [N, C, H//2, W//2]."""
+    return bn_pool_relu_reference(F.conv2d(x, conv_weight, conv_bias, padding=1), weight, bias)
+
+
+def stem_applies(x: torch.Tensor, conv_weight: torch.Tensor) -> bool:
+    """Whether the stem kernel can take x [N, 1, H, W] and a 3x3 conv_weight [C, 1, 3, 3] (the switch aside):
+    `applies(x)`, one input channel, at most STEM_MAX_OUT output channels and pixels across, x's dtype."""
+    return (applies(x) and x.shape[1] == 1 and x.shape[3] <= STEM_MAX_OUT and conv_weight.dim() == 4
+            and tuple(conv_weight.shape[1:]) == (1, 3, 3) and conv_weight.shape[0] <= STEM_MAX_OUT
+            and conv_weight.dtype == x.dtype)
+
+
+def _stem_recorded_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The stem's backward as the composed ops (conv2d, then the block kernel where it applies to conv2d's
+    output) recomputed and differentiated, recorded when grad mode is on: for an input that needs its
+    gradient and for higher orders."""
+    inputs = list(ctx.saved_tensors[:5])
+    needs = ctx.needs_input_grad
+    with torch.enable_grad():
+        wanted = partial_inputs(*[t for t, need in zip(inputs, needs) if need])
+        it = iter(wanted)
+        x, conv_weight, conv_bias, weight, bias = [next(it) if need else t for t, need in zip(inputs, needs)]
+        y = F.conv2d(x, conv_weight, conv_bias, padding=1)
+        out = (bn_pool_relu if applies(y) else bn_pool_relu_reference)(y, weight, bias)
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled(), allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+class _Stem(torch.autograd.Function):
+    """The stem kernel's forward and first-order backward (C++); anything more through `_stem_recorded_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out, idx, stats = (_ext or extension()).stem_forward(x, conv_weight, weight, bias, BN_EPS)
+        ctx.save_for_backward(x, conv_weight, conv_bias, weight, bias, idx, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled() or ctx.needs_input_grad[0]:
+            return _stem_recorded_backward(ctx, grad)
+        x, conv_weight, conv_bias, weight, _, idx, stats = ctx.saved_tensors
+        d_conv_weight, d_weight, d_bias = _ext.stem_backward(grad, x, conv_weight, weight, idx, stats)
+        d_conv_bias = None if conv_bias is None else torch.zeros_like(conv_bias)  # batch norm removes it: exactly 0
+        return _needed((None, d_conv_weight, d_conv_bias, d_weight, d_bias), ctx.needs_input_grad)
+
+
+def stem(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, weight: torch.Tensor,
+         bias: torch.Tensor) -> torch.Tensor:
+    """The first block in one kernel: 3x3 conv (padding 1) of x [N, 1, H, W] (channels-last) with
+    conv_weight [C, 1, 3, 3] and conv_bias [C] (or None), then `bn_pool_relu` with weight, bias [C] ->
+    [N, C, H//2, W//2]; the conv's output map is never stored (where `stem_applies`; `Ops.conv_block` says when)."""
+    return _Stem.apply(x, conv_weight, conv_bias, weight, bias)

@@ -1,5 +1,6 @@
 // Batch norm (the batch's own statistics) -> 2x2 max-pool (stride 2) -> ReLU as one CPU kernel: forward,
-// backward and the backward of that backward (second order), for channels-last tensors. Built and
+// backward and the backward of that backward (second order), for channels-last tensors; and the stem, the
+// same block with a one-channel 3x3 conv in front of it (forward and first-order backward). Built and
 // wrapped by baselines/fused.py, which holds the autograd Functions, the switch and the fallbacks; this
 // file holds only the arithmetic.
 //
@@ -21,32 +22,34 @@ namespace {
 constexpr int64_t ROWS = 64;  // rows (one row = the C values of one pixel) per reduction block
 constexpr uint8_t CUT = 4;    // the window index of an output the ReLU set to zero
 
-// Per-channel sums s1, s2 [C] (double) of what add(r, a1, a2) accumulates for row r = 0..rows-1 into
-// the partial sums a1, a2 [C]; taken in fixed blocks of ROWS rows and added in block order.
+// The sums over rows r = 0..rows-1 of what add(r, acc) accumulates into acc [width]: taken in T over fixed
+// blocks of `block` rows, in double across blocks, added in block order (so not dependent on the thread count).
 template <typename T, typename Add>
-void block_sums(int64_t rows, int64_t C, Add add, std::vector<double>& s1, std::vector<double>& s2) {
-  const int64_t nblk = (rows + ROWS - 1) / ROWS;
-  std::vector<double> p1(nblk * C, 0.0), p2(nblk * C, 0.0);
+std::vector<double> blocked_sums(int64_t rows, int64_t width, int64_t block, Add add) {
+  const int64_t nblk = (rows + block - 1) / block;
+  std::vector<double> part(nblk * width, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> a1(C), a2(C);
+    std::vector<T> acc(width);
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(a1.begin(), a1.end(), T(0));
-      std::fill(a2.begin(), a2.end(), T(0));
-      const int64_t r1 = std::min(rows, (b + 1) * ROWS);
-      for (int64_t r = b * ROWS; r < r1; ++r) add(r, a1.data(), a2.data());
-      for (int64_t c = 0; c < C; ++c) {
-        p1[b * C + c] = a1[c];
-        p2[b * C + c] = a2[c];
-      }
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t r1 = std::min(rows, (b + 1) * block);
+      for (int64_t r = b * block; r < r1; ++r) add(r, acc.data());
+      for (int64_t i = 0; i < width; ++i) part[b * width + i] = acc[i];
     }
   });
-  s1.assign(C, 0.0);
-  s2.assign(C, 0.0);
+  std::vector<double> sum(width, 0.0);
   for (int64_t b = 0; b < nblk; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] += p1[b * C + c];
-      s2[c] += p2[b * C + c];
-    }
+    for (int64_t i = 0; i < width; ++i) sum[i] += part[b * width + i];
+  return sum;
+}
+
+// Per-channel sums s1, s2 [C] (double) of what add(r, a1, a2) accumulates for row r = 0..rows-1 into
+// the partial sums a1, a2 [C] (`blocked_sums` over blocks of ROWS rows).
+template <typename T, typename Add>
+void block_sums(int64_t rows, int64_t C, Add add, std::vector<double>& s1, std::vector<double>& s2) {
+  const std::vector<double> sum = blocked_sums<T>(rows, 2 * C, ROWS, [&](int64_t r, T* acc) { add(r, acc, acc + C); });
+  s1.assign(sum.begin(), sum.begin() + C);
+  s2.assign(sum.begin() + C, sum.end());
 }
 
 // One pooled pixel's C channels: out = relu(max over the window of x * a + b), k = the winning window
@@ -310,6 +313,209 @@ void double_backward_impl(const at::Tensor& u, const at::Tensor& v, const at::Te
   });
 }
 
+// --- The stem: Conv-4's first layer on one-channel images (a 3x3 convolution, stride 1, zero padding 1,
+// Omniglot's) computed inside the block, so that its output map (C channels at full resolution, the
+// largest map of the network) is never stored, read back or given a gradient: the conv output at a
+// position is recomputed from its 9 input values (9 multiply-adds per channel) where the pooled pass needs
+// it. Batch norm in training mode removes the conv's bias, so the block's value does not depend on it (its
+// gradient is zero); the kernel works with v = W q, q the 9 taps minus the input's mean s (zero padding:
+// -s), which is the conv output minus a per-channel constant. Every sum over positions that batch norm
+// needs comes from the taps' sums Q = sum q [9] and Gram matrix G = sum q q^T [9, 9] (double):
+// sum v = W Q, sum v^2 = W G W^T, sum v q = W G. So:
+//   forward: one pass for Q and G (the input only), one pooled pass (conv, normalise, pool, ReLU);
+//   backward: one pass over the pooled positions for the sums of g and g q at each channel's window
+//   maximum; the conv weight's and batch norm's gradients follow from them and Q, G. No map is written.
+// Saved for backward: the input, the byte map and `stats` (double): invstd [C], mean v [C], Q [9],
+// G [9, 9] and s.
+// (With 3 input channels, 27 taps against 32 channels at miniImageNet's size, recomputing the conv
+// costs more than storing it: the stem takes one channel.)
+
+constexpr int TAPS = 9;
+constexpr int64_t STEM_MAX_C = 256;  // output channels of a stem (its per-row scratch is on the stack)
+constexpr int64_t STEM_ROWS = 256;   // positions per reduction block of the stem's sums
+
+// The input minus s, zero-padded by one pixel (the padding -s): [N, H + 2, W + 2].
+template <typename T>
+struct Taps {
+  std::vector<T> xq;
+  int64_t H, W;
+
+  Taps(const at::Tensor& x, double s) : H(x.size(2)), W(x.size(3)) {
+    const int64_t N = x.size(0), PW = W + 2;
+    const T* xp = x.data_ptr<T>();
+    xq.assign(N * (H + 2) * PW, T(-s));
+    at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / H, h = i % H;
+        T* row = xq.data() + (n * (H + 2) + h + 1) * PW + 1;
+        for (int64_t w = 0; w < W; ++w) row[w] = xp[i * W + w] - T(s);
+      }
+    });
+  }
+
+  // q[kh * 3 + kw] for position (n, h, w).
+  void gather(int64_t n, int64_t h, int64_t w, T* __restrict q) const {
+    const T* base = xq.data() + (n * (H + 2) + h) * (W + 2) + w;
+    for (int kh = 0; kh < 3; ++kh)
+      for (int kw = 0; kw < 3; ++kw) q[kh * 3 + kw] = base[kh * (W + 2) + kw];
+  }
+};
+
+// The tap sums of one image row (W positions; `top` its first padded row): qs[k] += sum q[k],
+// gram[k, l] += sum q[k] q[l], as dot products of shifted padded rows in double.
+template <typename T>
+void tap_sums_row(const T* top, int64_t W, double* __restrict qs, double* __restrict gram) {
+  double rows[3][STEM_MAX_C + 2];  // (the row width is checked against STEM_MAX_C too)
+  for (int kh = 0; kh < 3; ++kh)
+    for (int64_t w = 0; w < W + 2; ++w) rows[kh][w] = top[kh * (W + 2) + w];
+  for (int k = 0; k < TAPS; ++k) {
+    const double* __restrict a = rows[k / 3] + k % 3;
+    double sa = 0.0;
+    for (int64_t w = 0; w < W; ++w) sa += a[w];
+    qs[k] += sa;
+    for (int l = k; l < TAPS; ++l) {
+      const double* __restrict b = rows[l / 3] + l % 3;
+      double dot = 0.0;
+      for (int64_t w = 0; w < W; ++w) dot += a[w] * b[w];
+      gram[k * TAPS + l] += dot;
+    }
+  }
+}
+
+// v[c] = sum over taps of wt[k, c] q[k] (wt: the conv weight as [9, C]).
+template <typename T>
+void stem_values(const T* __restrict wt, const T* __restrict q, T* __restrict v, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    T acc = wt[c] * q[0];
+#pragma GCC unroll 9
+    for (int k = 1; k < TAPS; ++k) acc += wt[k * C + c] * q[k];
+    v[c] = acc;
+  }
+}
+
+// One pooled pixel's share of the backward sums: dy = g where the window maximum was at position w (the
+// taps of the 4 window positions in q [4, 9]); sdy += dy, sq[k, c] += dy q_w[k].
+template <typename T>
+void stem_pooled_row(const T* __restrict g, const uint8_t* __restrict win, const T* __restrict q,
+                     T* __restrict sdy, T* __restrict sq, int64_t C) {
+  T m[4][STEM_MAX_C];
+  for (int64_t c = 0; c < C; ++c) {
+    const T wc = T(win[c]), gc = g[c];
+    m[0][c] = wc == T(0) ? gc : T(0);
+    m[1][c] = wc == T(1) ? gc : T(0);
+    m[2][c] = wc == T(2) ? gc : T(0);
+    m[3][c] = wc == T(3) ? gc : T(0);
+    sdy[c] += wc == T(CUT) ? T(0) : gc;
+  }
+  for (int k = 0; k < TAPS; ++k) {
+    const T q0 = q[k], q1 = q[TAPS + k], q2 = q[2 * TAPS + k], q3 = q[3 * TAPS + k];
+    T* __restrict row = sq + k * C;
+    for (int64_t c = 0; c < C; ++c) row[c] += m[0][c] * q0 + m[1][c] * q1 + m[2][c] * q2 + m[3][c] * q3;
+  }
+}
+
+template <typename T>
+void stem_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_w, const at::Tensor& bn_b,
+                       double eps, at::Tensor& out, at::Tensor& idx, at::Tensor& stats) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
+  const int64_t OH = H / 2, OW = W / 2, M = N * H * W;
+  const T* xp = x.data_ptr<T>();
+  double* st = stats.data_ptr<double>();  // invstd [C], mean v [C], Q [9], G [9, 9], s
+  double* Q = st + 2 * C;
+  double* G = Q + TAPS;
+  const std::vector<double> xsum = blocked_sums<T>(M, 1, STEM_ROWS, [&](int64_t r, T* acc) { acc[0] += xp[r]; });
+  const double s = double(T(xsum[0] / M));
+  G[TAPS * TAPS] = s;
+  const Taps<T> taps(x, s);
+  const std::vector<double> sum = blocked_sums<double>(N * H, TAPS + TAPS * TAPS, 8, [&](int64_t i, double* acc) {
+    tap_sums_row<T>(taps.xq.data() + ((i / H) * (H + 2) + i % H) * (W + 2), W, acc, acc + TAPS);
+  });
+  for (int k = 0; k < TAPS; ++k) {
+    Q[k] = sum[k];
+    for (int l = 0; l < TAPS; ++l) G[k * TAPS + l] = sum[TAPS + std::min(k, l) * TAPS + std::max(k, l)];
+  }
+  const T* wp = weight.data_ptr<T>();
+  const T* bwp = bn_w.data_ptr<T>();
+  const T* bbp = bn_b.data_ptr<T>();
+  std::vector<T> alpha(C), beta(C), wt(TAPS * C);
+  for (int64_t c = 0; c < C; ++c) {
+    double sv = 0.0, svv = 0.0;
+    for (int k = 0; k < TAPS; ++k) {
+      double gw = 0.0;
+      for (int l = 0; l < TAPS; ++l) gw += G[k * TAPS + l] * wp[c * TAPS + l];
+      sv += wp[c * TAPS + k] * Q[k];
+      svv += wp[c * TAPS + k] * gw;
+      wt[k * C + c] = wp[c * TAPS + k];
+    }
+    const double m1 = sv / M;
+    const double var = std::max(svv / M - m1 * m1, 0.0);
+    st[c] = 1.0 / std::sqrt(var + eps);
+    st[C + c] = m1;
+    alpha[c] = T(st[c] * bwp[c]);
+    beta[c] = T(bbp[c] - m1 * st[c] * bwp[c]);
+  }
+  const T* wtp = wt.data();
+  T* op = out.data_ptr<T>();
+  uint8_t* kp = idx.data_ptr<uint8_t>();
+  const T* al = alpha.data();
+  const T* be = beta.data();
+  at::parallel_for(0, N * OH, 1, [&](int64_t i0, int64_t i1) {
+    T q[TAPS], v[4][STEM_MAX_C];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / OH, oh = i % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        for (int w = 0; w < 4; ++w) {
+          taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q);
+          stem_values<T>(wtp, q, v[w], C);
+        }
+        const int64_t j = ((n * OH + oh) * OW + ow) * C;
+        pool_pixel<T>(v[0], v[1], v[2], v[3], al, be, op + j, kp + j, C);
+      }
+    }
+  });
+}
+
+template <typename T>
+void stem_backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_w,
+                        const at::Tensor& idx, const at::Tensor& stats, at::Tensor& dw, at::Tensor& dbn_w,
+                        at::Tensor& dbn_b) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
+  const int64_t OH = H / 2, OW = W / 2;
+  const double M = double(N * H * W);
+  const double* st = stats.data_ptr<double>();
+  const double *invstd = st, *vmean = st + C, *Q = st + 2 * C, *G = Q + TAPS;
+  const Taps<T> taps(x, G[TAPS * TAPS]);
+  const T* gp = g.data_ptr<T>();
+  const uint8_t* kp = idx.data_ptr<uint8_t>();
+  const std::vector<double> sum = blocked_sums<T>(N * OH * OW, C + TAPS * C, STEM_ROWS, [&](int64_t j, T* acc) {
+    T q[4 * TAPS];
+    const int64_t n = j / (OH * OW), rest = j % (OH * OW), oh = rest / OW, ow = rest % OW;
+    for (int w = 0; w < 4; ++w) taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q + w * TAPS);
+    stem_pooled_row<T>(gp + j * C, kp + j * C, q, acc, acc + C, C);
+  });
+  const T* wp = weight.data_ptr<T>();
+  const T* bw = bn_w.data_ptr<T>();
+  T* dwp = dw.data_ptr<T>();
+  T* dbwp = dbn_w.data_ptr<T>();
+  T* dbbp = dbn_b.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    // the sum of dy (v - mean v) over the window maxima: the conv weight against the tap sums, less mean v x sum dy
+    const double sdy = sum[c];
+    double sdyv = -vmean[c] * sdy;
+    for (int k = 0; k < TAPS; ++k) sdyv += double(wp[c * TAPS + k]) * sum[C + k * C + c];
+    const double s_xhat = invstd[c] * sdyv, kc = double(bw[c]) * invstd[c];
+    dbbp[c] = T(sdy);
+    dbwp[c] = T(s_xhat);
+    // the conv output's gradient d = kc (dy - mean dy - xhat mean(dy xhat)) summed against each tap q + s (d sums
+    // to zero: the s part vanishes), with sum (v - mean v) q = W G - mean v Q
+    for (int k = 0; k < TAPS; ++k) {
+      double vq = -vmean[c] * Q[k];
+      for (int l = 0; l < TAPS; ++l) vq += double(wp[c * TAPS + l]) * G[l * TAPS + k];
+      dwp[c * TAPS + k] = T(kc * (sum[C + k * C + c] - sdy / M * Q[k] - s_xhat / M * invstd[c] * vq));
+    }
+  }
+}
+
 void check(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fused bn-pool-relu: x must be a 4-d CPU tensor");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "fused bn-pool-relu: x must be channels-last");
@@ -363,6 +569,44 @@ std::vector<at::Tensor> double_backward(const at::Tensor& u, const at::Tensor& v
   return {gg, gx, gw};
 }
 
+void check_stem(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_w) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(2) >= 2 && x.size(3) >= 2,
+              "fused stem: x must be a 4-d CPU tensor of at least 2x2");
+  TORCH_CHECK(x.size(1) == 1 && x.size(3) <= STEM_MAX_C, "fused stem: x must be [N, 1, H, W <= 256]");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) <= STEM_MAX_C && weight.size(1) == 1 && weight.size(2) == 3 &&
+                  weight.size(3) == 3 && weight.scalar_type() == x.scalar_type(),
+              "fused stem: the conv weight must be [C <= 256, 1, 3, 3] of x's dtype");
+  TORCH_CHECK(bn_w.numel() == weight.size(0) && bn_w.scalar_type() == x.scalar_type(),
+              "fused stem: one batch-norm weight per output channel, of x's dtype");
+}
+
+std::vector<at::Tensor> stem_forward(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_w,
+                                     const at::Tensor& bn_b, double eps) {
+  check_stem(x_, weight, bn_w);
+  at::Tensor x = x_.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
+  auto opts = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({N, C, H / 2, W / 2}, opts);
+  at::Tensor idx = at::empty({N, C, H / 2, W / 2}, opts.dtype(at::kByte));
+  at::Tensor stats = at::empty({2 * C + TAPS + TAPS * TAPS + 1}, x.options().dtype(at::kDouble));
+  at::Tensor w = weight.contiguous(), bw = bn_w.contiguous(), bb = bn_b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_stem_forward",
+                             [&] { stem_forward_impl<scalar_t>(x, w, bw, bb, eps, out, idx, stats); });
+  return {out, idx, stats};
+}
+
+std::vector<at::Tensor> stem_backward(const at::Tensor& grad, const at::Tensor& x_, const at::Tensor& weight,
+                                      const at::Tensor& bn_w, const at::Tensor& idx, const at::Tensor& stats) {
+  check_stem(x_, weight, bn_w);
+  at::Tensor x = x_.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor w = weight.contiguous(), bw = bn_w.contiguous();
+  at::Tensor dw = at::empty_like(w), dbw = at::empty_like(bw), dbb = at::empty_like(bw);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_stem_backward",
+                             [&] { stem_backward_impl<scalar_t>(g, x, w, bw, idx, stats, dw, dbw, dbb); });
+  return {dw, dbw, dbb};
+}
+
 // Each call releases the GIL while it runs (it touches no Python object), as torch's own operators do: the
 // task pool's threads (baselines/parallel.py) would otherwise wait for one another's kernel calls.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -372,4 +616,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "batch norm -> 2x2 max-pool -> ReLU (channels-last): out, window index, mean, invstd",
         nogil());
   m.def("backward", &backward, "first-order backward of forward: dx, dweight, dbias", nogil());
+  m.def("stem_forward", &stem_forward,
+        "3x3 conv (one input channel, no bias) -> the block, no map stored: out, window index, stats", nogil());
+  m.def("stem_backward", &stem_backward, "first-order backward of stem_forward: dconv_weight, dweight, dbias",
+        nogil());
 }
