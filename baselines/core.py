@@ -191,8 +191,8 @@ class Ops:
         run fused, a one-channel input's conv runs inside the kernel too (fused.stem; only where `conv` and
         `fused_block` are the plain ones)."""
         weight = p[f"conv{i}.weight"]
-        if (type(self).conv is Ops.conv and type(self).fused_block is Ops.fused_block and self.fuses()
-                and fused.stem_applies(x, weight)):
+        if (type(self).conv is Ops.conv and type(self).fused_block is Ops.fused_block
+                and fused.stem_applies(x, weight) and self.fuses()):
             return fused.stem(x, weight, p.get(f"conv{i}.bias"), *self.bn_affine(p, f"bn{i}"))
         return self.bn_pool_relu(p, f"bn{i}", self.conv(p, f"conv{i}", x))
 

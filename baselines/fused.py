@@ -291,9 +291,9 @@ def stem_reference(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.
 def stem_applies(x: torch.Tensor, conv_weight: torch.Tensor) -> bool:
     """Whether the stem kernel can take x [N, 1, H, W] and a 3x3 conv_weight [C, 1, 3, 3] (the switch aside):
     `applies(x)`, one input channel, at most STEM_MAX_OUT output channels and pixels across, x's dtype."""
-    return (applies(x) and x.shape[1] == 1 and x.shape[3] <= STEM_MAX_OUT and conv_weight.dim() == 4
+    return (x.dim() == 4 and x.shape[1] == 1 and x.shape[3] <= STEM_MAX_OUT and conv_weight.dim() == 4
             and tuple(conv_weight.shape[1:]) == (1, 3, 3) and conv_weight.shape[0] <= STEM_MAX_OUT
-            and conv_weight.dtype == x.dtype)
+            and conv_weight.dtype == x.dtype and applies(x))  # the shapes first: most blocks fail them at once
 
 
 def _stem_recorded_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
