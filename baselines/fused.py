@@ -1,5 +1,6 @@
 """The fused Conv-4 block tail: batch norm -> 2x2 max-pool -> ReLU as one CPU kernel, with the first block's conv
-inside it on one-channel images (the stem); a switch, off by default.
+inside it on one-channel images (the stem), and a conv whose second order is faster than torch's; a switch, off
+by default.
 
 In the unfused block (`bn_pool_relu_reference`) each of the three operations reads and writes the
 full activation map, max-pool keeps int64 indices and its full input for backward, and its backward
@@ -23,11 +24,16 @@ byte map and two per-channel vectors.
   is never stored: the conv at a position is recomputed from its 9 input values where the pooled pass
   needs it, and every sum over positions batch norm needs (forward and backward) comes from the 9 taps'
   sums and Gram matrix (double) and, in the backward, from the sums of g times the taps at each window
-  maximum; the conv's bias drops out (batch norm removes it; its gradient is 0). Only the first-order
-  backward is in C++: a recorded backward (MAML's second-order inner step, on the support set) or an input
-  that needs its gradient recomputes conv2d and differentiates it with the block kernel. `Ops.conv_block`
-  (baselines/core.py) takes it where `conv` and `fused_block` are the plain ones. Three-channel images
-  keep conv2d: 27 taps against 32 channels cost more to recompute than to store.
+  maximum; the conv's bias drops out (batch norm removes it; its gradient is 0). Its backward's own
+  backward (MAML's second-order inner step, on the support set) is in C++ too, in closed form from the same
+  sums (`_StemBackward`); an input that needs its gradient recomputes conv2d and differentiates it with the
+  block kernel. `Ops.conv_block` (baselines/core.py) takes it where `conv` and `fused_block` are the plain
+  ones. Three-channel images keep conv2d: 27 taps against 32 channels cost more to recompute than to store.
+- The other convs of a second-order pass (`conv`): in a `higher_order()` forward pass (baselines/core.py)
+  with the switch on, `Ops.conv` runs conv2d as `conv`, whose recorded backward is differentiated with
+  convolutions and convolution backwards (torch's own double backward takes the weight's term as a
+  convolution of the transposed maps, twice as slow on a support set's small maps). Torch ops only: the
+  same numbers up to rounding.
 - Backward and its own backward (second order: MAML's inner loop) are in the kernel too: batch
   norm's double backward in training mode, with the gradient routed through the saved window
   maxima. A third order (a second-order gradient differentiated again) differentiates the unfused
@@ -298,8 +304,7 @@ def stem_applies(x: torch.Tensor, conv_weight: torch.Tensor) -> bool:
 
 def _stem_recorded_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """The stem's backward as the composed ops (conv2d, then the block kernel where it applies to conv2d's
-    output) recomputed and differentiated, recorded when grad mode is on: for an input that needs its
-    gradient and for higher orders."""
+    output) recomputed and differentiated, recorded when grad mode is on: for an input that needs its gradient."""
     inputs = list(ctx.saved_tensors[:5])
     needs = ctx.needs_input_grad
     with torch.enable_grad():
@@ -313,7 +318,8 @@ def _stem_recorded_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor 
 
 
 class _Stem(torch.autograd.Function):
-    """The stem kernel's forward and first-order backward (C++); anything more through `_stem_recorded_backward`."""
+    """The stem kernel's forward and first-order backward (C++), its backward recorded through `_StemBackward`;
+    an input that needs its gradient through `_stem_recorded_backward`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
@@ -324,12 +330,47 @@ class _Stem(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled() or ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:
             return _stem_recorded_backward(ctx, grad)
-        x, conv_weight, conv_bias, weight, _, idx, stats = ctx.saved_tensors
-        d_conv_weight, d_weight, d_bias = _ext.stem_backward(grad, x, conv_weight, weight, idx, stats)
+        x, conv_weight, conv_bias, weight, bias, idx, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # this backward is being recorded (MAML's second-order inner step)
+            grads = _StemBackward.apply(grad, conv_weight, weight, bias, x, idx, stats)
+        else:
+            grads = _ext.stem_backward(grad, x, conv_weight, weight, idx, stats)[:3]
         d_conv_bias = None if conv_bias is None else torch.zeros_like(conv_bias)  # batch norm removes it: exactly 0
-        return _needed((None, d_conv_weight, d_conv_bias, d_weight, d_bias), ctx.needs_input_grad)
+        return _needed((None, grads[0], d_conv_bias, grads[1], grads[2]), ctx.needs_input_grad)
+
+
+class _StemBackward(torch.autograd.Function):
+    """The stem's first-order backward as a function of (g, conv_weight, weight): (d conv_weight, d weight,
+    d bias). Its own backward (the second-order terms) in C++ (`stem_double_backward`: closed forms in the
+    backward's sums and the taps' Gram matrix, and one pass over the window maxima for g's gradient; the
+    derivation is in baselines/fused_bn_pool_relu.cpp); a third order differentiates `stem_reference`'s
+    recorded backward."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: torch.Tensor, conv_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        d_conv_weight, d_weight, d_bias, sums = _ext.stem_backward(grad, x, conv_weight, weight, idx, stats)
+        ctx.save_for_backward(grad, conv_weight, weight, bias, x, idx, stats, sums)
+        return d_conv_weight, d_weight, d_bias
+
+    @staticmethod
+    def backward(ctx: Any, u_conv: torch.Tensor | None, u_weight: torch.Tensor | None,
+                 u_bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad, conv_weight, weight, bias, x, idx, stats, sums = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # third order: the composed ops, recorded again
+            with torch.enable_grad():
+                g, cw, w, b = partial_inputs(grad, conv_weight, weight, bias)
+                firsts = torch.autograd.grad(stem_reference(x, cw, None, w, b), (cw, w, b), g, create_graph=True)
+                cotangents = [torch.zeros_like(f) if u is None else u for f, u in zip(firsts, (u_conv, u_weight, u_bias))]
+                grads = torch.autograd.grad(firsts, (g, cw, w, b), cotangents, create_graph=True, allow_unused=True)
+            return (*_needed(grads, needs), None, None, None)
+        us = [torch.zeros_like(t) if u is None else u for t, u in zip((conv_weight, weight, weight),
+                                                                       (u_conv, u_weight, u_bias))]
+        grads = _ext.stem_double_backward(*us, x, conv_weight, weight, idx, stats, sums, needs[0])
+        return (*_needed((*grads, None), needs), None, None, None)
 
 
 def stem(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, weight: torch.Tensor,
@@ -338,3 +379,95 @@ def stem(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | N
     conv_weight [C, 1, 3, 3] and conv_bias [C] (or None), then `bn_pool_relu` with weight, bias [C] ->
     [N, C, H//2, W//2]; the conv's output map is never stored (where `stem_applies`; `Ops.conv_block` says when)."""
     return _Stem.apply(x, conv_weight, conv_bias, weight, bias)
+
+
+def conv_applies(x: torch.Tensor) -> bool:
+    """Whether `conv` can take x [N, C, H, W] (the switch aside): a CPU tensor outside torch.func transforms."""
+    return not torch._C._are_functorch_transforms_active() and x.device.type == "cpu"
+
+
+def _conv_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conf: tuple[bool, int, int],
+                   mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+    """torch's convolution backward (what conv2d's own backward runs): the gradients of x, weight and (where
+    conf says there is one) the bias for the output gradient g, those in `mask` (the others None)."""
+    has_bias, stride, padding = conf
+    grads = torch.ops.aten.convolution_backward(g, x, weight, [weight.shape[0]] if has_bias else None, [stride] * 2,
+                                                [padding] * 2, [1, 1], False, [0, 0], 1, mask)
+    return _needed(grads, tuple(mask))
+
+
+class _Conv(torch.autograd.Function):
+    """conv2d whose backward, when recorded, is `_ConvBackward` (first order: torch's own backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                padding: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (bias is not None, stride, padding)
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # this backward is being recorded (a second-order inner step)
+            return (*_ConvBackward.apply(grad, x, weight, ctx.conf, mask), None, None)
+        return (*_conv_backward(grad, x, weight, ctx.conf, mask), None, None)
+
+
+class _ConvBackward(torch.autograd.Function):
+    """conv2d's backward as a function of (g, x, weight), with its own backward written as convolutions and
+    convolution backwards: for the cotangents (ux, uw, ub) of (dx, dweight, dbias),
+        grad g = conv2d(ux, weight) + conv2d(x, uw) + ub,
+        grad x = the input gradient of a conv with weight uw for the output gradient g,
+        grad weight = the weight gradient of a conv of ux for the output gradient g.
+    torch's own (`_convolution_double_backward`) takes the last as a convolution of the transposed maps, g as
+    its kernel (1.2 ms against 0.56 ms for 5 x 64 x 14 x 14 maps on one thread; forward, recorded backward and
+    its backward of Conv-4's second block on a 5-image support set: 3.75 ms against 5.70 ms). A third order
+    differentiates conv2d's recorded backward."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conf: tuple[bool, int, int],
+                mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+        ctx.save_for_backward(grad, x, weight)
+        ctx.conf = conf
+        return _conv_backward(grad, x, weight, conf, mask)
+
+    @staticmethod
+    def backward(ctx: Any, ux: torch.Tensor | None, uw: torch.Tensor | None,
+                 ub: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad, x, weight = ctx.saved_tensors
+        has_bias, stride, padding = ctx.conf
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # third order: conv2d's backward, recorded again
+            with torch.enable_grad():
+                g, x_, w = partial_inputs(grad, x, weight)
+                b = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
+                wrt = [t for t in (x_, w, b) if t is not None]
+                firsts = torch.autograd.grad(F.conv2d(x_, w, b, stride, padding), wrt, g, create_graph=True)
+                pairs = [(f, u) for f, u in zip(firsts, (ux, uw, ub)) if u is not None]
+                grads = torch.autograd.grad([f for f, _ in pairs], (g, x_, w), [u for _, u in pairs],
+                                            create_graph=True, allow_unused=True)
+            return (*_needed(grads, needs), None, None)
+        d_grad = d_x = d_weight = None
+        if needs[0]:  # (ub enters as the bias of the first conv there is)
+            if ux is not None:
+                d_grad = F.conv2d(ux, weight, ub, stride, padding)
+            if uw is not None:
+                term = F.conv2d(x, uw, None if ux is not None else ub, stride, padding)
+                d_grad = term if d_grad is None else d_grad + term
+            if d_grad is None and ub is not None:
+                d_grad = torch.zeros_like(grad) + ub.view(1, -1, 1, 1)
+        if needs[1] and uw is not None:
+            d_x = _conv_backward(grad, x, uw, ctx.conf, [True, False, False])[0]
+        if needs[2] and ux is not None:
+            d_weight = _conv_backward(grad, ux, weight, ctx.conf, [False, True, False])[1]
+        return d_grad, d_x, d_weight, None, None
+
+
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
+         padding: int = 1) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride, padding) of x [N, Cin, H, W], weight [C, Cin, k, k] -> [N, C, H', W'],
+    whose recorded backward is differentiated with convolution backwards (`_ConvBackward`); for forward passes
+    whose backward will be recorded (`Ops.conv` takes it there where the switch is on and `conv_applies`)."""
+    return _Conv.apply(x, weight, bias, stride, padding)

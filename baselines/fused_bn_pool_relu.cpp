@@ -478,7 +478,7 @@ void stem_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::
 template <typename T>
 void stem_backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_w,
                         const at::Tensor& idx, const at::Tensor& stats, at::Tensor& dw, at::Tensor& dbn_w,
-                        at::Tensor& dbn_b) {
+                        at::Tensor& dbn_b, at::Tensor& sums) {
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
   const int64_t OH = H / 2, OW = W / 2;
   const double M = double(N * H * W);
@@ -493,6 +493,7 @@ void stem_backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
     for (int w = 0; w < 4; ++w) taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q + w * TAPS);
     stem_pooled_row<T>(gp + j * C, kp + j * C, q, acc, acc + C, C);
   });
+  std::copy(sum.begin(), sum.end(), sums.data_ptr<double>());
   const T* wp = weight.data_ptr<T>();
   const T* bw = bn_w.data_ptr<T>();
   T* dwp = dw.data_ptr<T>();
@@ -513,6 +514,98 @@ void stem_backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
       for (int l = 0; l < TAPS; ++l) vq += double(wp[c * TAPS + l]) * G[l * TAPS + k];
       dwp[c * TAPS + k] = T(kc * (sum[C + k * C + c] - sdy / M * Q[k] - s_xhat / M * invstd[c] * vq));
     }
+  }
+}
+
+// The stem's second-order pass: out = V q + k at each pooled position's window maximum (its taps q; V: [9, C],
+// k: [C]), 0 where the ReLU cut. The first-order backward is linear in g through the sums of g and g q at the
+// window maxima, so the gradient of any linear function of its outputs with respect to g has this form
+// (stem_double_backward_impl derives V and k).
+template <typename T>
+void stem_select_impl(const at::Tensor& x, const at::Tensor& vt, const at::Tensor& k, const at::Tensor& idx,
+                      const at::Tensor& stats, at::Tensor& out) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = vt.size(1);
+  const int64_t OH = H / 2, OW = W / 2;
+  const Taps<T> taps(x, stats.data_ptr<double>()[2 * C + TAPS + TAPS * TAPS]);
+  const T* vtp = vt.data_ptr<T>();
+  const T* kk = k.data_ptr<T>();
+  const uint8_t* kp = idx.data_ptr<uint8_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, N * OH, 1, [&](int64_t i0, int64_t i1) {
+    T q[TAPS], v[4][STEM_MAX_C];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / OH, oh = i % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        for (int w = 0; w < 4; ++w) {
+          taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q);
+          stem_values<T>(vtp, q, v[w], C);
+        }
+        const int64_t j = ((n * OH + oh) * OW + ow) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const uint8_t wc = kp[j + c];
+          op[j + c] = wc == CUT ? T(0) : v[wc][c] + kk[c];
+        }
+      }
+    }
+  });
+}
+
+// The stem's second order: the backward of stem_backward's (d conv weight, d weight, d bias) as a function of
+// (g, conv weight, weight), for their cotangents U [C, 9], uw, ub [C]. Per channel, with t the taps centred on
+// their mean, Gc = sum t t^T = G - Q Q^T / M, W the conv weight [9], w the batch-norm weight, s = invstd,
+// h = Gc W / M and B = sum over the window maxima of g t = (the backward's sum of g q) - (its sum of g) Q / M:
+// the first-order backward is d W = w s B - w s^3 (W.B) h, d w = s (W.B), d b = sum g; so, with m = U.h,
+// r = U.B, q = W.B and a = uw s - w s^3 m:
+//   grad g (at a window maximum, taps t) = V.t + ub, V = w s U + a W  (stem_select's V and k),
+//   grad w = s r - s^3 q m,
+//   grad W = (3 w s^5 q m - w s^3 r - uw s^3 q) h + a B - w s^3 q Gc U / M.
+// (The window maxima, where the ReLU cuts and the conv bias do not enter: the conv bias drops out of batch norm
+// and the batch-norm bias only moves the cuts.)
+template <typename T>
+void stem_double_backward_impl(const at::Tensor& u, const at::Tensor& uw, const at::Tensor& ub,
+                               const at::Tensor& weight, const at::Tensor& bn_w, const at::Tensor& stats,
+                               const at::Tensor& sums, double M, at::Tensor& vt, at::Tensor& k, at::Tensor& dconv,
+                               at::Tensor& dbn_w) {
+  const int64_t C = weight.size(0);
+  const double* st = stats.data_ptr<double>();
+  const double *invstd = st, *Q = st + 2 * C, *G = Q + TAPS;
+  const double* sm = sums.data_ptr<double>();
+  const T *up = u.data_ptr<T>(), *uwp = uw.data_ptr<T>(), *ubp = ub.data_ptr<T>();
+  const T *wp = weight.data_ptr<T>(), *bwp = bn_w.data_ptr<T>();
+  T *vtp = vt.data_ptr<T>(), *kp = k.data_ptr<T>(), *dcp = dconv.data_ptr<T>(), *dbp = dbn_w.data_ptr<T>();
+  double Gc[TAPS * TAPS];
+  for (int i = 0; i < TAPS; ++i)
+    for (int j = 0; j < TAPS; ++j) Gc[i * TAPS + j] = G[i * TAPS + j] - Q[i] * Q[j] / M;
+  for (int64_t c = 0; c < C; ++c) {
+    double Wc[TAPS], U[TAPS], B[TAPS], h[TAPS], GU[TAPS], q = 0.0, r = 0.0, m = 0.0;
+    for (int i = 0; i < TAPS; ++i) {
+      Wc[i] = double(wp[c * TAPS + i]);
+      U[i] = double(up[c * TAPS + i]);
+      B[i] = sm[C + i * C + c] - sm[c] * Q[i] / M;
+    }
+    for (int i = 0; i < TAPS; ++i) {
+      double hw = 0.0, hu = 0.0;
+      for (int j = 0; j < TAPS; ++j) {
+        hw += Gc[i * TAPS + j] * Wc[j];
+        hu += Gc[i * TAPS + j] * U[j];
+      }
+      h[i] = hw / M;
+      GU[i] = hu / M;
+      q += Wc[i] * B[i];
+      r += U[i] * B[i];
+    }
+    for (int i = 0; i < TAPS; ++i) m += U[i] * h[i];
+    const double s = invstd[c], s3 = s * s * s, w = double(bwp[c]), uwc = double(uwp[c]);
+    const double a = uwc * s - w * s3 * m, ch = 3.0 * w * s3 * s * s * q * m - w * s3 * r - uwc * s3 * q;
+    double vq = 0.0;
+    for (int i = 0; i < TAPS; ++i) {
+      const double v = w * s * U[i] + a * Wc[i];
+      vtp[i * C + c] = T(v);
+      vq += v * Q[i];
+      dcp[c * TAPS + i] = T(ch * h[i] + a * B[i] - w * s3 * q * GU[i]);
+    }
+    kp[c] = T(double(ubp[c]) - vq / M);  // (the kernel's taps are centred on the input's mean, not on theirs)
+    dbp[c] = T(s * r - s3 * q * m);
   }
 }
 
@@ -602,9 +695,38 @@ std::vector<at::Tensor> stem_backward(const at::Tensor& grad, const at::Tensor& 
   at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor w = weight.contiguous(), bw = bn_w.contiguous();
   at::Tensor dw = at::empty_like(w), dbw = at::empty_like(bw), dbb = at::empty_like(bw);
+  at::Tensor sums = at::empty({(TAPS + 1) * w.size(0)}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_stem_backward",
-                             [&] { stem_backward_impl<scalar_t>(g, x, w, bw, idx, stats, dw, dbw, dbb); });
-  return {dw, dbw, dbb};
+                             [&] { stem_backward_impl<scalar_t>(g, x, w, bw, idx, stats, dw, dbw, dbb, sums); });
+  return {dw, dbw, dbb, sums};
+}
+
+std::vector<at::Tensor> stem_double_backward(const at::Tensor& u_, const at::Tensor& uw_, const at::Tensor& ub_,
+                                             const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_w,
+                                             const at::Tensor& idx, const at::Tensor& stats, const at::Tensor& sums,
+                                             bool need_grad) {
+  check_stem(x_, weight, bn_w);
+  at::Tensor x = x_.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor u = u_.contiguous(), uw = uw_.contiguous(), ub = ub_.contiguous(), w = weight.contiguous(),
+             bw = bn_w.contiguous();
+  const int64_t C = w.size(0);
+  TORCH_CHECK(u.numel() == TAPS * C && uw.numel() == C && ub.numel() == C && u.scalar_type() == x.scalar_type() &&
+                  uw.scalar_type() == x.scalar_type() && ub.scalar_type() == x.scalar_type() && idx.size(1) == C &&
+                  stats.numel() == 2 * C + TAPS + TAPS * TAPS + 1 && sums.numel() == (TAPS + 1) * C,
+              "fused stem_double_backward: cotangents of x's dtype for (conv weight, weight, bias), and the stem's "
+              "idx, stats and sums");
+  at::Tensor vt = at::empty({TAPS, C}, x.options()), k = at::empty({C}, x.options());
+  at::Tensor dconv = at::empty_like(w), dbw = at::empty_like(bw);
+  const double M = double(x.size(0) * x.size(2) * x.size(3));
+  at::Tensor dg;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_stem_double_backward", [&] {
+    stem_double_backward_impl<scalar_t>(u, uw, ub, w, bw, stats, sums, M, vt, k, dconv, dbw);
+    if (need_grad) {
+      dg = at::empty(idx.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      stem_select_impl<scalar_t>(x, vt, k, idx, stats, dg);
+    }
+  });
+  return {need_grad ? dg : at::Tensor(), dconv, dbw};
 }
 
 // Each call releases the GIL while it runs (it touches no Python object), as torch's own operators do: the
@@ -618,6 +740,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "first-order backward of forward: dx, dweight, dbias", nogil());
   m.def("stem_forward", &stem_forward,
         "3x3 conv (one input channel, no bias) -> the block, no map stored: out, window index, stats", nogil());
-  m.def("stem_backward", &stem_backward, "first-order backward of stem_forward: dconv_weight, dweight, dbias",
+  m.def("stem_backward", &stem_backward,
+        "first-order backward of stem_forward: dconv_weight, dweight, dbias and the sums of g, g q (double)", nogil());
+  m.def("stem_double_backward", &stem_double_backward,
+        "backward of stem_backward: gradients of g (if asked), conv weight, weight from those of its outputs",
         nogil());
 }

@@ -27,12 +27,14 @@ def inputs(shape, dtype=torch.float64, seed=0):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """A list that grows by "block" each time a block runs the kernel and by "stem" each time a first block runs
-    the stem kernel (through baselines.core's layer operations)."""
+    """A list that grows by "block" each time a block runs the kernel, by "stem" each time a first block runs
+    the stem kernel and by "conv" each time a conv runs as `fused.conv` (through baselines.core's layer
+    operations)."""
     calls = []
-    kernel, stem = fused.bn_pool_relu, fused.stem
+    kernel, stem, conv = fused.bn_pool_relu, fused.stem, fused.conv
     monkeypatch.setattr(fused, "bn_pool_relu", lambda *a: calls.append("block") or kernel(*a))
     monkeypatch.setattr(fused, "stem", lambda *a: calls.append("stem") or stem(*a))
+    monkeypatch.setattr(fused, "conv", lambda *a: calls.append("conv") or conv(*a))
     return calls
 
 
@@ -208,9 +210,9 @@ def test_stem_float32_is_as_close_to_float64_as_the_unfused_ops():
         assert (a.double() - e).abs().max().item() / scale <= max(1e-5, (t.double() - e).abs().max().item() / scale)
 
 
-def test_stem_second_and_third_order_gradients_are_exact():
-    """A recorded backward (MAML's second-order inner step) and an input that needs its gradient recompute the
-    conv and differentiate it with the block kernel: exact to every order."""
+def test_stem_second_and_third_order_gradients_are_exact_for_an_input_that_needs_its_gradient():
+    """An input that needs its gradient recomputes the conv and differentiates it with the block kernel: exact to
+    every order."""
     args = stem_inputs((3, 5, 8, 6), seed=2)
     args[0].requires_grad_()
 
@@ -224,10 +226,54 @@ def test_stem_second_and_third_order_gradients_are_exact():
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8)
 
 
-def test_stem_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("shape", STEM_SHAPES)
+def test_stem_recorded_backward_is_exact_to_the_third_order(shape):
+    """MAML's second-order inner step (the images need no gradient): the stem's backward recorded by
+    `_StemBackward`, its backward in C++ (`stem_double_backward`), a third order through `stem_reference`;
+    each order against the unfused ops in float64, with every cotangent and with the conv weight's alone."""
+    args = stem_inputs(shape, seed=2)
+
+    def orders(fn):
+        _, conv_w, _, w, b = args
+        gcw, gw, gb = torch.autograd.grad((fn(*args) ** 2).sum(), (conv_w, w, b), create_graph=True)
+        second = torch.autograd.grad((gcw ** 2).sum() + (gw ** 3).sum() + (gb * gw).sum(), (conv_w, w),
+                                     retain_graph=True)
+        only_conv = torch.autograd.grad((gcw ** 2).sum(), (conv_w, w))  # the other cotangents None
+        return (gcw, gw, gb, *second, *only_conv)
+
+    def third(fn):
+        _, conv_w, _, w, b = args
+        gcw, gw, gb = torch.autograd.grad((fn(*args) ** 2).sum(), (conv_w, w, b), create_graph=True)
+        second = torch.autograd.grad((gcw ** 2).sum() + (gw * gb).sum(), (conv_w, w), create_graph=True)
+        return torch.autograd.grad(sum((t ** 2).sum() for t in second), (conv_w, w))
+
+    for a, e in zip(orders(fused.stem) + third(fused.stem), orders(fused.stem_reference) + third(fused.stem_reference)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_stem_gradcheck_and_gradgradcheck(input_grad):
     args = stem_inputs((3, 4, 5, 4), seed=3)
+    args[0].requires_grad_(input_grad)
     assert torch.autograd.gradcheck(fused.stem, args)
     assert torch.autograd.gradgradcheck(fused.stem, args)
+
+
+def test_stem_second_order_in_float32_is_as_close_to_float64_as_the_unfused_ops():
+    """The second-order terms of a 5-image support set (Omniglot 5-way 1-shot, 64 channels) in float32: the
+    backward's sums and Gram matrix in double keep them at least as close to float64 as torch's float32 ops."""
+    args64 = stem_inputs((5, 64, 28, 28), seed=4)
+    args32 = [t if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in args64]
+
+    def second(fn, args):
+        _, conv_w, _, w, b = args
+        gcw, gw, gb = torch.autograd.grad((fn(*args) ** 2).sum(), (conv_w, w, b), create_graph=True)
+        return torch.autograd.grad((gcw ** 2).sum() + (gw * gb).sum(), (conv_w, w))
+
+    truth, ours, torchs = second(fused.stem_reference, args64), second(fused.stem, args32), second(fused.stem_reference, args32)
+    for a, t, e in zip(ours, torchs, truth):
+        scale = e.abs().max().item()
+        assert (a.double() - e).abs().max().item() / scale <= max(1e-5, (t.double() - e).abs().max().item() / scale)
 
 
 def test_stem_results_do_not_depend_on_the_thread_count():
@@ -291,10 +337,12 @@ def test_conv4_maml_meta_gradient_is_the_same_with_the_switch_on(first_order, ke
     assert kernel_calls == []
     with fused.fused(True):
         got = maml_meta_grad(first_order)
-    # 3 passes (2 inner steps + the query pass) x (a stem and 3 blocks); a second-order inner step's backward
-    # is recorded: the stem's recomputes the conv and runs the block kernel (2 more)
-    assert kernel_calls.count("stem") == 3
-    assert kernel_calls.count("block") == 3 * 3 + (0 if first_order else 2)
+    # 3 passes (2 inner steps + the query pass) x (a stem and 3 blocks); a second-order inner step's recorded
+    # backward stays in the kernels (the stem's too: no conv recomputed, no block run again) and its convs are
+    # fused.conv's
+    inner = ["stem", "block", "block", "block"] if first_order else ["stem", "conv", "block", "conv", "block", "conv",
+                                                                      "block"]
+    assert kernel_calls == inner * 2 + ["stem", "block", "block", "block"]
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
@@ -427,3 +475,55 @@ def test_a_failed_build_says_so_once_and_falls_back(monkeypatch, tmp_path):
     assert not fused.available()  # remembered: no second attempt, no second warning
     with fused.fused(True):
         assert not Ops().fuses()
+
+
+CONV_CASES = [(1, 1, True), (1, 1, False), (2, 1, True), (1, 0, False)]  # stride, padding, bias
+
+
+def conv_inputs(bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = conv_layout(torch.randn(3, 4, 7, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("stride, padding, bias", CONV_CASES)
+def test_conv_is_conv2d_to_the_third_order(stride, padding, bias):
+    """fused.conv against conv2d in float64: values and gradients; its recorded backward's own backward
+    (`_ConvBackward`, every cotangent used, with a bias and without); a third order (that backward recorded:
+    conv2d's backward differentiated again)."""
+    x, w, b = conv_inputs(bias)
+    wrt = [t for t in (x, w, b) if t is not None]
+
+    def orders(fn):
+        out = fn(x, w, b, stride, padding)
+        firsts = torch.autograd.grad((out ** 2).sum(), wrt, create_graph=True)
+        loss = sum((f ** 3).sum() for f in firsts)
+        second = torch.autograd.grad(loss, (x, w), retain_graph=True)
+        again = torch.autograd.grad(loss, (x, w), create_graph=True)
+        third = torch.autograd.grad(sum((t ** 2).sum() for t in again), (x, w))
+        return (out, *firsts, *second, *third)
+
+    for a, e in zip(orders(fused.conv), orders(F.conv2d)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_gradcheck_and_gradgradcheck():
+    x, w, b = conv_inputs(True, seed=1)
+    assert torch.autograd.gradcheck(fused.conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(fused.conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda w: fused.conv(x.detach(), w, None), (w,))  # only the weight's
+
+
+def test_ops_conv_takes_it_in_second_order_passes_with_the_switch_on(kernel_calls):
+    """Ops.conv runs fused.conv only inside `higher_order()` (a forward pass whose backward will be recorded)
+    with the switch on; elsewhere conv2d."""
+    from baselines.core import higher_order
+
+    x, w, b = (t.detach() for t in conv_inputs(True))
+    p = {"c.weight": w, "c.bias": b}
+    for switch, second_order in ((True, True), (True, False), (False, True), (False, False)):
+        with fused.fused(switch), higher_order(second_order):
+            torch.testing.assert_close(PLAIN.conv(p, "c", x), F.conv2d(x, w, b, 1, 1), rtol=1e-12, atol=1e-12)
+        assert kernel_calls == ["conv"], (switch, second_order)
