@@ -107,3 +107,16 @@ def tune_malloc() -> dict[int, int]:
     done = glibc and all([libc.mallopt(key, ctypes.c_int(value)) == 1 for key, value in settings.items()])  # (each one tried)
     _tuned.append(settings if done else {})
     return _tuned[0]
+
+
+def release_free_memory() -> None:
+    """Give the memory malloc holds free back to the system (glibc's malloc_trim(0); tcmalloc's
+    MallocExtension_ReleaseFreeMemory when it is loaded), so that a later peak of the resident set counts
+    every page a block needs rather than reusing pages an earlier, freed block left resident."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return
+    for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (ctypes.c_size_t(0),))):
+        if hasattr(libc, name):
+            getattr(libc, name)(*args)

@@ -12,7 +12,9 @@ metabench), one fresh worker process measures:
 - peak_mb: growth of the process's peak resident memory (VmHWM, reset through
   /proc/self/clear_refs) over all its training iterations (the first, the warm-up and the timed
   ones), over the resident memory just before the first, with nothing run in the process before it
-  but building the model and data (the matmul probe runs after training: run first, its thread pool
+  but building the model and data, and what malloc held free given back first (bench.allocator.
+  release_free_memory: a block reusing pages an earlier one left resident would not show; the matmul
+  probe runs after training: run first, its thread pool
   and allocator state took 100-120 MB off learn2learn's Omniglot 5-way 1-shot MAML peak, 181-197 MB
   without it); on a GPU, torch.cuda.max_memory_allocated of those iterations;
 - heap_peak_mb: growth of the bytes malloc has handed out and not yet had back (glibc's mallinfo2:
@@ -66,7 +68,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.allocator import tcmalloc_loaded, tcmalloc_path
+from bench.allocator import release_free_memory, tcmalloc_loaded, tcmalloc_path
 from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
@@ -556,6 +558,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    release_free_memory()  # nothing kept free from earlier work counts as already resident
     before = proc_status_mb("VmRSS")  # nothing timed or probed before: see the module docstring
     reset_peak_rss()
     with heap_peak() as heap:

@@ -114,3 +114,18 @@ def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
     faults = {mode: int(_child(code, METABENCH_TASK_WORKERS="2", METABENCH_FUSED="0", OMP_NUM_THREADS="1",
                                METABENCH_MMAP_THRESHOLD=mode).split()[-1]) for mode in ("dynamic", "keep")}
     assert 4 * faults["keep"] < faults["dynamic"], faults
+
+
+def test_release_free_memory_gives_kept_blocks_back():
+    """Under the keep settings glibc holds freed heap blocks resident (never trimmed); release_free_memory
+    hands them back, so a later peak of the resident set counts the pages a block needs afresh."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+
+        pytest.skip("glibc's malloc only")
+    code = ("import torch; from bench import allocator, perf; allocator.tune_malloc(); "
+            "xs = [torch.ones(4 * 2**20) for _ in range(40)]; del xs; kept = perf.proc_status_mb('VmRSS'); "
+            "allocator.release_free_memory(); print(round(kept - perf.proc_status_mb('VmRSS')))")
+    assert int(_child(code)) > 500  # 40 x 16 MB were kept, nearly all of them given back
