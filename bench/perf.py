@@ -12,11 +12,11 @@ metabench), one fresh worker process measures:
 - peak_mb: growth of the process's peak resident memory (VmHWM, reset through
   /proc/self/clear_refs) over all its training iterations (the first, the warm-up and the timed
   ones), over the resident memory just before the first, with nothing run in the process before it
-  but building the model and data, and what malloc held free given back first (bench.allocator.
-  release_free_memory: a block reusing pages an earlier one left resident would not show; the matmul
-  probe runs after training: run first, its thread pool
-  and allocator state took 100-120 MB off learn2learn's Omniglot 5-way 1-shot MAML peak, 181-197 MB
-  without it); on a GPU, torch.cuda.max_memory_allocated of those iterations;
+  but building the model and data. What malloc holds free is given back first
+  (bench.allocator.release_free_memory), or a block reusing pages an earlier one left resident
+  would not show. The matmul probe runs after training: run first, its thread pool and allocator
+  state took 100-120 MB off learn2learn's Omniglot 5-way 1-shot MAML peak (181-197 MB without it).
+  On a GPU, torch.cuda.max_memory_allocated of those iterations;
 - heap_peak_mb: growth of the bytes malloc has handed out and not yet had back (glibc's mallinfo2:
   in-use heap chunks plus mapped blocks, sampled every half millisecond by a thread) during the first
   training iteration (the sampling thread would disturb the timed ones): the memory the tensors need,
