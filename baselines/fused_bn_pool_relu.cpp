@@ -393,6 +393,27 @@ void stem_values(const T* __restrict wt, const T* __restrict q, T* __restrict v,
   }
 }
 
+// Visit every pooled position of an [N, C, H, W] stem: finish(j, v) gets the position's first index j in the
+// pooled [N, OH, OW, C] maps and v [4][STEM_MAX_C], the values wt q of its 2x2 window (row-major), in parallel
+// over pooled rows.
+template <typename T, typename Finish>
+void for_each_window(const Taps<T>& taps, const T* wt, int64_t N, int64_t C, Finish finish) {
+  const int64_t OH = taps.H / 2, OW = taps.W / 2;
+  at::parallel_for(0, N * OH, 1, [&](int64_t i0, int64_t i1) {
+    T q[TAPS], v[4][STEM_MAX_C];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / OH, oh = i % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        for (int w = 0; w < 4; ++w) {
+          taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q);
+          stem_values<T>(wt, q, v[w], C);
+        }
+        finish(((n * OH + oh) * OW + ow) * C, v);
+      }
+    }
+  });
+}
+
 // One pooled pixel's share of the backward sums: dy = g where the window maximum was at position w (the
 // taps of the 4 window positions in q [4, 9]); sdy += dy, sq[k, c] += dy q_w[k].
 template <typename T>
@@ -417,8 +438,7 @@ void stem_pooled_row(const T* __restrict g, const uint8_t* __restrict win, const
 template <typename T>
 void stem_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_w, const at::Tensor& bn_b,
                        double eps, at::Tensor& out, at::Tensor& idx, at::Tensor& stats) {
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
-  const int64_t OH = H / 2, OW = W / 2, M = N * H * W;
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0), M = N * H * W;
   const T* xp = x.data_ptr<T>();
   double* st = stats.data_ptr<double>();  // invstd [C], mean v [C], Q [9], G [9, 9], s
   double* Q = st + 2 * C;
@@ -459,19 +479,8 @@ void stem_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::
   uint8_t* kp = idx.data_ptr<uint8_t>();
   const T* al = alpha.data();
   const T* be = beta.data();
-  at::parallel_for(0, N * OH, 1, [&](int64_t i0, int64_t i1) {
-    T q[TAPS], v[4][STEM_MAX_C];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / OH, oh = i % OH;
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        for (int w = 0; w < 4; ++w) {
-          taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q);
-          stem_values<T>(wtp, q, v[w], C);
-        }
-        const int64_t j = ((n * OH + oh) * OW + ow) * C;
-        pool_pixel<T>(v[0], v[1], v[2], v[3], al, be, op + j, kp + j, C);
-      }
-    }
+  for_each_window<T>(taps, wtp, N, C, [&](int64_t j, const T (*v)[STEM_MAX_C]) {
+    pool_pixel<T>(v[0], v[1], v[2], v[3], al, be, op + j, kp + j, C);
   });
 }
 
@@ -524,28 +533,16 @@ void stem_backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
 template <typename T>
 void stem_select_impl(const at::Tensor& x, const at::Tensor& vt, const at::Tensor& k, const at::Tensor& idx,
                       const at::Tensor& stats, at::Tensor& out) {
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), C = vt.size(1);
-  const int64_t OH = H / 2, OW = W / 2;
+  const int64_t N = x.size(0), C = vt.size(1);
   const Taps<T> taps(x, stats.data_ptr<double>()[2 * C + TAPS + TAPS * TAPS]);
   const T* vtp = vt.data_ptr<T>();
   const T* kk = k.data_ptr<T>();
   const uint8_t* kp = idx.data_ptr<uint8_t>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, N * OH, 1, [&](int64_t i0, int64_t i1) {
-    T q[TAPS], v[4][STEM_MAX_C];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / OH, oh = i % OH;
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        for (int w = 0; w < 4; ++w) {
-          taps.gather(n, 2 * oh + w / 2, 2 * ow + w % 2, q);
-          stem_values<T>(vtp, q, v[w], C);
-        }
-        const int64_t j = ((n * OH + oh) * OW + ow) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const uint8_t wc = kp[j + c];
-          op[j + c] = wc == CUT ? T(0) : v[wc][c] + kk[c];
-        }
-      }
+  for_each_window<T>(taps, vtp, N, C, [&](int64_t j, const T (*v)[STEM_MAX_C]) {
+    for (int64_t c = 0; c < C; ++c) {
+      const uint8_t wc = kp[j + c];
+      op[j + c] = wc == CUT ? T(0) : v[wc][c] + kk[c];
     }
   });
 }
