@@ -60,7 +60,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -211,14 +211,18 @@ def applies(x: torch.Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def reference_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The unfused block's backward, recorded (differentiable): the gradients of x, weight, bias for the
-    output gradient g [N, C, H//2, W//2]."""
+def recorded_double_backward(forward: Callable[..., torch.Tensor], g: torch.Tensor, inputs: Sequence[torch.Tensor],
+                             us: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+    """A custom backward's own backward for a third order, from the composed ops, recorded: with firsts the
+    gradients of forward(*inputs) with respect to `inputs` for the output gradient g, the gradients of
+    sum_i <us[i], firsts[i]> with respect to (g, *inputs) (None where one does not enter; a None cotangent
+    is a zero one)."""
     with torch.enable_grad():
-        x, weight, bias = partial_inputs(x, weight, bias)
-        out = bn_pool_relu_reference(x, weight, bias)
-        return torch.autograd.grad(out, (x, weight, bias), g, create_graph=True)
+        g, *inputs = partial_inputs(g, *inputs)
+        firsts = torch.autograd.grad(forward(*inputs), inputs, g, create_graph=True)
+        pairs = [(f, u) for f, u in zip(firsts, us) if u is not None]
+        return torch.autograd.grad([f for f, _ in pairs], (g, *inputs), [u for _, u in pairs], create_graph=True,
+                                   allow_unused=True)
 
 
 def partial_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -261,18 +265,12 @@ class _BnPoolReluBackward(torch.autograd.Function):
         return tuple(_ext.backward(grad, x, weight, idx, mean, invstd))
 
     @staticmethod
-    def backward(ctx: Any, u: torch.Tensor | None, v: torch.Tensor | None,
-                 t: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # (all three outputs are tensors, so autograd passes zeros, never None, for a cotangent that is unused)
         grad, x, weight, bias, idx, mean, invstd = ctx.saved_tensors
-        u = torch.zeros_like(x) if u is None else u
-        v = torch.zeros_like(weight) if v is None else v
-        t = torch.zeros_like(weight) if t is None else t
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # third order: the composed ops, recorded again
-            with torch.enable_grad():
-                inputs = partial_inputs(grad, x, weight)
-                outs = reference_backward(inputs[0], inputs[1], inputs[2], bias)
-                grads = torch.autograd.grad(outs, inputs, (u, v, t), create_graph=True, allow_unused=True)
+            grads = recorded_double_backward(bn_pool_relu_reference, grad, (x, weight, bias), (u, v, t))
         else:
             grads = tuple(_ext.double_backward(u, v, t, grad, x, weight, idx, mean, invstd))
         return (*_needed(grads, needs), None, None, None, None)
@@ -356,20 +354,16 @@ class _StemBackward(torch.autograd.Function):
         return d_conv_weight, d_weight, d_bias
 
     @staticmethod
-    def backward(ctx: Any, u_conv: torch.Tensor | None, u_weight: torch.Tensor | None,
-                 u_bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, u_conv: torch.Tensor, u_weight: torch.Tensor,
+                 u_bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # (all three outputs are tensors, so autograd passes zeros, never None, for a cotangent that is unused)
         grad, conv_weight, weight, bias, x, idx, stats, sums = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # third order: the composed ops, recorded again
-            with torch.enable_grad():
-                g, cw, w, b = partial_inputs(grad, conv_weight, weight, bias)
-                firsts = torch.autograd.grad(stem_reference(x, cw, None, w, b), (cw, w, b), g, create_graph=True)
-                cotangents = [torch.zeros_like(f) if u is None else u for f, u in zip(firsts, (u_conv, u_weight, u_bias))]
-                grads = torch.autograd.grad(firsts, (g, cw, w, b), cotangents, create_graph=True, allow_unused=True)
+            grads = recorded_double_backward(lambda cw, w, b: stem_reference(x, cw, None, w, b), grad,
+                                             (conv_weight, weight, bias), (u_conv, u_weight, u_bias))
             return (*_needed(grads, needs), None, None, None)
-        us = [torch.zeros_like(t) if u is None else u for t, u in zip((conv_weight, weight, weight),
-                                                                       (u_conv, u_weight, u_bias))]
-        grads = _ext.stem_double_backward(*us, x, conv_weight, weight, idx, stats, sums, needs[0])
+        grads = _ext.stem_double_backward(u_conv, u_weight, u_bias, x, conv_weight, weight, idx, stats, sums, needs[0])
         return (*_needed((*grads, None), needs), None, None, None)
 
 
@@ -440,14 +434,12 @@ class _ConvBackward(torch.autograd.Function):
         has_bias, stride, padding = ctx.conf
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # third order: conv2d's backward, recorded again
-            with torch.enable_grad():
-                g, x_, w = partial_inputs(grad, x, weight)
-                b = torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True) if has_bias else None
-                wrt = [t for t in (x_, w, b) if t is not None]
-                firsts = torch.autograd.grad(F.conv2d(x_, w, b, stride, padding), wrt, g, create_graph=True)
-                pairs = [(f, u) for f, u in zip(firsts, (ux, uw, ub)) if u is not None]
-                grads = torch.autograd.grad([f for f, _ in pairs], (g, x_, w), [u for _, u in pairs],
-                                            create_graph=True, allow_unused=True)
+            bias = [torch.zeros(weight.shape[0], dtype=weight.dtype)] if has_bias else []  # (its value does not enter)
+
+            def forward(x_: torch.Tensor, w: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
+                return F.conv2d(x_, w, b[0] if b else None, stride, padding)
+
+            grads = recorded_double_backward(forward, grad, (x, weight, *bias), (ux, uw, ub))
             return (*_needed(grads, needs), None, None)
         d_grad = d_x = d_weight = None
         if needs[0]:  # (ub enters as the bias of the first conv there is)
