@@ -38,6 +38,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -99,24 +100,26 @@ def tune_malloc() -> dict[int, int]:
     if _tuned:
         return _tuned[0]
     settings = malloc_settings(dict(os.environ))
-    try:
-        libc = ctypes.CDLL(None)
-        glibc = bool(settings) and hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
-    except OSError:
-        glibc = False
-    done = glibc and all([libc.mallopt(key, ctypes.c_int(value)) == 1 for key, value in settings.items()])  # (each one tried)
+    mallopt = libc_function("mallopt") if settings and libc_function("gnu_get_libc_version") else None
+    done = mallopt is not None and all([mallopt(key, ctypes.c_int(value)) == 1 for key, value in settings.items()])  # (each one tried)
     _tuned.append(settings if done else {})
     return _tuned[0]
+
+
+def libc_function(name: str) -> Any:
+    """The C function `name` among the libraries this process has loaded (glibc's malloc functions, or a
+    preloaded tcmalloc's), as a ctypes function; None where there is none."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def release_free_memory() -> None:
     """Give the memory malloc holds free back to the system (glibc's malloc_trim(0); tcmalloc's
     MallocExtension_ReleaseFreeMemory when it is loaded), so that a later peak of the resident set counts
     every page a block needs rather than reusing pages an earlier, freed block left resident."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return
     for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (ctypes.c_size_t(0),))):
-        if hasattr(libc, name):
-            getattr(libc, name)(*args)
+        fn = libc_function(name)
+        if fn is not None:
+            fn(*args)

@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.allocator import release_free_memory, tcmalloc_loaded, tcmalloc_path
+from bench.allocator import libc_function, release_free_memory, tcmalloc_loaded, tcmalloc_path
 from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
@@ -232,9 +232,8 @@ def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     not there or another allocator is loaded."""
     if tcmalloc_loaded(dict(os.environ)):
         return None
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
+    fn = libc_function("mallinfo2")
+    if fn is None:
         return None
     fn.restype = _MallInfo2
     return fn
