@@ -589,11 +589,20 @@ class GradientLearner(MetaLearner):
         """How many stream episodes the next outer update consumes (default: meta_batch)."""
         return self.meta_batch
 
+    def largest_task_block(self, batch: Sequence[Episode]) -> int:
+        """Bytes of the largest activation one task of `batch` allocates on the task pool: the first conv's float32
+        output [n, C', H, W] for the larger of its support and query sets (the body's first map is its largest
+        on the backbones that pool tasks); 0 where the tasks do not run on the pool."""
+        if not self.tasks_side_by_side:
+            return 0
+        _, _, c_out, _ = self.net.layers()[0]
+        return max(max(len(ep.support_x), len(ep.query_x)) * c_out * ep.query_x[0, 0].numel() * 4 for ep in batch)
+
     def fit(self, episodes: Iterator[Episode], steps: int) -> "GradientLearner":
-        tune_malloc()  # glibc: each step's freed graph kept for the next (bench/allocator.py)
         for _ in range(steps):
             batch = next_batch(episodes, self.episodes_per_step())
             self.ensure_setup(batch[0])
+            tune_malloc(self.largest_task_block(batch))  # glibc, once: each step's freed graph kept for the next
             for ep in batch:
                 self.check_way(ep)
             self.outer_step(batch)

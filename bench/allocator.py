@@ -18,14 +18,21 @@ METABENCH_ALLOCATOR=glibc turns that off.
 
 Under glibc, meta-training sets malloc's thresholds once, before its first step (`tune_malloc`, called by
 baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METABENCH_MMAP_THRESHOLD says:
-- unset or "keep" (the default): freed memory stays with the process for the next task. Blocks up to
-  32 MiB come from the heaps (mmap threshold 32 MiB, glibc's largest), the heaps are never trimmed
-  (trim threshold 2 GiB - 1) and a pool thread's emptied heap is not unmapped (top pad 64 MiB, one heap).
+- unset or "keep" (the default): freed memory stays with the process for the next task. No block is mapped by
+  itself (mmap count 0): the main thread's blocks of any size come from its heap and a pool thread's up to
+  its heap's size (mmap threshold 32 MiB, glibc's largest, otherwise), the heaps are never trimmed (trim
+  threshold 2 GiB - 1) and a pool thread's emptied heap is not unmapped (top pad 64 MiB, one heap).
   Left to its own rule, glibc gave the freed activations of each task back to the system and faulted
   them in again for the next: 56,000-270,000 minor page faults per meta-iteration of Omniglot 5-way 1-shot
   MAML (meta-batch 32, 2 pool threads, 2-core Xeon), against under 100 kept, and meta-iterations were
   5-22% faster. The peak resident set is up to ~25% higher (memory no longer trimmed between tasks) and
   stays flat over iterations (README: Performance).
+  A pool thread's heap holds 64 MiB at most, and glibc maps a larger block by itself whatever the settings,
+  faulting its pages in every time (miniImageNet's first-block maps: 75 x 32 x 84 x 84 floats, 68 MB;
+  ~268,000 faults per meta-iteration of 5-way 1-shot MAML). When GradientLearner.fit's tasks make such blocks
+  on the pool (`largest_block`), every thread allocates from the main heap instead (arena count 1), which
+  grows to any size: ~5,500 faults, 20-25% faster meta-iterations there, ~20% more resident memory. Below
+  that size the threads keep their own heaps (one shared heap was up to 5-20% slower on Omniglot).
 - "dynamic": glibc's own rule (raise the mmap threshold to each large block freed, trim the heaps).
 - BYTES (e.g. 131072): the mmap threshold pinned there: every larger block is mapped and unmapped by
   itself, so the pool threads' freed activations go back to the system at once. The peak halves, but
@@ -67,10 +74,12 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
 
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameter numbers (malloc.h)
-KEEP = {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20}
-"""The "keep" settings: blocks up to glibc's largest mmap threshold (32 MiB on 64-bit) from the heaps, heaps
-never trimmed, a thread's emptied heap (64 MiB at most) kept mapped."""
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8  # mallopt's (malloc.h)
+KEEP = {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20, M_MMAP_MAX: 0}
+"""The "keep" settings: no block mapped by itself (the threshold, glibc's largest, 32 MiB on 64-bit, only
+fixes glibc's dynamic rule off), heaps never trimmed, a thread's emptied heap (64 MiB at most) kept mapped."""
+THREAD_HEAP_BYTES = 64 * 2**20
+"""The most a glibc thread heap holds (HEAP_MAX_SIZE on 64-bit); a larger block is mapped by itself."""
 _tuned: list[dict[int, int]] = []
 
 
@@ -79,14 +88,16 @@ def tcmalloc_loaded(env: dict[str, str]) -> bool:
     return "tcmalloc" in env.get("LD_PRELOAD", "") or env.get("METABENCH_ALLOCATOR") == "tcmalloc"
 
 
-def malloc_settings(env: dict[str, str]) -> dict[int, int]:
-    """The mallopt settings {parameter: value} METABENCH_MMAP_THRESHOLD asks for: `KEEP` when unset or "keep",
-    {M_MMAP_THRESHOLD: BYTES} for a number, none for "dynamic" (glibc's own rule) or another allocator."""
+def malloc_settings(env: dict[str, str], largest_block: int = 0) -> dict[int, int]:
+    """The mallopt settings {parameter: value} METABENCH_MMAP_THRESHOLD asks for: `KEEP` when unset or "keep"
+    (with one arena for every thread when pool tasks allocate `largest_block` bytes at once and that does not
+    fit a thread heap), {M_MMAP_THRESHOLD: BYTES} for a number, none for "dynamic" (glibc's own rule) or
+    another allocator."""
     if tcmalloc_loaded(env):
         return {}
     value = env.get("METABENCH_MMAP_THRESHOLD", "").strip()
     if value in ("", "keep"):
-        return dict(KEEP)
+        return KEEP | ({M_ARENA_MAX: 1} if largest_block > THREAD_HEAP_BYTES - 2**20 else {})
     if value == "dynamic":
         return {}
     if not value.isdigit():
@@ -94,12 +105,14 @@ def malloc_settings(env: dict[str, str]) -> dict[int, int]:
     return {M_MMAP_THRESHOLD: int(value)}
 
 
-def tune_malloc() -> dict[int, int]:
-    """Apply `malloc_settings` to glibc's malloc once per process; returns what was applied ({} when nothing
-    was: not glibc, another allocator, or "dynamic")."""
+def tune_malloc(largest_block: int = 0) -> dict[int, int]:
+    """Apply `malloc_settings` to glibc's malloc once per process (the first call decides, before the task pool's
+    threads take their heaps; largest_block: the bytes of the largest block one task on the pool allocates, 0
+    where unknown or none); returns what was applied ({} when nothing was: not glibc, another allocator, or
+    "dynamic")."""
     if _tuned:
         return _tuned[0]
-    settings = malloc_settings(dict(os.environ))
+    settings = malloc_settings(dict(os.environ), largest_block)
     mallopt = libc_function("mallopt") if settings and libc_function("gnu_get_libc_version") else None
     done = mallopt is not None and all([mallopt(key, ctypes.c_int(value)) == 1 for key, value in settings.items()])  # (each one tried)
     _tuned.append(settings if done else {})
