@@ -31,8 +31,10 @@ baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METAB
   faulting its pages in every time (miniImageNet's first-block maps: 75 x 32 x 84 x 84 floats, 68 MB;
   ~268,000 faults per meta-iteration of 5-way 1-shot MAML). When GradientLearner.fit's tasks make such blocks
   on the pool (`largest_block`), every thread allocates from the main heap instead (arena count 1), which
-  grows to any size: ~5,500 faults, 20-25% faster meta-iterations there, ~20% more resident memory. Below
-  that size the threads keep their own heaps (one shared heap was up to 5-20% slower on Omniglot).
+  grows to any size: ~5,500 faults, 20-30% faster meta-iterations there, ~20% more resident memory. Below
+  that size the threads keep their own heaps (one shared heap was up to 5-20% slower on Omniglot). glibc
+  gives a thread its heap at its first allocation: a thread that allocated before the first call keeps its
+  own, and a pool thread started later may be handed that one (bench.perf tunes before its sampling thread).
 - "dynamic": glibc's own rule (raise the mmap threshold to each large block freed, trim the heaps).
 - BYTES (e.g. 131072): the mmap threshold pinned there: every larger block is mapped and unmapped by
   itself, so the pool threads' freed activations go back to the system at once. The peak halves, but
