@@ -32,7 +32,7 @@ baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METAB
   ~268,000 faults per meta-iteration of 5-way 1-shot MAML). When GradientLearner.fit's tasks make such blocks
   on the pool (`largest_block`), every thread allocates from the main heap instead (arena count 1), which
   grows to any size: ~5,500 faults, 20-30% faster meta-iterations there, ~20% more resident memory. Below
-  that size the threads keep their own heaps (one shared heap was up to 5-20% slower on Omniglot). glibc
+  that size the threads keep their own heaps (one shared heap was up to 22% slower on Omniglot 5-way). glibc
   gives a thread its heap at its first allocation: a thread that allocated before the first call keeps its
   own, and a pool thread started later may be handed that one (bench.perf tunes before its sampling thread).
 - "dynamic": glibc's own rule (raise the mmap threshold to each large block freed, trim the heaps).
