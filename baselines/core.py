@@ -596,7 +596,8 @@ class GradientLearner(MetaLearner):
         if not self.tasks_side_by_side:
             return 0
         _, _, c_out, _ = self.net.layers()[0]
-        return max(max(len(ep.support_x), len(ep.query_x)) * c_out * ep.query_x[0, 0].numel() * 4 for ep in batch)
+        return max(max(len(ep.support_x), len(ep.query_x)) * c_out * ep.support_x.shape[-2] * ep.support_x.shape[-1] * 4
+                   for ep in batch)
 
     def fit(self, episodes: Iterator[Episode], steps: int) -> "GradientLearner":
         for _ in range(steps):
