@@ -30,11 +30,12 @@ baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METAB
   A pool thread's heap holds 64 MiB at most, and glibc maps a larger block by itself whatever the settings,
   faulting its pages in every time (miniImageNet's first-block maps: 75 x 32 x 84 x 84 floats, 68 MB;
   ~268,000 faults per meta-iteration of 5-way 1-shot MAML). When GradientLearner.fit's tasks make such blocks
-  on the pool (`largest_block`), every thread allocates from the main heap instead (arena count 1), which
-  grows to any size: ~5,500 faults, 20-30% faster meta-iterations there, ~20% more resident memory. Below
-  that size the threads keep their own heaps (one shared heap was up to 22% slower on Omniglot 5-way). glibc
-  gives a thread its heap at its first allocation: a thread that allocated before the first call keeps its
-  own, and a pool thread started later may be handed that one (bench.perf tunes before its sampling thread).
+  on the pool (GradientLearner.largest_task_block), every thread allocates from the main heap instead (arena
+  count 1), which grows to any size: ~5,500 faults, 20-30% faster meta-iterations there, ~20% more resident
+  memory. Below that size the threads keep their own heaps (one shared heap was up to 22% slower on Omniglot
+  5-way). glibc gives a thread its heap at its first allocation: a thread that allocated before the first call
+  keeps its own, and a pool thread started later may be handed that one (bench.perf tunes before its sampling
+  thread).
 - "dynamic": glibc's own rule (raise the mmap threshold to each large block freed, trim the heaps).
 - BYTES (e.g. 131072): the mmap threshold pinned there: every larger block is mapped and unmapped by
   itself, so the pool threads' freed activations go back to the system at once. The peak halves, but
@@ -79,7 +80,7 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8  # mallopt's (malloc.h)
 KEEP = {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20, M_MMAP_MAX: 0}
 """The "keep" settings: no block mapped by itself (the threshold, glibc's largest, 32 MiB on 64-bit, only
-fixes glibc's dynamic rule off), heaps never trimmed, a thread's emptied heap (64 MiB at most) kept mapped."""
+turns glibc's dynamic rule off), heaps never trimmed, a thread's emptied heap (64 MiB at most) kept mapped."""
 THREAD_HEAP_BYTES = 64 * 2**20
 """The most a glibc thread heap holds (HEAP_MAX_SIZE on 64-bit); a larger block is mapped by itself."""
 _tuned: list[dict[int, int]] = []
