@@ -48,7 +48,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -120,6 +120,15 @@ def tune_malloc(largest_block: int = 0) -> dict[int, int]:
     done = mallopt is not None and all([mallopt(key, ctypes.c_int(value)) == 1 for key, value in settings.items()])  # (each one tried)
     _tuned.append(settings if done else {})
     return _tuned[0]
+
+
+def tune_malloc_for(learner: Any, episodes: Sequence[Any]) -> dict[int, int]:
+    """`tune_malloc` for `learner`'s tasks on `episodes`, with the largest block one of them allocates on the task
+    pool (GradientLearner.largest_task_block; 0 for a learner without one, or no episodes). For a process whose
+    first work is not `fit` (an evaluation only, a resumed run's test, a benchmark's timing thread): call it
+    before that work, since the first call decides."""
+    has = hasattr(learner, "largest_task_block") and len(episodes) > 0
+    return tune_malloc(learner.largest_task_block(episodes) if has else 0)
 
 
 def libc_function(name: str) -> Any:

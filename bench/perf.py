@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.allocator import libc_function, release_free_memory, tcmalloc_loaded, tcmalloc_path, tune_malloc
+from bench.allocator import libc_function, release_free_memory, tcmalloc_loaded, tcmalloc_path, tune_malloc_for
 from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
 from bench.paths import atomic_write_text
@@ -323,8 +323,7 @@ def metabench_impl(w: Workload, method: str, device: str, batched: bool = False)
         raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
     m = make_learner(w, method, w.meta_batch if batched else 1)
     batch = synthetic_episodes(w, episodes_per_step(m, w))
-    if hasattr(m, "largest_task_block"):  # as fit would, but before `measure` starts its sampling thread, whose
-        tune_malloc(m.largest_task_block(batch))  # own heap a pool thread could be given (bench/allocator.py)
+    tune_malloc_for(m, batch)  # as fit would, but before `measure` starts its sampling thread (bench/allocator.py)
 
     def step() -> None:
         m.fit(iter(batch), 1)

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import benchmarks
+from bench.allocator import tune_malloc_for
 from bench.api import EVAL_CHUNK, Episode, MetaLearner
 from bench.axes import DEFAULT_PERMUTATIONS, count_flops, permutation_rows, step_rows, steps_upto
 from bench.errors import MetabenchError, MethodError
@@ -554,6 +555,7 @@ def _fit_and_test(p: Plan, dirs: RunDirs,
         for first in range(0, n, EVAL_CHUNK):
             eps = list(on_device((test_es.episode("test", i) for i in range(first, min(first + EVAL_CHUNK, n))),
                                  device))
+            tune_malloc_for(learner, eps)  # (where fit did not run first: a run resumed after training)
             k = max(0, min(len(eps), n_axis - first))  # the chunk's episodes on the axes
             start = time.perf_counter()
             results = (learner.evaluate(eps[:k], steps_upto=upto) if k else []) + (

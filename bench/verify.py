@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.allocator import tune_malloc_for
 from bench.bundle import file_slug, json_text, manifest_sha256, print_report
 from bench.errors import MetabenchError
 from bench.paths import atomic_write_text, resolve_root
@@ -173,6 +174,7 @@ def _rerun(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> t
     rest = [i for i in chosen if i not in on_axes]
     try:
         eps = {i: es.episode("test", i).to(device) for i in chosen}
+        tune_malloc_for(learner, list(eps.values()))  # (this process only evaluates: bench/allocator.py)
         axis_eps = [eps[i] for i in on_axes]
         results = dict(zip(on_axes, learner.evaluate(axis_eps, steps_upto=upto) if on_axes else []))
         results.update(zip(rest, learner.evaluate([eps[i] for i in rest]) if rest else []))

@@ -115,6 +115,19 @@ def test_pool_tasks_whose_maps_outgrow_a_thread_heap_take_the_main_heap():
     assert tuned == (f"[{KEEP[:-1]}, -8: 1}}]" if platform.libc_ver()[0] == "glibc" else "[{}]")
 
 
+def test_a_process_that_only_evaluates_tunes_for_its_blocks_too():
+    """`metabench verify` and a run resumed after training evaluate without `fit`: tune_malloc_for makes the
+    first call there, with the largest block of the learner's tasks (none for a learner without the notion)."""
+    import platform
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    code = ("from bench import perf, allocator; w = perf.WORKLOADS['miniimagenet-5w1s']\n"
+            "print(allocator.tune_malloc_for(perf.make_learner(w, 'fomaml'), perf.synthetic_episodes(w, 2)))")
+    assert _child(code, METABENCH_TASK_WORKERS="2") == (f"{KEEP[:-1]}, -8: 1}}" if glibc else "{}")
+    code = "from bench import allocator; print(allocator.tune_malloc_for(object(), [1, 2]))"
+    assert _child(code) == (KEEP if glibc else "{}")
+
+
 def test_one_arena_stops_the_page_faults_of_blocks_beyond_a_thread_heap():
     """On the pool, miniImageNet's 68 MB maps are mapped by themselves and faulted in afresh every time unless the
     threads share the main heap, which keeps them (first-order MAML, 4 tasks, 1 inner step, 2 workers,
