@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from bench.allocator import tune_malloc
+from bench.allocator import tune_malloc_for
 from bench.api import Episode, MetaLearner, Predictor, StepCurves, Tags, TaskInfo, new_generator, rng_state
 from bench.errors import MetabenchError, MethodError
 from baselines import fused
@@ -603,7 +603,7 @@ class GradientLearner(MetaLearner):
         for _ in range(steps):
             batch = next_batch(episodes, self.episodes_per_step())
             self.ensure_setup(batch[0])
-            tune_malloc(self.largest_task_block(batch))  # glibc, once: each step's freed graph kept for the next
+            tune_malloc_for(self, batch)  # glibc, once: each step's freed graph kept for the next
             for ep in batch:
                 self.check_way(ep)
             self.outer_step(batch)

@@ -126,7 +126,10 @@ def tune_malloc_for(learner: Any, episodes: Sequence[Any]) -> dict[int, int]:
     """`tune_malloc` for `learner`'s tasks on `episodes`, with the largest block one of them allocates on the task
     pool (GradientLearner.largest_task_block; 0 for a learner without one, or no episodes). For a process whose
     first work is not `fit` (an evaluation only, a resumed run's test, a benchmark's timing thread): call it
-    before that work, since the first call decides."""
+    before that work, since the first call decides. After the first call it returns at once (fit calls it every
+    step) without sizing the episodes."""
+    if _tuned:
+        return _tuned[0]
     has = hasattr(learner, "largest_task_block") and len(episodes) > 0
     return tune_malloc(learner.largest_task_block(episodes) if has else 0)
 
