@@ -128,6 +128,21 @@ def test_a_process_that_only_evaluates_tunes_for_its_blocks_too():
     assert _child(code) == (KEEP if glibc else "{}")
 
 
+def _training_faults(workload: str, method: str, changes: str, steps: int, first: str = "", **env: str) -> int:
+    """Minor page faults of a fresh glibc child over `steps` meta-iterations of `method` on `workload` with
+    `changes` (dataclasses.replace arguments, e.g. "meta_batch=4"; perf's synthetic episodes, unfused, 2 pool
+    workers, one intra-op thread), after two that fill its heaps; `first`: a statement run before the learner
+    is built."""
+    code = ("import dataclasses, resource; from bench import allocator, perf\n"
+            f"w = dataclasses.replace(perf.WORKLOADS[{workload!r}], {changes})\n"
+            f"{first}\nstep, _ = perf.metabench_impl(w, {method!r}, 'cpu'); step(); step()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            f"for _ in range({steps}): step()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    env = {"METABENCH_TASK_WORKERS": "2", "METABENCH_FUSED": "0", "OMP_NUM_THREADS": "1", **env}
+    return int(_child(code, **env).split()[-1])
+
+
 def test_one_arena_stops_the_page_faults_of_blocks_beyond_a_thread_heap():
     """On the pool, miniImageNet's 68 MB maps are mapped by themselves and faulted in afresh every time unless the
     threads share the main heap, which keeps them (first-order MAML, 4 tasks, 1 inner step, 2 workers,
@@ -139,14 +154,9 @@ def test_one_arena_stops_the_page_faults_of_blocks_beyond_a_thread_heap():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    code = ("import dataclasses, resource, sys; from bench import allocator, perf\n"
-            "w = dataclasses.replace(perf.WORKLOADS['miniimagenet-5w1s'], meta_batch=4, inner_steps=1)\n"
-            "allocator.tune_malloc(int(sys.argv[1])); step, _ = perf.metabench_impl(w, 'fomaml', 'cpu'); step(); step()\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(2): step()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    faults = {block: int(_child(code.replace("sys.argv[1]", str(block)), METABENCH_TASK_WORKERS="2",
-                                METABENCH_FUSED="0", OMP_NUM_THREADS="1").split()[-1]) for block in (0, MINI_MAP)}
+    faults = {block: _training_faults("miniimagenet-5w1s", "fomaml", "meta_batch=4, inner_steps=1", 2,
+                                      first=f"allocator.tune_malloc({block})")
+              for block in (0, MINI_MAP)}
     assert 4 * faults[MINI_MAP] < faults[0], faults
 
 
@@ -162,14 +172,8 @@ def test_keep_stops_the_page_faults_of_meta_training_under_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    code = ("import dataclasses, resource; from bench import perf\n"
-            "w = dataclasses.replace(perf.WORKLOADS['omniglot-5w1s'], meta_batch=4)\n"
-            "step, _ = perf.metabench_impl(w, 'maml', 'cpu'); step(); step()\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(4): step()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    faults = {mode: int(_child(code, METABENCH_TASK_WORKERS="2", METABENCH_FUSED="0", OMP_NUM_THREADS="1",
-                               METABENCH_MMAP_THRESHOLD=mode).split()[-1]) for mode in ("dynamic", "keep")}
+    faults = {mode: _training_faults("omniglot-5w1s", "maml", "meta_batch=4", 4, METABENCH_MMAP_THRESHOLD=mode)
+              for mode in ("dynamic", "keep")}
     assert 4 * faults["keep"] < faults["dynamic"], faults
 
 
