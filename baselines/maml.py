@@ -43,7 +43,7 @@ REGISTER = {"maml": "MAML", "fomaml": "FOMAML"}
 
 ADAPT_TASKS_PER_WORKER = 4
 """Tasks per task-pool worker call when `adapt_many` adapts on the pool: 4 was at or near the fastest of 1-16 for
-Omniglot 5w1s and 20w1s and miniImageNet 5w1s on 2 cores (bench.perf, README "Performance")."""
+Omniglot 5w1s and 20w1s and miniImageNet 5w1s on 2 cores (bench.perf, docs/performance.md)."""
 
 _FINN = "Finn, Abbeel, Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017"
 _TRIANTAFILLOU = ("Triantafillou, Zhu, Dumoulin, Lamblin, Evci, Xu, Goroshin, Gelada, Swersky, Manzagol, Larochelle. "

@@ -11,7 +11,7 @@ glibc's trim and mmap thresholds with mallopt did not stop them on the main thre
 too, the task pool's threads stop faulting (`tune_malloc`, below). glibc's transparent huge pages
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) made it 27 ms. `python -m bench.perf` measured 1.10-1.47x faster
 meta-iterations for metabench and 1.18-1.61x for learn2learn under tcmalloc (Omniglot 5-way 1- and
-20-way 1-shot, miniImageNet 5-way 1-shot; MAML and first-order MAML; README: Performance).
+20-way 1-shot, miniImageNet 5-way 1-shot; MAML and first-order MAML; docs/performance.md).
 `metabench` therefore re-executes itself with tcmalloc
 preloaded when the library is installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 METABENCH_ALLOCATOR=glibc turns that off.
@@ -26,7 +26,7 @@ baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METAB
   them in again for the next: 56,000-270,000 minor page faults per meta-iteration of Omniglot 5-way 1-shot
   MAML (meta-batch 32, 2 pool threads, 2-core Xeon), against under 100 kept, and meta-iterations were
   5-22% faster. The peak resident set is up to ~25% higher (memory no longer trimmed between tasks) and
-  stays flat over iterations (README: Performance).
+  stays flat over iterations (docs/performance.md).
   A pool thread's heap holds 64 MiB at most, and glibc maps a larger block by itself whatever the settings,
   faulting its pages in every time (miniImageNet's first-block maps: 75 x 32 x 84 x 84 floats, 68 MB;
   ~268,000 faults per meta-iteration of 5-way 1-shot MAML). When GradientLearner.fit's tasks make such blocks
@@ -39,7 +39,7 @@ baselines.parallel.map_tasks, pool on or off, and GradientLearner.fit), as METAB
 - "dynamic": glibc's own rule (raise the mmap threshold to each large block freed, trim the heaps).
 - BYTES (e.g. 131072): the mmap threshold pinned there: every larger block is mapped and unmapped by
   itself, so the pool threads' freed activations go back to the system at once. The peak halves, but
-  each block is page-faulted in again, so meta-training is ~1.6x slower (README: Performance).
+  each block is page-faulted in again, so meta-training is ~1.6x slower (docs/performance.md).
 """
 
 from __future__ import annotations
