@@ -20,11 +20,11 @@ the number of workers or of torch's threads either.
 Workers: `METABENCH_TASK_WORKERS` when set, else torch's intra-op thread count. W workers hold
 W tasks' graphs in memory at once; 0 turns the pool off (callers then run the tasks one after
 another on torch's intra-op threads: one task's graph at a time, the last bits of the numbers
-may differ from the pool's). Under glibc the first `map_tasks` call sets malloc's thresholds, pool on or
-off (bench.allocator.tune_malloc; GradientLearner.fit first, with its tasks' largest block, and for methods whose
-tasks do not come here): by
-default freed task graphs stay with the process for the next task instead of being page-faulted in again;
-METABENCH_MMAP_THRESHOLD=BYTES gives them back at once (half the peak memory, slower).
+may differ from the pool's). Under glibc malloc's settings are decided once, by the first call of
+GradientLearner.fit (bench.allocator.tune_malloc_for, with its tasks' largest block) or of `map_tasks`, pool on
+or off (bench.allocator.tune_malloc): by default freed task graphs stay with the process for the next task
+instead of being page-faulted in again; METABENCH_MMAP_THRESHOLD=BYTES gives them back at once (half the peak
+memory, slower).
 """
 
 from __future__ import annotations
