@@ -3,7 +3,8 @@
 `verify_bundle` first validates the bundle (bench.validation), then, for every run, builds the
 method like the runner does (`bench.runner.build_learner` with the card's hyperparameters, set
 up with the episode set's `task_info()`), loads the run's checkpoint and re-runs a random sample
-of its test episodes; the per-episode accuracies must equal the submitted ones.
+of its test episodes; the per-episode accuracies must equal the submitted ones. Rows made with
+baselines/fused.py's kernel (their device ends in "-fused") are re-run with it, the others without it.
 
 - The episodes are chosen from a fresh random seed (`choose_episodes`), recorded, so nobody can
   know in advance which episodes are checked; `episodes="all"` re-runs every one. At least one
@@ -232,6 +233,33 @@ def _compare(run: Run, rows: dict[int, dict], deterministic: bool, result: Verif
                                       f"{NONDETERMINISTIC_TOLERANCE})")
 
 
+def _rerun_as_made(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> tuple[dict[int, dict],
+                                                                                           dict[str, list]]:
+    """`_rerun` with baselines/fused.py's kernel on for the episodes whose rows were made with it (their device
+    ends in "-fused") and off for the others, whatever METABENCH_FUSED says here: the two give the same numbers
+    only up to rounding, which can move an accuracy. A clear error where such rows exist and the kernel cannot
+    be built here."""
+    from baselines import fused
+
+    made = dict(zip(run.frame["episode"].astype(int), run.frame["device"].astype(str).str.endswith("-fused")))
+    rows: dict[int, dict] = {}
+    axes: dict[str, list] = {}
+    for on in (False, True):
+        part = [i for i in chosen if bool(made.get(i, False)) == on]
+        if not part:
+            continue
+        if on and not fused.available():
+            raise _Unverifiable(f"{_label(run)}: its rows were made with the fused kernel (device ending in -fused), "
+                                f"which cannot be built here ({fused.build_error()}); re-running them without it "
+                                "would not be comparable")
+        with fused.fused(on):
+            got, got_axes = _rerun(run, learner, es, part, device)
+        rows.update(got)
+        for key, values in got_axes.items():
+            axes.setdefault(key, []).extend(values)
+    return {i: rows[i] for i in chosen}, axes
+
+
 def _verify_run(b: Bundle, run: Run, code: MethodCode, sets: _Sets, episodes: int | str,
                 result: Verification) -> None:
     """Re-run the seeded choice of `episodes` test episodes of `run`; record the outcome in `result`."""
@@ -240,7 +268,7 @@ def _verify_run(b: Bundle, run: Run, code: MethodCode, sets: _Sets, episodes: in
         learner = _rebuild(b, run, code, es, sets.device)
         index = sorted(int(e) for e in run.frame["episode"])
         chosen = [index[i] for i in choose_episodes(len(index), episodes, result.seed, run.benchmark, run.seed)]
-        rows, axes = _rerun(run, learner, es, chosen, sets.device)
+        rows, axes = _rerun_as_made(run, learner, es, chosen, sets.device)
     except _Unverifiable as e:
         result.errors.append(str(e))
         return

@@ -127,6 +127,36 @@ def test_a_loss_difference_is_reported_with_its_tolerance(bundle):
     assert "tolerance (relative 0.001, absolute 1e-05)" in warning
 
 
+def test_rows_are_re_run_with_the_fused_kernel_as_they_were_made(bundle, monkeypatch):
+    """The fused kernel gives the same numbers only up to rounding: a row whose device ends in -fused is re-run
+    with it, any other without it, whatever METABENCH_FUSED says in the verifier's environment."""
+    from baselines import fused
+    from baselines.core import GradientLearner
+
+    seen = []
+    evaluate = GradientLearner.evaluate
+    monkeypatch.setattr(GradientLearner, "evaluate",
+                        lambda self, *a, **k: seen.append(fused.enabled()) or evaluate(self, *a, **k))
+    monkeypatch.setenv("METABENCH_FUSED", "1")
+    assert verify_bundle(bundle, episodes=2, seed=0).ok and seen and not any(seen)
+
+    edit_csv(bundle, lambda f: f.assign(device=f["device"] + "-fused"))  # seed 0's rows
+    monkeypatch.setenv("METABENCH_FUSED", "0")
+    for name in ("applies", "stem_applies", "conv_applies"):  # switched on, but runs the unfused ops here
+        monkeypatch.setattr(fused, name, lambda *a: False)
+    monkeypatch.setattr(fused, "available", lambda: True)
+    seen.clear()
+    r = verify_bundle(bundle, episodes=2, seed=0)
+    assert r.ok, r.errors
+    assert True in seen and False in seen and seen[0] is True  # seed 0 with the kernel, seeds 1-2 without
+
+    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(fused, "build_error", lambda: "OSError: no C++ compiler")
+    r = verify_bundle(bundle, episodes=2, seed=0)
+    assert not r.ok and r.mismatches == []
+    assert any("seed0" in e and "made with the fused kernel" in e and "no C++ compiler" in e for e in r.errors), r.errors
+
+
 def test_verify_reports_a_tampered_checkpoint(bundle):
     path = bundle / f"checkpoints/{BENCH}/fomaml/seed0.pt"
     ckpt = torch.load(path, weights_only=True)
