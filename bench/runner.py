@@ -185,8 +185,21 @@ def device_name(device: torch.device | None = None) -> str:
     where baselines/fused.py's kernel is switched on (METABENCH_FUSED=1: the same numbers up to rounding)."""
     if device is not None and device.type == "cuda":
         return "cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t" + ("-fused" if fused.enabled() and fused.available()
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t" + ("-fused" if arithmetic(device) == "cpu-fused"
                                                                    else "")
+
+
+ARITHMETIC_HINT = ("cpu-fused: METABENCH_FUSED=1, --fused or a grid file's fused = true, with a C++ compiler to "
+                   "build the kernel; cpu: none of them; cuda: --device cuda")
+
+
+def arithmetic(device: torch.device | None = None) -> str:
+    """The arithmetic a run's steps are computed in, beside its hyperparameters and seed: "cuda", "cpu-fused" (the
+    fused kernel switched on and built) or "cpu". Its checkpoints record it, and a run resumes only in the same one
+    (each gives the same numbers as the others only up to rounding)."""
+    if device is not None and device.type == "cuda":
+        return "cuda"
+    return "cpu-fused" if fused.enabled() and fused.available() else "cpu"
 
 
 def available_cores() -> int:
@@ -503,8 +516,15 @@ def _fit_and_test(p: Plan, dirs: RunDirs,
     val = list(on_device(iter(es.episodes("val", p.n_val)), device))
     val_desc = f"validate {p.label} {bench.name}" if progress else None
 
+    arith = arithmetic(device)
     if last.exists():
         ckpt = load_checkpoint(last)
+        made = ckpt.get("arithmetic", arith)  # (checkpoints from before it was recorded: as this process runs)
+        if made != arith:
+            raise MetabenchError(f"{last}: the run so far was trained as {made!r} and this process would continue it "
+                                 f"as {arith!r} ({ARITHMETIC_HINT}), which gives the same numbers only up to rounding: "
+                                 "it would not be the run an uninterrupted one makes. Resume it as it was made, or start it "
+                                 "over (`metabench run ... --restart` moves the old checkpoints aside)")
         learner.load_state_dict(ckpt["learner"])
         curve, fit_seconds = ckpt["curve"], float(ckpt["fit_seconds"])
     else:
@@ -512,7 +532,8 @@ def _fit_and_test(p: Plan, dirs: RunDirs,
         acc = mean_accuracy(learner, val, val_desc)
         curve.append({"step": 0, "fit_episodes": 0, "fit_seconds": 0.0, "val_accuracy": acc})
         save_checkpoint(best, {"learner": learner.state_dict(), "step": 0})
-        save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": 0.0})
+        save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": 0.0,
+                               "arithmetic": arith})
 
     if learner.info.max_way < bench.max_way:
         raise MetabenchError(f"{folder}: the checkpoint of {cfg.method} was set up for max_way={learner.info.max_way}, "
@@ -534,7 +555,8 @@ def _fit_and_test(p: Plan, dirs: RunDirs,
             save_checkpoint(best, {"learner": learner.state_dict(), "step": learner.fit_steps})
         curve.append({"step": learner.fit_steps, "fit_episodes": learner.fit_episodes,
                       "fit_seconds": fit_seconds, "val_accuracy": acc})
-        save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": fit_seconds})
+        save_checkpoint(last, {"learner": learner.state_dict(), "curve": curve, "fit_seconds": fit_seconds,
+                               "arithmetic": arith})
         bar.set_postfix(val=f"{acc:.3f}")
     bar.close()
 

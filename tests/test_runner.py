@@ -284,6 +284,29 @@ def test_device_says_when_the_fused_kernel_ran(monkeypatch):
     assert not runner.device_name().endswith("-fused")
 
 
+def test_a_run_resumes_only_in_the_arithmetic_it_was_trained_in(tmp_path, monkeypatch):
+    """The fused kernel gives the same numbers only up to rounding: a run trained without it does not continue
+    with it (nor the other way round), which would make a run no uninterrupted one makes."""
+    from baselines import fused
+
+    monkeypatch.setenv("METABENCH_FUSED", "0")
+    short = RunConfig(**{**CFG.__dict__, "steps": 4})
+    run(short, dirs_in(tmp_path), progress=False)
+    folder = next((tmp_path / "runs").rglob("last.pt")).parent
+    assert runner.load_checkpoint(folder / "last.pt")["arithmetic"] == "cpu"
+    monkeypatch.setattr(fused, "available", lambda: True)
+    for name in ("applies", "stem_applies", "conv_applies"):  # switched on, but runs the unfused ops here
+        monkeypatch.setattr(fused, name, lambda *a: False)
+    longer = RunConfig(**{**CFG.__dict__, "steps": 6, "fused": True})
+    before = (folder / "last.pt").read_bytes()
+    with pytest.raises(runner.MetabenchError, match=r"last\.pt: the run so far was trained as 'cpu' and this process "
+                                                    r"would continue it as 'cpu-fused'.*--restart"):
+        run(longer, dirs_in(tmp_path), progress=False)
+    assert (folder / "last.pt").read_bytes() == before  # nothing lost
+    run(RunConfig(**{**CFG.__dict__, "steps": 6}), dirs_in(tmp_path), progress=False)  # as it was made: continues
+    assert runner.load_checkpoint(folder / "last.pt")["learner"]["fit_steps"] == 6
+
+
 def test_a_fused_run_switches_the_kernel_on_for_its_work_only(tmp_path, monkeypatch):
     from baselines import fused
 
