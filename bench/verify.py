@@ -4,7 +4,8 @@
 method like the runner does (`bench.runner.build_learner` with the card's hyperparameters, set
 up with the episode set's `task_info()`), loads the run's checkpoint and re-runs a random sample
 of its test episodes; the per-episode accuracies must equal the submitted ones. Rows made with
-baselines/fused.py's kernel (their device ends in "-fused") are re-run with it, the others without it.
+baselines/fused.py's kernel (their device ends in "-fused") are re-run with it, the others without it, and
+on the number of torch threads their device records (`made_on`).
 
 - The episodes are chosen from a fresh random seed (`choose_episodes`), recorded, so nobody can
   know in advance which episodes are checked; `episodes="all"` re-runs every one. At least one
@@ -27,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import re
 import secrets
 import zlib
 from dataclasses import dataclass, field
@@ -233,27 +235,44 @@ def _compare(run: Run, rows: dict[int, dict], deterministic: bool, result: Verif
                                       f"{NONDETERMINISTIC_TOLERANCE})")
 
 
+MADE_ON = re.compile(r"^cpu-.*-(\d+)t(-fused)?$")  # bench.runner.device_name's CPU form
+
+
+def made_on(device: str) -> tuple[bool, int | None]:
+    """What a row's device says its numbers were computed with: (the fused kernel on, torch's thread count);
+    (False, None) for a GPU or another form."""
+    m = MADE_ON.match(device)
+    return (bool(m.group(2)), int(m.group(1))) if m else (False, None)
+
+
 def _rerun_as_made(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> tuple[dict[int, dict],
                                                                                            dict[str, list]]:
-    """`_rerun` with baselines/fused.py's kernel on for the episodes whose rows were made with it (their device
-    ends in "-fused") and off for the others, whatever METABENCH_FUSED says here: the two give the same numbers
-    only up to rounding, which can move an accuracy. A clear error where such rows exist and the kernel cannot
-    be built here."""
-    from baselines import fused
+    """`_rerun` as each episode's row was made, whatever this process's settings: baselines/fused.py's kernel on
+    where the device ends in "-fused" and off elsewhere (whatever METABENCH_FUSED says), and torch's thread
+    count the device records ("-2t"; what runs on torch's intra-op threads, such as a variable-way episode's
+    adaptation, sums in another order at another count). Either can move an accuracy. A clear error where rows
+    were made with the kernel and it cannot be built here."""
+    import torch
 
-    made = dict(zip(run.frame["episode"].astype(int), run.frame["device"].astype(str).str.endswith("-fused")))
+    from baselines import fused
+    from baselines.parallel import task_workers, workers_set
+
+    made = {int(e): made_on(str(d)) for e, d in zip(run.frame["episode"], run.frame["device"])}
     rows: dict[int, dict] = {}
     axes: dict[str, list] = {}
-    for on in (False, True):
-        part = [i for i in chosen if bool(made.get(i, False)) == on]
-        if not part:
-            continue
+    threads, workers = torch.get_num_threads(), task_workers()
+    for on, count in sorted({made.get(i, (False, None)) for i in chosen}, key=lambda k: (k[0], k[1] or 0)):
+        part = [i for i in chosen if made.get(i, (False, None)) == (on, count)]
         if on and not fused.available():
             raise _Unverifiable(f"{_label(run)}: its rows were made with the fused kernel (device ending in -fused), "
                                 f"which cannot be built here ({fused.build_error()}); re-running them without it "
                                 "would not be comparable")
-        with fused.fused(on):
-            got, got_axes = _rerun(run, learner, es, part, device)
+        torch.set_num_threads(count or threads)
+        try:
+            with fused.fused(on), workers_set(str(workers)):  # (the pool's numbers do not depend on its size)
+                got, got_axes = _rerun(run, learner, es, part, device)
+        finally:
+            torch.set_num_threads(threads)
         rows.update(got)
         for key, values in got_axes.items():
             axes.setdefault(key, []).extend(values)

@@ -127,20 +127,23 @@ def test_a_loss_difference_is_reported_with_its_tolerance(bundle):
     assert "tolerance (relative 0.001, absolute 1e-05)" in warning
 
 
-def test_rows_are_re_run_with_the_fused_kernel_as_they_were_made(bundle, monkeypatch):
-    """The fused kernel gives the same numbers only up to rounding: a row whose device ends in -fused is re-run
-    with it, any other without it, whatever METABENCH_FUSED says in the verifier's environment."""
+def test_rows_are_re_run_with_the_fused_kernel_and_the_threads_they_were_made_with(bundle, monkeypatch):
+    """The fused kernel, and torch's thread count where work runs on its intra-op threads, give the same numbers
+    only up to rounding: a row is re-run as its device says it was made (-fused or not, "-<N>t"), whatever
+    METABENCH_FUSED and the thread count say in the verifier's process, which keeps both."""
     from baselines import fused
     from baselines.core import GradientLearner
 
     seen = []
     evaluate = GradientLearner.evaluate
     monkeypatch.setattr(GradientLearner, "evaluate",
-                        lambda self, *a, **k: seen.append(fused.enabled()) or evaluate(self, *a, **k))
+                        lambda self, *a, **k: seen.append((fused.enabled(), torch.get_num_threads()))
+                        or evaluate(self, *a, **k))
     monkeypatch.setenv("METABENCH_FUSED", "1")
-    assert verify_bundle(bundle, episodes=2, seed=0).ok and seen and not any(seen)
+    made_with = torch.get_num_threads()
+    assert verify_bundle(bundle, episodes=2, seed=0).ok and seen and not any(on for on, _ in seen)
 
-    edit_csv(bundle, lambda f: f.assign(device=f["device"] + "-fused"))  # seed 0's rows
+    edit_csv(bundle, lambda f: f.assign(device=f["device"].str.replace(r"-\d+t$", "-3t-fused", regex=True)))  # seed 0
     monkeypatch.setenv("METABENCH_FUSED", "0")
     for name in ("applies", "stem_applies", "conv_applies"):  # switched on, but runs the unfused ops here
         monkeypatch.setattr(fused, name, lambda *a: False)
@@ -148,7 +151,8 @@ def test_rows_are_re_run_with_the_fused_kernel_as_they_were_made(bundle, monkeyp
     seen.clear()
     r = verify_bundle(bundle, episodes=2, seed=0)
     assert r.ok, r.errors
-    assert True in seen and False in seen and seen[0] is True  # seed 0 with the kernel, seeds 1-2 without
+    assert seen[0] == (True, 3) and set(seen[1:]) == {(False, made_with)}  # seed 0 as made, seeds 1-2 as made
+    assert torch.get_num_threads() == made_with and not fused.enabled()
 
     monkeypatch.setattr(fused, "available", lambda: False)
     monkeypatch.setattr(fused, "build_error", lambda: "OSError: no C++ compiler")
