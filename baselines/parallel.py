@@ -70,8 +70,25 @@ def workers_set(workers: str) -> Iterator[None]:
             os.environ["METABENCH_TASK_WORKERS"] = before
 
 
+@contextmanager
+def threads_set(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside; restored after."""
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _single_threaded() -> None:
-    torch.set_num_threads(1)
+    """Make this worker's torch run on one thread: when a worker starts, and before each of its calls, since a
+    later torch.set_num_threads in the main thread can reach threads that set theirs already (torch 2.13 with
+    OpenMP: a worker that set 1 read 2 after the main thread set 2)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -96,7 +113,12 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, single_here: bool = T
     workers = task_workers()
     if workers == 0 or (len(items) == 1 and single_here):
         return (fn(item) for item in items)
-    return _pool(workers).map(fn, items)
+
+    def one_thread(item: T) -> R:
+        _single_threaded()
+        return fn(item)
+
+    return _pool(workers).map(one_thread, items)
 
 
 def summed_grads(loss_fn: Callable[[T], torch.Tensor], items: Sequence[T],

@@ -296,16 +296,11 @@ def conformance_report(method: str) -> dict:
     (check, status, message). Run once per method per process (with one torch thread, like
     `metabench check`); a method that cannot be imported is a MetabenchError."""
     if method not in _CONFORMANCE:
-        import torch
-
+        from baselines.parallel import threads_set
         from bench.checks import run_checks
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with threads_set(1):
             results = run_checks(method)
-        finally:
-            torch.set_num_threads(threads)
         _CONFORMANCE[method] = {
             "format": BUNDLE_FORMAT, "method": method, "ok": all(r.ok for r in results),
             "failed": [r.check for r in results if r.status == "failed"],

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,16 @@ def device_name(device: torch.device | None = None) -> str:
         return "cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}t" + ("-fused" if arithmetic(device) == "cpu-fused"
                                                                    else "")
+
+
+CPU_DEVICE = re.compile(r"^cpu-.*-(\d+)t(-fused)?$")  # device_name's CPU form
+
+
+def made_with(device: str) -> tuple[bool, int | None]:
+    """What a row's device (`device_name`) says its numbers were computed with: (the fused kernel on, torch's
+    thread count); (False, None) for a GPU or another form."""
+    m = CPU_DEVICE.match(device)
+    return (bool(m.group(2)), int(m.group(1))) if m else (False, None)
 
 
 ARITHMETIC_HINT = ("cpu-fused: METABENCH_FUSED=1, --fused or a grid file's fused = true, with a C++ compiler to "

@@ -5,7 +5,7 @@ method like the runner does (`bench.runner.build_learner` with the card's hyperp
 up with the episode set's `task_info()`), loads the run's checkpoint and re-runs a random sample
 of its test episodes; the per-episode accuracies must equal the submitted ones. Rows made with
 baselines/fused.py's kernel (their device ends in "-fused") are re-run with it, the others without it, and
-on the number of torch threads their device records (`made_on`).
+on the number of torch threads their device records (`bench.runner.made_with`).
 
 - The episodes are chosen from a fresh random seed (`choose_episodes`), recorded, so nobody can
   know in advance which episodes are checked; `episodes="all"` re-runs every one. At least one
@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import math
-import re
 import secrets
 import zlib
 from dataclasses import dataclass, field
@@ -235,16 +234,6 @@ def _compare(run: Run, rows: dict[int, dict], deterministic: bool, result: Verif
                                       f"{NONDETERMINISTIC_TOLERANCE})")
 
 
-MADE_ON = re.compile(r"^cpu-.*-(\d+)t(-fused)?$")  # bench.runner.device_name's CPU form
-
-
-def made_on(device: str) -> tuple[bool, int | None]:
-    """What a row's device says its numbers were computed with: (the fused kernel on, torch's thread count);
-    (False, None) for a GPU or another form."""
-    m = MADE_ON.match(device)
-    return (bool(m.group(2)), int(m.group(1))) if m else (False, None)
-
-
 def _rerun_as_made(run: Run, learner: Any, es: Any, chosen: list[int], device: Any) -> tuple[dict[int, dict],
                                                                                            dict[str, list]]:
     """`_rerun` as each episode's row was made, whatever this process's settings: baselines/fused.py's kernel on
@@ -255,24 +244,24 @@ def _rerun_as_made(run: Run, learner: Any, es: Any, chosen: list[int], device: A
     import torch
 
     from baselines import fused
-    from baselines.parallel import task_workers, workers_set
+    from baselines.parallel import task_workers, threads_set, workers_set
+    from bench.runner import made_with
 
-    made = {int(e): made_on(str(d)) for e, d in zip(run.frame["episode"], run.frame["device"])}
+    made = {int(e): made_with(str(d)) for e, d in zip(run.frame["episode"], run.frame["device"])}
+    groups: dict[tuple[bool, int | None], list[int]] = {}
+    for i in chosen:
+        groups.setdefault(made[i], []).append(i)
     rows: dict[int, dict] = {}
     axes: dict[str, list] = {}
     threads, workers = torch.get_num_threads(), task_workers()
-    for on, count in sorted({made.get(i, (False, None)) for i in chosen}, key=lambda k: (k[0], k[1] or 0)):
-        part = [i for i in chosen if made.get(i, (False, None)) == (on, count)]
+    for (on, count), part in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0)):
         if on and not fused.available():
             raise _Unverifiable(f"{_label(run)}: its rows were made with the fused kernel (device ending in -fused), "
                                 f"which cannot be built here ({fused.build_error()}); re-running them without it "
                                 "would not be comparable")
-        torch.set_num_threads(count or threads)
-        try:
-            with fused.fused(on), workers_set(str(workers)):  # (the pool's numbers do not depend on its size)
-                got, got_axes = _rerun(run, learner, es, part, device)
-        finally:
-            torch.set_num_threads(threads)
+        # the pool kept at its size (its numbers do not depend on it) while torch's thread count changes
+        with fused.fused(on), threads_set(count or threads), workers_set(str(workers)):
+            got, got_axes = _rerun(run, learner, es, part, device)
         rows.update(got)
         for key, values in got_axes.items():
             axes.setdefault(key, []).extend(values)

@@ -12,7 +12,7 @@ from baselines.imaml import IMAML
 from baselines.maml import MAML
 from baselines.mamlpp import MAMLpp
 from baselines.mixture import Mixture
-from baselines.parallel import map_tasks, summed_grads, task_workers
+from baselines.parallel import map_tasks, summed_grads, task_workers, threads_set
 
 
 def test_map_tasks_keeps_order():
@@ -45,6 +45,15 @@ def test_a_single_task_runs_in_the_calling_thread_on_torchs_threads(monkeypatch)
         assert list(map_tasks(lambda _: (threading.get_ident(), torch.get_num_threads()), [0])) == [
             (here, torch.get_num_threads())]
         assert {i for i, _ in map_tasks(lambda _: (threading.get_ident(), 0), [0, 1])} != {here}
+
+
+def test_threads_set_restores_the_thread_count_even_on_error():
+    before = torch.get_num_threads()
+    with threads_set(before + 1):
+        assert torch.get_num_threads() == before + 1
+    with pytest.raises(RuntimeError, match="inside"), threads_set(before + 2):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
 
 
 def test_task_workers_setting(monkeypatch):

@@ -284,6 +284,17 @@ def test_device_says_when_the_fused_kernel_ran(monkeypatch):
     assert not runner.device_name().endswith("-fused")
 
 
+def test_made_with_reads_what_device_name_writes(monkeypatch):
+    from baselines import fused
+
+    monkeypatch.setattr(fused, "available", lambda: True)
+    for on in (False, True):
+        monkeypatch.setenv("METABENCH_FUSED", str(int(on)))
+        assert runner.made_with(runner.device_name()) == (on, torch.get_num_threads())
+    assert runner.made_with("cpu-aarch64-16t-fused") == (True, 16)
+    assert runner.made_with("cuda-NVIDIA_H200") == (False, None) and runner.made_with("other") == (False, None)
+
+
 def test_a_run_resumes_only_in_the_arithmetic_it_was_trained_in(tmp_path, monkeypatch):
     """The fused kernel gives the same numbers only up to rounding: a run trained without it does not continue
     with it (nor the other way round), which would make a run no uninterrupted one makes."""
