@@ -43,6 +43,7 @@ implicit gradients itself: an error at construction).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 from bench.api import Episode, Preset, Tags, with_meta_dataset
 from baselines.core import GradientLearner, LossFn, Params, episode_loss, higher_order, inner_loop
-from baselines.parallel import map_tasks
+from baselines.parallel import fold_tasks
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, steps: int,
@@ -211,11 +212,14 @@ class IMAML(GradientLearner):
     def outer_step(self, batch: list[Episode]) -> None:
         """Mean implicit meta-gradient of the meta-batch, one Adam step (each task's inner solve and CG
         side by side on the task pool, summed in meta-batch order)."""
-        total = {k: torch.zeros_like(v) for k, v in self.meta.items()}
-        tasks = map_tasks(self.meta_gradient, batch) if self.tasks_side_by_side else map(self.meta_gradient, batch)
-        for task in tasks:
+        def add(total: Params, task: Params) -> Params:
             for k, g in task.items():
                 total[k] += g / len(batch)
+            return total
+
+        start = {k: torch.zeros_like(v) for k, v in self.meta.items()}
+        total = (fold_tasks(self.meta_gradient, batch, add, start) if self.tasks_side_by_side
+                 else functools.reduce(add, map(self.meta_gradient, batch), start))
         self.optimizer.zero_grad(set_to_none=True)
         for k, v in self.meta.items():
             v.grad = total[k]

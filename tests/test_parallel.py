@@ -12,7 +12,7 @@ from baselines.imaml import IMAML
 from baselines.maml import MAML
 from baselines.mamlpp import MAMLpp
 from baselines.mixture import Mixture
-from baselines.parallel import map_tasks, summed_grads, task_workers, threads_set
+from baselines.parallel import fold_tasks, map_tasks, summed_grads, task_workers, threads_set
 
 
 def test_map_tasks_keeps_order():
@@ -67,6 +67,53 @@ def test_task_workers_setting(monkeypatch):
         monkeypatch.setenv("METABENCH_TASK_WORKERS", bad)
         with pytest.raises(ValueError, match="METABENCH_TASK_WORKERS"):
             task_workers()
+
+
+def test_fold_tasks_adds_in_item_order_on_the_single_threaded_workers(monkeypatch):
+    """The adds run in item order even when later items finish first, each on a worker on one thread: the calling
+    thread starts no intra-op threads of its own while the workers compute (it oversubscribed the cores)."""
+    import threading
+    import time
+
+    here = threading.get_ident()
+
+    def slow_first(i: int) -> int:
+        time.sleep(0.05 if i % 3 == 0 else 0.0)
+        return i
+
+    def add(seen: list, i: int) -> list:
+        return seen + [(i, threading.get_ident() != here, torch.get_num_threads())]
+
+    for workers in ("2", "3"):
+        monkeypatch.setenv("METABENCH_TASK_WORKERS", workers)
+        assert fold_tasks(slow_first, list(range(9)), add, []) == [(i, True, 1) for i in range(9)]
+    monkeypatch.setenv("METABENCH_TASK_WORKERS", "0")  # the pool off: here, one after another
+    assert fold_tasks(slow_first, list(range(3)), add, []) == [(i, False, torch.get_num_threads()) for i in range(3)]
+
+
+def test_fold_tasks_raises_the_first_error():
+    def fn(i: int) -> int:
+        if i in (2, 4):
+            raise ValueError(f"task {i} failed")
+        return i
+
+    with pytest.raises(ValueError, match="task 2 failed"):
+        fold_tasks(fn, list(range(6)), lambda a, b: a + b, 0)
+
+
+def test_summed_grads_in_float32_equal_the_sum_in_item_order_bitwise():
+    """Tensors above torch's grain size (32768 elements): adds on one thread give the bits the calling thread's
+    intra-op threads gave."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 300, generator=gen, requires_grad=True)
+    xs = [torch.randn(7, 200, generator=gen) for _ in range(9)]
+    got = summed_grads(lambda x: (x @ w).tanh().sum(), xs, [w])[0]
+    with threads_set(1):  # each item's gradient as a worker makes it
+        per_item = [torch.autograd.grad((x @ w).tanh().sum(), [w])[0] for x in xs]
+    ref = per_item[0]
+    for g in per_item[1:]:  # the adds on torch's threads here
+        ref = ref + g
+    assert torch.equal(got, ref)
 
 
 def test_summed_grads_equals_the_sum_of_per_item_gradients():
