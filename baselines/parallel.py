@@ -129,7 +129,7 @@ def fold_tasks(fn: Callable[[T], R], items: Sequence[T], add: Callable[[A, R], A
 
     On the workers the adds run single-threaded, as the calls do. Made in this thread instead, each add of a
     tensor larger than torch's grain size started intra-op threads while both cores ran tasks: oversubscribed, the
-    workers waited for their cores (Omniglot 5-way first-order MAML, fused: 1.16-1.22 against 0.93-0.94 s per
+    workers waited for their cores (Omniglot 5-way first-order MAML, fused: 1.16-1.22 against 0.91-0.94 s per
     meta-iteration on 2 cores). An element-wise add gives the same bits on any number of threads, so the result
     is the same either way. `add` may update its first argument in place; it runs under a lock, never
     concurrently with itself. An exception raised by a call is raised here, the earliest item's first.
