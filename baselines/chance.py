@@ -39,7 +39,7 @@ class Chance(MetaLearner):
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         way = int(support_y.max()) + 1
-        return lambda query_x: torch.zeros(len(query_x), way)
+        return lambda query_x: torch.zeros(len(query_x), way, device=query_x.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": "Chance", "fit_episodes": self.fit_episodes, "fit_steps": self.fit_steps}

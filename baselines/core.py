@@ -376,6 +376,27 @@ def episode_loss(forward: Callable[..., torch.Tensor]) -> LossFn:
     return loss
 
 
+def on_cuda(device: torch.device | str) -> bool:
+    """Whether `device` is a CUDA device."""
+    return torch.device(device).type == "cuda"
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, keeping the optimizer's own `capturable` setting (a checkpoint written
+    on the CPU resumes on a GPU with Adam's step counts moved to the parameters' device, and back)."""
+    capturable = [group.get("capturable") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, capturable):
+        if own is None:
+            continue
+        group["capturable"] = own
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = (step.to(torch.float32).to(p.device) if own
+                                              else step.to("cpu"))
+
+
 def next_batch(episodes: Iterator[Episode], n: int) -> list[Episode]:
     """The next `n` episodes of a stream."""
     return [next(episodes) for _ in range(n)]
@@ -500,8 +521,9 @@ class GradientLearner(MetaLearner):
         return self
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        """Adam on all meta-parameters (override for other outer optimizers)."""
-        return torch.optim.Adam(list(self.meta.values()), lr=self.outer_lr)
+        """Adam on all meta-parameters (override for other outer optimizers); on CUDA with its step count on the
+        device (`capturable`), so that a CUDA graph can capture the step (baselines/cudagraph.py)."""
+        return torch.optim.Adam(list(self.meta.values()), lr=self.outer_lr, capturable=on_cuda(self.device))
 
     def ensure_setup(self, ep: Episode) -> None:
         """Set up from the first episode seen when the harness did not call setup."""
@@ -558,9 +580,10 @@ class GradientLearner(MetaLearner):
     @property
     def adapts_side_by_side(self) -> bool:
         """Whether evaluation adapts (MAML's task-batched adapt_many, TASK_BATCHED) and predicts on the task pool,
-        each slice of tasks and each prediction on one thread: on a backbone that pools tasks, with the pool on.
+        each slice of tasks and each prediction on one thread: on a backbone that pools tasks, with the pool on, on
+        the CPU (on a GPU the whole chunk is one pass: launches, not cores, bound it there).
         The numbers then do not depend on the number of workers or of torch's threads."""
-        return self.TASK_BATCHED and self.net.pool_tasks and task_workers() > 0
+        return self.TASK_BATCHED and self.net.pool_tasks and task_workers() > 0 and not on_cuda(self.device)
 
     def map_predictions(self, calls: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
         if not self.adapts_side_by_side:
@@ -703,7 +726,7 @@ class GradientLearner(MetaLearner):
         with torch.no_grad():
             for k, v in state["meta"].items():
                 self.meta[k].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.gen.set_state(state["rng"])
         self.fit_episodes = int(state["fit_episodes"])
         self.fit_steps = int(state["fit_steps"])

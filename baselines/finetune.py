@@ -30,7 +30,7 @@ def pretraining_loss(forward: Callable[..., torch.Tensor], p: Params, ep: Episod
     """Supervised pre-training loss: cross-entropy of forward(p, x) [n, n_classes] on an episode's
     support and query images, labelled with their absolute class ids."""
     x = torch.cat([ep.support_x, ep.query_x])
-    y = torch.tensor(ep.classes)[torch.cat([ep.support_y, ep.query_y])]
+    y = torch.tensor(ep.classes, device=ep.support_y.device)[torch.cat([ep.support_y, ep.query_y])]
     return F.cross_entropy(forward(p, x), y)
 
 
@@ -85,7 +85,7 @@ class Finetune(GradientLearner):
         body = {k: v.detach() for k, v in self.meta.items()}
         with torch.no_grad():
             feats = self.features(body, support_x)
-        head = {k: v.requires_grad_(True) for k, v in self.new_head(way, feats.shape[1]).items()}
+        head = {k: v.to(feats.device).requires_grad_(True) for k, v in self.new_head(way, feats.shape[1]).items()}
         opt = torch.optim.SGD(list(head.values()), lr=self.head_lr, momentum=self.head_momentum,
                               weight_decay=self.head_weight_decay)
         with torch.enable_grad():

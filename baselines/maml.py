@@ -28,6 +28,7 @@ not take over stated in its note.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping, Sequence
 
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import Episode, Predictor, Preset, Tags
-from baselines.core import GradientLearner, Params, episode_loss, inner_loop, tasks_on_pool
+from baselines import cudagraph
+from baselines.core import GradientLearner, Params, episode_loss, inner_loop, on_cuda, tasks_on_pool
 from baselines.taskbatch import forward_tasks, same_shapes, stack_episodes, stack_params, tasks_loss
 
 
@@ -60,11 +62,12 @@ class MAML(GradientLearner):
     inner_lr, inner_steps: the inner SGD loop at meta-training; inner_steps_test: at test.
     first_order: drop second-order terms of the meta-gradient.
     task_batch: an implementation setting, not part of the method: how many tasks of a
-        meta-batch train together as one task-batched network. 1 (default) trains task by task,
-        with the peak memory of one task's graph; k > 1 holds k tasks' graphs at once (memory
-        grows k-fold) and can be faster where small support sets leave cores idle (see
-        `python -m bench.perf`). Evaluation always adapts EVAL_CHUNK tasks together (its graphs
-        are small).
+        meta-batch train together as one task-batched network. 1 (default) trains task by task
+        on the CPU, with the peak memory of one task's graph, and the whole meta-batch at once on
+        a GPU (kernel launches, not memory, bound a GPU step; there the step is replayed as a CUDA
+        graph, baselines/cudagraph.py); k > 1 holds k tasks' graphs at once (memory grows k-fold)
+        and can be faster where small support sets leave cores idle (see `python -m bench.perf`).
+        Evaluation always adapts EVAL_CHUNK tasks together (its graphs are small).
     """
 
     inner_lr: float = 0.4
@@ -132,21 +135,37 @@ class MAML(GradientLearner):
         return forward_tasks(self.features, p, x, way)
 
     def inner_tasks(self, start: Params, data: tuple[torch.Tensor, torch.Tensor], steps: int,
-                    first_order: bool) -> Params:
+                    first_order: bool, way: int | None = None) -> Params:
         """The inner loop of T tasks at once from `start`: data x [T, n, C, H, W], y [T, n] ->
-        parameters [T, ...] (each task's own adapted copy)."""
+        parameters [T, ...] (each task's own adapted copy); way: the classes (read from y when None)."""
         x, y = data
-        return inner_loop(tasks_loss(self.forward_tasks), stack_params(start, x.shape[0]), self.adapted_keys(),
+        return inner_loop(tasks_loss(self.forward_tasks, way), stack_params(start, x.shape[0]), self.adapted_keys(),
                           (x, y), steps, self.inner_lrs(), first_order)
 
     def outer_step(self, batch: list[Episode]) -> None:
-        if self.task_batch < 2 or len(batch) < 2 or self.dropblock or not (self.TASK_BATCHED and same_shapes(batch)):
+        tasks = len(batch) if self.task_batch == 1 and on_cuda(self.device) else self.task_batch
+        if tasks < 2 or len(batch) < 2 or self.dropblock or not (self.TASK_BATCHED and same_shapes(batch)):
             return super().outer_step(batch)  # (DropBlock draws masks per task: the per-task loop)
+        inputs = [t for first in range(0, len(batch), tasks) for t in stack_episodes(batch[first:first + tasks])]
+        step = functools.partial(self.batched_step, batch[0].way, len(batch))
+        if not (inputs[0].is_cuda and cudagraph.enabled()):
+            return step(*inputs)
+        key = (self.optimizer, batch[0].way, len(batch))  # (a new optimizer after setup or a load: a new capture)
+        captured = getattr(self, "_captured", None)
+        if captured is None or not captured.matches(key, inputs):
+            captured = self._captured = cudagraph.CapturedStep(step, key)
+        captured(inputs)
+
+    def batched_step(self, way: int, n_tasks: int, *chunks: torch.Tensor) -> None:
+        """The task-batched outer step on chunks of stacked tasks, four tensors per chunk (support x [T, n_s, C, H, W],
+        y [T, n_s], query x [T, n_q, C, H, W], y [T, n_q]) of `way` classes, `n_tasks` tasks in all: zero the
+        gradients, the inner loops and query losses chunk by chunk, one optimizer step. No value is read back to
+        the host, so a CUDA graph can capture it (baselines/cudagraph.py)."""
         self.optimizer.zero_grad(set_to_none=True)
-        for first in range(0, len(batch), self.task_batch):
-            sx, sy, qx, qy = stack_episodes(batch[first:first + self.task_batch])
-            fast = self.inner_tasks(self.meta, (sx, sy), self.inner_steps, self.first_order)
-            (tasks_loss(self.forward_tasks)(fast, qx, qy) / len(batch)).backward()
+        for first in range(0, len(chunks), 4):
+            sx, sy, qx, qy = chunks[first:first + 4]
+            fast = self.inner_tasks(self.meta, (sx, sy), self.inner_steps, self.first_order, way)
+            (tasks_loss(self.forward_tasks, way)(fast, qx, qy) / n_tasks).backward()
         self.optimizer.step()
 
     def adapt_many(self, supports: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Predictor]:

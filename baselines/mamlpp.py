@@ -217,8 +217,9 @@ class MAMLpp(GradientLearner):
         self.bn_stats = {}
         for name in self.net.bn_layers():
             channels = self.meta[name + ".weight"].shape[1]
-            self.bn_stats[f"{name}.running_mean"] = torch.zeros(self.inner_steps, channels)
-            self.bn_stats[f"{name}.running_var"] = torch.ones(self.inner_steps, channels)
+            device = self.meta[name + ".weight"].device
+            self.bn_stats[f"{name}.running_mean"] = torch.zeros(self.inner_steps, channels, device=device)
+            self.bn_stats[f"{name}.running_var"] = torch.ones(self.inner_steps, channels, device=device)
         return self
 
     def init_meta(self, info: TaskInfo, gen: torch.Generator) -> Params:

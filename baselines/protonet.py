@@ -67,8 +67,8 @@ def merge_episodes(episodes: list[Episode]) -> Episode:
             s, q = ep.support_y == rel, ep.query_y == rel
             parts["sx"].append(ep.support_x[s])
             parts["qx"].append(ep.query_x[q])
-            parts["sy"].append(torch.full((int(s.sum()),), seen[cls], dtype=torch.long))
-            parts["qy"].append(torch.full((int(q.sum()),), seen[cls], dtype=torch.long))
+            parts["sy"].append(torch.full((int(s.sum()),), seen[cls], dtype=torch.long, device=s.device))
+            parts["qy"].append(torch.full((int(q.sum()),), seen[cls], dtype=torch.long, device=q.device))
     first = episodes[0]
     return Episode(torch.cat(parts["sx"]), torch.cat(parts["sy"]), torch.cat(parts["qx"]), torch.cat(parts["qy"]),
                    tuple(seen), first.split, first.index, "+".join(ep.spec_hash for ep in episodes))

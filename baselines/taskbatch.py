@@ -81,14 +81,15 @@ def conv4_forward_tasks(p: Mapping[str, torch.Tensor], x: torch.Tensor, way: int
     return forward_tasks(conv4_features, p, x, way)
 
 
-def tasks_loss(forward: Callable[..., torch.Tensor]) -> LossFn:
+def tasks_loss(forward: Callable[..., torch.Tensor], way: int | None = None) -> LossFn:
     """Sum over tasks of each task's mean cross-entropy, so d/d(task t's params) is task t's gradient.
 
-    The returned loss takes (p [T, ...], x [T, N, C, H, W], y [T, N]).
+    The returned loss takes (p [T, ...], x [T, N, C, H, W], y [T, N]); way: the classes, read from y when
+    None (a read back to the host, which a CUDA graph cannot capture).
     """
 
     def loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = forward(p, x, int(y.max()) + 1)
+        logits = forward(p, x, int(y.max()) + 1 if way is None else way)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
 
     return loss

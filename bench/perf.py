@@ -2,7 +2,8 @@
 peak memory, evaluation throughput and achieved FLOP rate, side by side with learn2learn.
 
 For each workload (a method's paper settings on a benchmark shape, `WORKLOADS`), implementation
-("metabench" and its variants "metabench-batched", "metabench-lean", "metabench-fused" (with
+("metabench" and its variants "metabench-batched" (on a GPU replayed as a CUDA graph: baselines/cudagraph.py),
+"metabench-batched-eager" (the same without the graph), "metabench-lean", "metabench-fused" (with
 baselines/fused.py's kernel) and "metabench-lean-fused" (both switches); "reference"; "l2l" when
 learn2learn is installed) and method ("maml", "fomaml", or any registered gradient method for
 metabench), one fresh worker process measures:
@@ -71,17 +72,19 @@ import torch.nn.functional as F
 from bench.allocator import libc_function, release_free_memory, tcmalloc_loaded, tcmalloc_path, tune_malloc_for
 from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
+from bench.runner import resolve_device
 from bench.paths import atomic_write_text
 from baselines.parallel import task_workers
 
-IMPLS = ("metabench", "metabench-batched", "metabench-lean", "metabench-fused", "metabench-lean-fused", "reference",
-         "l2l")
+IMPLS = ("metabench", "metabench-batched", "metabench-batched-eager", "metabench-lean", "metabench-fused",
+         "metabench-lean-fused", "reference", "l2l")
 IMPL_ENV = {"metabench": {"METABENCH_FUSED": "0"}, "metabench-batched": {"METABENCH_FUSED": "0"},
+            "metabench-batched-eager": {"METABENCH_FUSED": "0", "METABENCH_CUDA_GRAPHS": "0"},
             "metabench-lean": {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "0"},
             "metabench-fused": {"METABENCH_FUSED": "1"},
             "metabench-lean-fused": {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "1"}}
 """The environment that makes an implementation of metabench's own (baselines.parallel's pool switch,
-baselines.fused's kernel switch)."""
+baselines.fused's kernel switch, baselines.cudagraph's switch)."""
 DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
@@ -288,8 +291,8 @@ Step = Callable[[], None]
 Evaluate = Callable[[list[Episode]], None]
 
 
-def make_learner(w: Workload, method: str, task_batch: int = 1) -> Any:
-    """Method `method` set up for the workload's images. maml and fomaml take the workload's settings
+def make_learner(w: Workload, method: str, task_batch: int = 1, device: str = "cpu") -> Any:
+    """Method `method` set up for the workload's images on `device`. maml and fomaml take the workload's settings
     (they are MAML's paper settings); every other method its own preset for the workload's preset key
     (its paper settings), on the workload's backbone. task_batch > 1 only for methods that have it."""
     from baselines import registry
@@ -306,6 +309,7 @@ def make_learner(w: Workload, method: str, task_batch: int = 1) -> Any:
                           inner_steps=w.inner_steps, inner_lr=w.inner_lr, inner_steps_test=w.test_steps, **network)
     else:
         m = registry.make(method, w.preset, seed=0, **network)
+    m.device = resolve_device(device)  # (on CUDA, as a run: cuDNN's deterministic algorithms)
     if hasattr(m, "setup"):
         m.setup(TaskInfo((w.channels, w.size, w.size), w.way, w.way))
     return m
@@ -318,11 +322,10 @@ def episodes_per_step(m: Any, w: Workload) -> int:
 
 def metabench_impl(w: Workload, method: str, device: str, batched: bool = False) -> tuple[Step, Evaluate]:
     """metabench's method at the workload's settings (`make_learner`): one `fit` step per call; `evaluate`.
-    batched: train the whole meta-batch as one task-batched network (task_batch = meta_batch)."""
-    if device != "cpu":
-        raise MetabenchError("metabench methods run on the CPU only so far; use --device cpu")
-    m = make_learner(w, method, w.meta_batch if batched else 1)
-    batch = synthetic_episodes(w, episodes_per_step(m, w))
+    batched: train the whole meta-batch as one task-batched network (task_batch = meta_batch; on a GPU, replayed
+    as a CUDA graph unless METABENCH_CUDA_GRAPHS=0, baselines/cudagraph.py)."""
+    m = make_learner(w, method, w.meta_batch if batched else 1, device)
+    batch = [ep.to(device) for ep in synthetic_episodes(w, episodes_per_step(m, w))]
     tune_malloc_for(m, batch)  # as fit would, but before `measure` starts its sampling thread (bench/allocator.py)
 
     def step() -> None:
@@ -386,10 +389,8 @@ def reference_step(m: Any, batch: list[Episode]) -> None:
 def reference_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
     """The method in the plain per-task autograd loop (`reference_step`); evaluation adapts one
     episode at a time on the plain path (no task-batched adaptation)."""
-    if device != "cpu":
-        raise MetabenchError("the reference runs on the CPU only so far; use --device cpu")
-    m = make_learner(w, method)
-    batch = synthetic_episodes(w, episodes_per_step(m, w))
+    m = make_learner(w, method, device=device)
+    batch = [ep.to(device) for ep in synthetic_episodes(w, episodes_per_step(m, w))]
 
     def evaluate(episodes: list[Episode]) -> None:
         with plain_path():
@@ -507,9 +508,7 @@ def l2l_impl(w: Workload, method: str, device: str) -> tuple[Step, Evaluate]:
     model = model.to(device)
     maml = import_learn2learn_maml()(model, lr=w.inner_lr, first_order=method == "fomaml")
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    batch = [dataclasses.replace(ep, support_x=ep.support_x.to(device), support_y=ep.support_y.to(device),
-                                 query_x=ep.query_x.to(device), query_y=ep.query_y.to(device))
-             for ep in synthetic_episodes(w, w.meta_batch)]
+    batch = [ep.to(device) for ep in synthetic_episodes(w, w.meta_batch)]
 
     def adapted(ep: Episode, n: int) -> torch.nn.Module:
         learner = maml.clone()
@@ -555,7 +554,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     else:
         if IMPL_ENV.get(job["impl"], {}).get("METABENCH_FUSED") == "1":
             require_fused_kernel()  # built before the timed iterations (the first build compiles for ~20 s)
-        step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"] == "metabench-batched")
+        step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"].startswith("metabench-batched"))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     release_free_memory()  # nothing kept free from earlier work counts as already resident
@@ -569,7 +568,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
             else proc_status_mb("VmHWM") - before)
     matmul_trained = matmul_gflops(device)
-    episodes = synthetic_episodes(w, job["eval_episodes"], seed=1)
+    episodes = [ep.to(device) for ep in synthetic_episodes(w, job["eval_episodes"], seed=1)]
     faults = minor_faults()
     eval_seconds = timed(lambda: evaluate(episodes), device)
     faults = minor_faults() - faults
@@ -676,7 +675,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             for method in methods:
                 for impl in impls:
                     if ((impl == "l2l" and (not have_l2l or method not in ("maml", "fomaml")))
-                            or (impl == "metabench-batched" and method not in batched)):
+                            or (impl.startswith("metabench-batched") and method not in batched)):
                         continue
                     jobs.append({"workload": wl, "impl": impl, "method": method, "allocator": alloc,
                                  "threads": args.threads, "device": args.device, "repeats": args.repeats,
@@ -694,7 +693,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "settings, against the plain per-task loop")
     p.add_argument("--impls", nargs="+", default=None,
                    help="metabench (the default mode: tasks on the task pool), metabench-batched (whole meta-batch "
-                        "at once), metabench-lean (METABENCH_TASK_WORKERS=0: no pool, one task's graph at a time), "
+                        "at once; on a GPU replayed as a CUDA graph), metabench-batched-eager (the same without the graph), metabench-lean (METABENCH_TASK_WORKERS=0: no pool, one task's graph at a time), "
                         "metabench-fused (the default mode with METABENCH_FUSED=1: batch norm, max-pool and ReLU "
                         "as one kernel, baselines/fused.py), metabench-lean-fused (both switches), "
                         "reference (plain per-task autograd loop, NCHW, no pool), l2l (learn2learn) "
@@ -707,7 +706,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-steps", type=int, default=None,
                    help="override the workloads' inner steps at training (e.g. peak memory at 1, 5, 10 steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows: peak memory is torch's max_memory_allocated)")
     p.add_argument("--csv", type=Path, default=Path("perf.csv"), help="where the CSV goes (default perf.csv)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
 

@@ -165,7 +165,14 @@ def code_rev() -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """cpu, cuda, cuda:N or auto (cuda when available, else cpu); a clear error when CUDA is absent."""
+    """cpu, cuda, cuda:N or auto (cuda when available, else cpu); a clear error when CUDA is absent.
+
+    A CUDA device also turns on cuDNN's deterministic algorithms, without autotuning (torch.backends.cudnn,
+    process-wide), so that a seed gives the same numbers on the same GPU and software: some of cuDNN's
+    convolution backwards add with atomics in an order that changes between runs, and a conv bias before batch
+    norm, whose gradient is zero but for round-off, then takes Adam steps of either sign (two runs of 6
+    task-batched MAML steps on an H200 ended with unrelated conv0.bias values; with the flag, bitwise equal).
+    """
     name = str(device).strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,6 +185,7 @@ def resolve_device(device: str) -> torch.device:
         index = int(name[5:]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise MetabenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return torch.device(name)
 
 
