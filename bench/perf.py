@@ -656,6 +656,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     omniglot-5w1s against the reference loop."""
     from baselines import registry
 
+    resolve_device(args.device)  # a device this machine lacks fails here, before any worker starts
     every = args.methods == ["all"]
     methods = registry.METHODS.names() if every else args.methods
     workloads = args.workloads or (["omniglot-5w1s"] if every else list(WORKLOADS))

@@ -115,6 +115,12 @@ def test_unknown_options_are_named(option, value, word):
         perf.plan(args(**{option: value}))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_cuda_is_one_clear_error_before_any_worker():
+    with pytest.raises(MetabenchError, match="no CUDA device"):
+        perf.plan(args(device="cuda"))
+
+
 def test_plan_skips_learn2learn_for_other_methods():
     jobs = perf.plan(args(workloads=["omniglot-5w1s"], methods=["anil"], allocators=["glibc"]))
     assert [j["impl"] for j in jobs] == ["metabench", "metabench-batched"]
@@ -248,11 +254,13 @@ def echo_worker_env(monkeypatch, *keys):
                                        ("metabench", {"METABENCH_FUSED": "0"}),
                                        ("metabench-fused", {"METABENCH_FUSED": "1"}),
                                        ("metabench-lean-fused",
-                                        {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "1"})])
+                                        {"METABENCH_TASK_WORKERS": "0", "METABENCH_FUSED": "1"}),
+                                       ("metabench-batched-eager", {"METABENCH_FUSED": "0", "METABENCH_CUDA_GRAPHS": "0"})])
 def test_worker_runs_under_its_implementations_switches(monkeypatch, impl, env):
     monkeypatch.delenv("METABENCH_TASK_WORKERS", raising=False)
+    monkeypatch.delenv("METABENCH_CUDA_GRAPHS", raising=False)
     monkeypatch.setenv("METABENCH_FUSED", "1")  # the parent's switch never leaks into another implementation
-    echo_worker_env(monkeypatch, "METABENCH_TASK_WORKERS", "METABENCH_FUSED")
+    echo_worker_env(monkeypatch, "METABENCH_TASK_WORKERS", "METABENCH_FUSED", "METABENCH_CUDA_GRAPHS")
     job = {"workload": "omniglot-5w1s", "impl": impl, "method": "maml", "allocator": "glibc", "threads": None}
     got = perf.run_worker(job, timeout=10)
     assert {k: v for k, v in got.items() if v is not None} == env
