@@ -8,7 +8,8 @@ so an outer step costs a few copies into the graph's input buffers and one launc
 
 - Switch: `METABENCH_CUDA_GRAPHS=0` in the environment turns it off (read at each step); on by default.
   It applies to MAML-family methods (MAML, first-order MAML, Meta-SGD, ANIL, BOIL: `TASK_BATCHED`)
-  training task-batched (`task_batch` >= 2) on a CUDA device; everywhere else the step runs eagerly.
+  training task-batched on a CUDA device (`task_batch` 1, the default, is the whole meta-batch there; K >= 2
+  is K tasks at a time); everywhere else the step runs eagerly.
 - The same kernels run in the same order, so a replay gives the bits of the eager step (the first
   `WARMUP` outer steps run eagerly, on a side stream, as CUDA graphs require, then the step is captured
   and replayed). tests/test_cuda.py checks graph against eager on a GPU.

@@ -693,7 +693,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="registered methods (default maml fomaml); 'all': every registered method at its paper "
                         "settings, against the plain per-task loop")
     p.add_argument("--impls", nargs="+", default=None,
-                   help="metabench (the default mode: tasks on the task pool), metabench-batched (whole meta-batch "
+                   help="metabench (the default mode: tasks on the task pool; on a GPU the whole meta-batch as a CUDA graph, as "
+                        "metabench-batched), metabench-batched (whole meta-batch "
                         "at once; on a GPU replayed as a CUDA graph), metabench-batched-eager (the same without the graph), metabench-lean (METABENCH_TASK_WORKERS=0: no pool, one task's graph at a time), "
                         "metabench-fused (the default mode with METABENCH_FUSED=1: batch norm, max-pool and ReLU "
                         "as one kernel, baselines/fused.py), metabench-lean-fused (both switches), "

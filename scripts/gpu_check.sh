@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one call, on a machine with a CUDA device: the card, the cuda tests (tests/test_cuda.py),
 # then `metabench perf` on the GPU (MAML and first-order MAML on Omniglot 5w1s and 20w1s and miniImageNet 5w1s:
-# the task pool, task-batched as a CUDA graph, task-batched eagerly, and learn2learn on the same GPU).
+# the default mode, which on a GPU is the whole meta-batch replayed as a CUDA graph, the same eagerly, and
+# learn2learn on the same GPU).
 #
 #   bash scripts/gpu_check.sh OUT_DIR [PATH_HOLDING_learn2learn]
 #
@@ -21,7 +22,7 @@ timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda
 echo "tests exit $?"; tail -n 25 "$out/tests.txt"
 timeout "${PERF_TIMEOUT:-330}" python3 -m bench.perf --device cuda --allocators glibc \
     --workloads ${WORKLOADS:-omniglot-5w1s omniglot-20w1s miniimagenet-5w1s} --methods maml fomaml \
-    --impls ${IMPLS:-metabench metabench-batched metabench-batched-eager l2l} --repeats 5 --warmup 2 \
+    --impls ${IMPLS:-metabench metabench-batched-eager l2l} --repeats 5 --warmup 2 \
     --eval-episodes 32 --timeout 120 --csv "$out/perf_gpu.csv" >"$out/perf.txt" 2>&1
 echo "perf exit $?"
 grep -v "^|" "$out/perf.txt" | tail -n 40
