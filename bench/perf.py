@@ -33,7 +33,10 @@ metabench), one fresh worker process measures:
   large-matmul rate (a 2048x2048 float32 matmul timed in the same worker).
 
 Each worker runs under the requested allocator ("glibc", or "tcmalloc" preloaded with
-LD_PRELOAD) and thread count. Inputs are seeded random images of the workload's shapes (speed
+LD_PRELOAD) and thread count. `--rounds R` runs the whole plan R times, a round at a time, every other
+round with the implementations in reverse order: a ratio pairs two rows of one round (measured minutes
+apart, not a whole run apart, on a machine whose speed drifts) and the report gives the median of the
+rounds' ratios with each round's speed ratio. Inputs are seeded random images of the workload's shapes (speed
 does not depend on pixel values). The report is a table on stdout and a CSV (written atomically);
 ratios against learn2learn are printed per workload, method and allocator.
 
@@ -88,7 +91,7 @@ baselines.fused's kernel switch, baselines.cudagraph's switch)."""
 DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 """What `--impls` defaults to for maml/fomaml; `--methods all` defaults to metabench and reference."""
 ALLOCATORS = ("glibc", "tcmalloc")
-COLUMNS = ["workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device",
+COLUMNS = ["round", "workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device",
            "sec_per_iter", "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "eval_faults_per_ep",
            "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction", "torch"]
 
@@ -577,7 +580,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     matmul = max(matmul_trained, matmul_gflops(device))
     workers = task_workers() if job["impl"] not in ("l2l", "reference") and w.network().pool_tasks else 0
     median = statistics.median(times)
-    return {"workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
+    return {"round": job.get("round", 1), "workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
             "allocator": job["allocator"], "threads": torch.get_num_threads(),
             "task_workers": workers, "device": device,
             "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first,
@@ -612,31 +615,44 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 # --- the report ----------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of the rows, then the learn2learn ratios."""
-    head = ("| workload | inner steps | impl | method | alloc | s/iter (median) | peak MB | heap peak MB | eval ep/s | "
-            "eval faults/ep | GFLOP/s | of matmul |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['workload']} | {r['inner_steps']} | {r['impl']} | {r['method']} | {r['allocator']} | "
+    """A markdown table of the rows, then the ratios against learn2learn and the plain per-task loop. Each ratio
+    pairs two rows of one round (`round`, 1 when absent); over several rounds the line gives the median of the
+    rounds' ratios and each round's speed ratio."""
+    rounds = sorted({int(r.get("round", 1)) for r in rows})
+    several = len(rounds) > 1
+    head = (("| round " if several else "") + "| workload | inner steps | impl | method | alloc | s/iter (median) | "
+            "peak MB | heap peak MB | eval ep/s | eval faults/ep | GFLOP/s | of matmul |\n"
+            + ("|---" if several else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    body = [(f"| {int(r.get('round', 1))} " if several else "")
+            + f"| {r['workload']} | {r['inner_steps']} | {r['impl']} | {r['method']} | {r['allocator']} | "
             f"{r['sec_per_iter']:.3f} | {r['peak_mb']:.0f} | {float(r.get('heap_peak_mb', math.nan)):.0f} | "
             f"{r['eval_eps_per_s']:.1f} | {float(r.get('eval_faults_per_ep', math.nan)):.0f} | {r['gflops']:.1f} | "
             f"{100 * r['flop_fraction']:.0f}% |"
             for r in rows]
+    by_key = {(int(r.get("round", 1)), r["workload"], r["impl"], r["method"], r["allocator"]): r for r in rows}
+    cells = list(dict.fromkeys(key[1:] for key in by_key))
     ratios = []
-    by_key = {(r["workload"], r["impl"], r["method"], r["allocator"]): r for r in rows}
     for against, name in (("l2l", "learn2learn's"), ("reference", "the plain per-task loop's")):
-        for (wl, impl, method, alloc), r in by_key.items():
-            ref = by_key.get((wl, against, method, alloc))
-            if impl not in ("l2l", "reference") and ref:
-                ratios.append(f"{wl} {impl} {method} {alloc}: {ref['sec_per_iter'] / r['sec_per_iter']:.2f}x {name} "
-                              f"speed, peak memory {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}x"
-                              f"{heap_ratio(r, ref)}, evaluation "
-                              f"{r['eval_eps_per_s'] / ref['eval_eps_per_s']:.2f}x")
+        for wl, impl, method, alloc in cells:
+            pairs = [(by_key[(n, wl, impl, method, alloc)], by_key[(n, wl, against, method, alloc)]) for n in rounds
+                     if (n, wl, impl, method, alloc) in by_key and (n, wl, against, method, alloc) in by_key]
+            if impl in ("l2l", "reference") or not pairs:
+                continue
+            speed = [ref["sec_per_iter"] / r["sec_per_iter"] for r, ref in pairs]
+            memory = [r["peak_mb"] / max(ref["peak_mb"], 1e-9) for r, ref in pairs]
+            evaluation = [r["eval_eps_per_s"] / ref["eval_eps_per_s"] for r, ref in pairs]
+            heaps = [heap_ratio(r, ref) for r, ref in pairs]
+            heap = f" (heap {statistics.median(heaps):.2f}x)" if not any(map(math.isnan, heaps)) else ""
+            each = f" (median of {len(pairs)} rounds; speed {', '.join(f'{x:.2f}x' for x in speed)})" if several else ""
+            ratios.append(f"{wl} {impl} {method} {alloc}: {statistics.median(speed):.2f}x {name} speed, peak memory "
+                          f"{statistics.median(memory):.2f}x{heap}, evaluation {statistics.median(evaluation):.2f}x{each}")
     return "\n".join([head, *body, "", *ratios])
 
 
-def heap_ratio(r: dict[str, Any], ref: dict[str, Any]) -> str:
-    """" (heap 1.23x)": r's heap peak over ref's, where both were measured; "" otherwise."""
+def heap_ratio(r: dict[str, Any], ref: dict[str, Any]) -> float:
+    """r's heap peak over ref's, where both were measured; NaN otherwise."""
     a, b = float(r.get("heap_peak_mb", math.nan)), float(ref.get("heap_peak_mb", math.nan))
-    return "" if math.isnan(a) or math.isnan(b) or b <= 0 else f" (heap {a / b:.2f}x)"
+    return math.nan if math.isnan(a) or math.isnan(b) or b <= 0 else a / b
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -657,6 +673,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     from baselines import registry
 
     resolve_device(args.device)  # a device this machine lacks fails here, before any worker starts
+    if args.rounds < 1:
+        raise MetabenchError(f"--rounds must be at least 1, not {args.rounds}")
     every = args.methods == ["all"]
     methods = registry.METHODS.names() if every else args.methods
     workloads = args.workloads or (["omniglot-5w1s"] if every else list(WORKLOADS))
@@ -671,17 +689,18 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         print("learn2learn is not installed: its rows are skipped (README: Performance)", file=sys.stderr)
     batched = {m for m in methods if any(f.name == "task_batch" for f in dataclasses.fields(registry.method_class(m)))}
     jobs = []
-    for alloc in args.allocators:
-        for wl in workloads:
-            for method in methods:
-                for impl in impls:
-                    if ((impl == "l2l" and (not have_l2l or method not in ("maml", "fomaml")))
-                            or (impl.startswith("metabench-batched") and method not in batched)):
-                        continue
-                    jobs.append({"workload": wl, "impl": impl, "method": method, "allocator": alloc,
-                                 "threads": args.threads, "device": args.device, "repeats": args.repeats,
-                                 "warmup": args.warmup, "eval_episodes": args.eval_episodes,
-                                 "inner_steps": args.inner_steps})
+    for n in range(1, args.rounds + 1):
+        for alloc in args.allocators:
+            for wl in workloads:
+                for method in methods:
+                    for impl in (impls if n % 2 else impls[::-1]):  # (every other round the other order: drift cancels)
+                        if ((impl == "l2l" and (not have_l2l or method not in ("maml", "fomaml")))
+                                or (impl.startswith("metabench-batched") and method not in batched)):
+                            continue
+                        jobs.append({"round": n, "workload": wl, "impl": impl, "method": method, "allocator": alloc,
+                                     "threads": args.threads, "device": args.device, "repeats": args.repeats,
+                                     "warmup": args.warmup, "eval_episodes": args.eval_episodes,
+                                     "inner_steps": args.inner_steps})
     return jobs
 
 
@@ -704,6 +723,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allocators to time under: glibc, tcmalloc (default: both where tcmalloc is installed)")
     p.add_argument("--repeats", type=int, default=5, help="timed meta-iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations after the first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every job this many times, a round at a time (every other round in the reverse order of "
+                        "--impls); a ratio pairs rows of one round and the report gives the rounds' median")
     p.add_argument("--eval-episodes", type=int, default=64, help="test episodes timed for evaluation throughput")
     p.add_argument("--inner-steps", type=int, default=None,
                    help="override the workloads' inner steps at training (e.g. peak memory at 1, 5, 10 steps)")
@@ -717,8 +739,8 @@ def cmd_perf(args: argparse.Namespace) -> int:
     rows = []
     for job in plan(args):
         row = run_worker(job, args.timeout)
-        print(f"{row['workload']} {row['impl']} {row['method']} {row['allocator']}: {row['sec_per_iter']:.3f} s/iter",
-              file=sys.stderr, flush=True)
+        print(f"round {row['round']}: {row['workload']} {row['impl']} {row['method']} {row['allocator']}: "
+              f"{row['sec_per_iter']:.3f} s/iter", file=sys.stderr, flush=True)
         rows.append(row)
         write_csv(rows, args.csv)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}")

@@ -108,6 +108,33 @@ def test_report_prints_ratios_and_writes_csv(tmp_path):
     assert lines[0].split(",") == perf.COLUMNS and len(lines) == 3
 
 
+def test_rounds_pair_rows_of_one_round_and_report_the_median():
+    """Round 2's learn2learn row ran on a slower machine: the ratio pairs it with round 2's own row, and the
+    report gives the median of the rounds' ratios with each round's."""
+    base = {"workload": "w", "inner_steps": 1, "method": "maml", "allocator": "glibc", "threads": 2, "device": "cpu",
+            "sec_min": 1, "sec_max": 1, "gflop_per_iter": 1, "gflops": 1, "matmul_gflops": 2, "flop_fraction": 0.5,
+            "torch": "x", "peak_mb": 100.0, "eval_eps_per_s": 10.0}
+    rows = [base | {"round": 1, "impl": "metabench", "sec_per_iter": 1.0},
+            base | {"round": 1, "impl": "l2l", "sec_per_iter": 2.0},
+            base | {"round": 2, "impl": "l2l", "sec_per_iter": 3.0},
+            base | {"round": 2, "impl": "metabench", "sec_per_iter": 2.0},
+            base | {"round": 3, "impl": "metabench", "sec_per_iter": 1.0},
+            base | {"round": 3, "impl": "l2l", "sec_per_iter": 2.5}]
+    table = perf.format_table(rows)
+    assert ("w metabench maml glibc: 2.00x learn2learn's speed, peak memory 1.00x, evaluation 1.00x "
+            "(median of 3 rounds; speed 2.00x, 1.50x, 2.50x)") in table
+    assert table.splitlines()[0].startswith("| round | workload")
+
+
+def test_rounds_repeat_the_plan_in_alternating_order():
+    jobs = perf.plan(args(workloads=["omniglot-5w1s"], methods=["maml"], impls=["metabench", "reference"],
+                          allocators=["glibc"], rounds=3))
+    assert [(j["round"], j["impl"]) for j in jobs] == [(1, "metabench"), (1, "reference"), (2, "reference"),
+                                                       (2, "metabench"), (3, "metabench"), (3, "reference")]
+    with pytest.raises(MetabenchError, match="--rounds"):
+        perf.plan(args(rounds=0))
+
+
 @pytest.mark.parametrize("option,value,word", [("workloads", ["nope"], "workload"), ("impls", ["tf"], "implementation"),
                                                ("allocators", ["jemalloc"], "allocator")])
 def test_unknown_options_are_named(option, value, word):
