@@ -393,7 +393,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
             if isinstance(step, torch.Tensor):
-                optimizer.state[p]["step"] = (step.to(torch.float32).to(p.device) if own
+                optimizer.state[p]["step"] = (step.to(p.device, torch.float32) if own
                                               else step.to("cpu"))
 
 

@@ -57,7 +57,8 @@ class CapturedStep:
         return key == self.key and (self.shapes is None or self.shapes == signature(inputs))
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> None:
-        self.shapes = signature(inputs)
+        if self.shapes is None:  # (later calls come through `matches`: the same signature)
+            self.shapes = signature(inputs)
         if self.graph is not None:
             for buffer, x in zip(self.static, inputs):
                 buffer.copy_(x)

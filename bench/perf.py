@@ -77,6 +77,7 @@ from bench.api import Episode, TaskInfo
 from bench.errors import MetabenchError, unknown
 from bench.runner import resolve_device
 from bench.paths import atomic_write_text
+from baselines.core import on_cuda
 from baselines.parallel import task_workers
 
 IMPLS = ("metabench", "metabench-batched", "metabench-batched-eager", "metabench-lean", "metabench-fused",
@@ -197,7 +198,7 @@ def matmul_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
 
 def sync(device: str) -> None:
     """Wait for queued device work (a no-op on the CPU)."""
-    if device.startswith("cuda"):
+    if on_cuda(device):
         torch.cuda.synchronize()
 
 
@@ -558,7 +559,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         if IMPL_ENV.get(job["impl"], {}).get("METABENCH_FUSED") == "1":
             require_fused_kernel()  # built before the timed iterations (the first build compiles for ~20 s)
         step, evaluate = metabench_impl(w, job["method"], device, batched=job["impl"].startswith("metabench-batched"))
-    if device.startswith("cuda"):
+    if on_cuda(device):
         torch.cuda.reset_peak_memory_stats()
     release_free_memory()  # nothing kept free from earlier work counts as already resident
     before = proc_status_mb("VmRSS")  # nothing timed or probed before: see the module docstring
@@ -568,7 +569,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     for _ in range(job["warmup"]):
         timed(step, device)
     times = [timed(step, device) for _ in range(job["repeats"])]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if on_cuda(device)
             else proc_status_mb("VmHWM") - before)
     matmul_trained = matmul_gflops(device)
     episodes = [ep.to(device) for ep in synthetic_episodes(w, job["eval_episodes"], seed=1)]
@@ -580,7 +581,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     matmul = max(matmul_trained, matmul_gflops(device))
     workers = task_workers() if job["impl"] not in ("l2l", "reference") and w.network().pool_tasks else 0
     median = statistics.median(times)
-    return {"round": job.get("round", 1), "workload": job["workload"], "inner_steps": w.inner_steps, "impl": job["impl"], "method": job["method"],
+    return {"round": job.get("round", 1), "workload": job["workload"], "inner_steps": w.inner_steps,
+            "impl": job["impl"], "method": job["method"],
             "allocator": job["allocator"], "threads": torch.get_num_threads(),
             "task_workers": workers, "device": device,
             "sec_per_iter": median, "sec_min": min(times), "sec_max": max(times), "first_iter_s": first,
@@ -634,9 +636,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ratios = []
     for against, name in (("l2l", "learn2learn's"), ("reference", "the plain per-task loop's")):
         for wl, impl, method, alloc in cells:
+            if impl in ("l2l", "reference"):
+                continue
             pairs = [(by_key[(n, wl, impl, method, alloc)], by_key[(n, wl, against, method, alloc)]) for n in rounds
                      if (n, wl, impl, method, alloc) in by_key and (n, wl, against, method, alloc) in by_key]
-            if impl in ("l2l", "reference") or not pairs:
+            if not pairs:
                 continue
             speed = [ref["sec_per_iter"] / r["sec_per_iter"] for r, ref in pairs]
             memory = [r["peak_mb"] / max(ref["peak_mb"], 1e-9) for r, ref in pairs]
