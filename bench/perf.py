@@ -94,7 +94,7 @@ DEFAULT_IMPLS = ("metabench", "metabench-batched", "l2l")
 ALLOCATORS = ("glibc", "tcmalloc")
 COLUMNS = ["round", "workload", "inner_steps", "impl", "method", "allocator", "threads", "task_workers", "device",
            "sec_per_iter", "sec_min", "sec_max", "peak_mb", "heap_peak_mb", "eval_eps_per_s", "eval_faults_per_ep",
-           "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction", "torch"]
+           "gflop_per_iter", "gflops", "matmul_gflops", "flop_fraction", "tf32", "torch"]
 
 
 @dataclass(frozen=True)
@@ -549,6 +549,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     w, device = WORKLOADS[job["workload"]], job["device"]
+    if job.get("no_tf32"):
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if job.get("inner_steps"):
         w = dataclasses.replace(w, inner_steps=int(job["inner_steps"]))
     if job["impl"] == "l2l":
@@ -590,7 +592,15 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             "eval_eps_per_s": len(episodes) / eval_seconds, "eval_faults_per_ep": faults / len(episodes),
             "gflop_per_iter": flops / 1e9,
             "gflops": flops / median / 1e9, "matmul_gflops": matmul, "flop_fraction": flops / median / 1e9 / matmul,
-            "torch": torch.__version__}
+            "tf32": tf32_state(device), "torch": torch.__version__}
+
+
+def tf32_state(device: str) -> str:
+    """Whether float32 convolutions and matmuls may round through TF32 on this CUDA device ('' on the CPU)."""
+    if not on_cuda(device):
+        return ""
+    on = {True: "on", False: "off"}
+    return f"conv {on[torch.backends.cudnn.allow_tf32]}, matmul {on[torch.backends.cuda.matmul.allow_tf32]}"
 
 
 def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -606,12 +616,16 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         env["LD_PRELOAD"] = lib
     if job.get("threads"):
         env["OMP_NUM_THREADS"] = str(job["threads"])
-    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--worker", json.dumps(job)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    what = f"perf worker {job['impl']}/{job['method']}/{job['workload']}"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.perf", "--worker", json.dumps(job)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise MetabenchError(f"{what} took longer than --timeout {timeout:g} s") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise MetabenchError(f"perf worker {job['impl']}/{job['method']}/{job['workload']} failed: {' | '.join(tail)}")
+        raise MetabenchError(f"{what} failed: {' | '.join(tail)}")
     return json.loads(lines[-1])
 
 
@@ -676,9 +690,11 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     omniglot-5w1s against the reference loop."""
     from baselines import registry
 
-    resolve_device(args.device)  # a device this machine lacks fails here, before any worker starts
+    device = str(resolve_device(args.device))  # a device this machine lacks fails here, before any worker starts
     if args.rounds < 1:
         raise MetabenchError(f"--rounds must be at least 1, not {args.rounds}")
+    if args.no_tf32 and not on_cuda(device):
+        raise MetabenchError(f"--no-tf32 is for a CUDA device (TF32 is a GPU's); --device is {args.device}")
     every = args.methods == ["all"]
     methods = registry.METHODS.names() if every else args.methods
     workloads = args.workloads or (["omniglot-5w1s"] if every else list(WORKLOADS))
@@ -702,9 +718,9 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 or (impl.startswith("metabench-batched") and method not in batched)):
                             continue
                         jobs.append({"round": n, "workload": wl, "impl": impl, "method": method, "allocator": alloc,
-                                     "threads": args.threads, "device": args.device, "repeats": args.repeats,
+                                     "threads": args.threads, "device": device, "repeats": args.repeats,
                                      "warmup": args.warmup, "eval_episodes": args.eval_episodes,
-                                     "inner_steps": args.inner_steps})
+                                     "inner_steps": args.inner_steps, "no_tf32": args.no_tf32})
     return jobs
 
 
@@ -735,14 +751,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the workloads' inner steps at training (e.g. peak memory at 1, 5, 10 steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows: peak memory is torch's max_memory_allocated)")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="on a GPU, float32 convolutions and matmuls without TF32 (torch's default rounds cuDNN's "
+                        "convolutions through TF32; the CSV's tf32 column says which)")
     p.add_argument("--csv", type=Path, default=Path("perf.csv"), help="where the CSV goes (default perf.csv)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    rows = []
+    """Run the plan a job at a time, the CSV rewritten after each row; a job that fails or runs past --timeout
+    is named and skipped, the others still run, and the exit status is then 1."""
+    rows, failed = [], []
     for job in plan(args):
-        row = run_worker(job, args.timeout)
+        try:
+            row = run_worker(job, args.timeout)
+        except MetabenchError as e:
+            failed.append(f"round {job['round']}: {e}")
+            print(failed[-1], file=sys.stderr, flush=True)
+            continue
         print(f"round {row['round']}: {row['workload']} {row['impl']} {row['method']} {row['allocator']}: "
               f"{row['sec_per_iter']:.3f} s/iter", file=sys.stderr, flush=True)
         rows.append(row)
@@ -750,7 +776,9 @@ def cmd_perf(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}")
     print(format_table(rows))
     print(f"CSV: {args.csv}")
-    return 0
+    for line in failed:
+        print(f"not measured: {line}")
+    return 1 if failed else 0
 
 
 def add_cli(subparsers: Any) -> None:

@@ -170,3 +170,16 @@ def test_a_run_on_cuda_writes_its_rows_says_where_it_ran_and_repeats(tmp_path):
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     # the same seed twice: the same numbers (cuDNN's deterministic algorithms, resolve_device)
     assert rows[0]["loss"].tolist() == rows[1]["loss"].tolist()
+
+
+def test_perf_no_tf32_turns_tf32_off_in_its_worker_and_says_so(monkeypatch):
+    from bench import perf
+
+    tiny = perf.Workload("omniglot", 3, 1, 2, channels=1, size=28, hidden=4, meta_batch=2, inner_steps=1,
+                         inner_lr=0.4, test_steps=2)
+    monkeypatch.setitem(perf.WORKLOADS, "tiny", tiny)
+    job = {"workload": "tiny", "impl": "metabench", "method": "maml", "allocator": "glibc", "threads": 1,
+           "device": "cuda", "repeats": 1, "warmup": 0, "eval_episodes": 2}
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # (the fixture restores them)
+    assert perf.measure(job)["tf32"] == "conv on, matmul on"
+    assert perf.measure(job | {"no_tf32": True})["tf32"] == "conv off, matmul off"

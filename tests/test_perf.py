@@ -59,6 +59,7 @@ def test_one_worker_row(tiny):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["sec_min"] <= row["sec_per_iter"] <= row["sec_max"]
     assert row["eval_faults_per_ep"] >= 0
+    assert row["tf32"] == ""  # a CPU row: no TF32 to speak of
 
 
 def test_peak_covers_every_training_iteration_and_nothing_before_them(tiny, monkeypatch):
@@ -108,6 +109,30 @@ def test_report_prints_ratios_and_writes_csv(tmp_path):
     assert lines[0].split(",") == perf.COLUMNS and len(lines) == 3
 
 
+def test_a_failed_job_is_named_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def fake(job, timeout):
+        if job["impl"] == "reference":
+            raise MetabenchError(f"perf worker reference/{job['method']}/omniglot-5w1s took longer than --timeout "
+                                 f"{timeout:g} s")
+        return {**dict.fromkeys(perf.COLUMNS, 1.0), **job}
+
+    monkeypatch.setattr(perf, "run_worker", fake)
+    code = perf.cmd_perf(args(workloads=["omniglot-5w1s"], methods=["maml", "fomaml"], allocators=["glibc"],
+                              impls=["reference", "metabench"], timeout=5, csv=tmp_path / "perf.csv"))
+    out = capsys.readouterr().out
+    assert code == 1
+    for method in ("maml", "fomaml"):
+        assert f"not measured: round 1: perf worker reference/{method}/omniglot-5w1s took longer than --timeout 5 s" in out
+    assert len((tmp_path / "perf.csv").read_text().splitlines()) == 3  # both metabench rows
+
+
+def test_run_worker_names_a_job_past_its_timeout(tiny):
+    job = {"round": 1, "workload": "tiny", "impl": "metabench", "method": "maml", "allocator": "glibc", "threads": 1,
+           "device": "cpu", "repeats": 1, "warmup": 0, "eval_episodes": 1}
+    with pytest.raises(MetabenchError, match="perf worker metabench/maml/tiny took longer than --timeout 0.01 s"):
+        perf.run_worker(job, 0.01)
+
+
 def test_rounds_pair_rows_of_one_round_and_report_the_median():
     """Round 2's learn2learn row ran on a slower machine: the ratio pairs it with round 2's own row, and the
     report gives the median of the rounds' ratios with each round's."""
@@ -146,6 +171,15 @@ def test_unknown_options_are_named(option, value, word):
 def test_cuda_without_cuda_is_one_clear_error_before_any_worker():
     with pytest.raises(MetabenchError, match="no CUDA device"):
         perf.plan(args(device="cuda"))
+
+
+def test_no_tf32_is_for_a_cuda_device_and_auto_is_resolved_before_the_workers():
+    if not torch.cuda.is_available():
+        with pytest.raises(MetabenchError, match="--no-tf32 is for a CUDA device"):
+            perf.plan(args(no_tf32=True))
+    jobs = perf.plan(args(device="auto", workloads=["omniglot-5w1s"], methods=["maml"], allocators=["glibc"]))
+    assert {j["device"] for j in jobs} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    assert not any(j["no_tf32"] for j in jobs)
 
 
 def test_plan_skips_learn2learn_for_other_methods():
