@@ -726,23 +726,42 @@ def build_site(results_dirs: list[Path], out: Path, reference_csv: Path | None =
     )
     _write(out / index_name, index_html)
 
+    board = _Board(env, out, loaded, summary, pairs, r_idx, ref, index_name, alpha, n_boot, seed)
     for b in benchmarks:
-        _write(out / pages[b], _benchmark_page(env, out, loaded, b, summary, pairs, r_idx, ref, index_name,
-                                               alpha=alpha, n_boot=n_boot, seed=seed))
+        _write(out / pages[b], _benchmark_page(board, b))
     return out / index_name
 
 
-def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: str, summary: pd.DataFrame,
-                    pairs: Mapping[tuple[str, str], Pair], r_idx: pd.DataFrame, ref: pd.DataFrame | None,
-                    index_name: str, *, alpha: float, n_boot: int, seed: int) -> str:
+@dataclass(frozen=True)
+class _Board:
+    """What every benchmark page of one build shares: the template environment and output folder, the loaded
+    runs and their summary, the (benchmark, method) pairs and their ranks (indexed by benchmark and method), the
+    published numbers, and the build's settings."""
+
+    env: jinja2.Environment
+    out: Path
+    loaded: Loaded
+    summary: pd.DataFrame
+    pairs: Mapping[tuple[str, str], Pair]
+    ranks: pd.DataFrame
+    ref: pd.DataFrame | None
+    index_name: str
+    alpha: float
+    n_boot: int
+    seed: int
+
+
+def _benchmark_page(board: _Board, bench: str) -> str:
+    """The HTML page of benchmark `bench`: its ranked table, pairwise tests, figures and axes."""
+    out, loaded, pairs, alpha, n_boot, seed = board.out, board.loaded, board.pairs, board.alpha, board.n_boot, board.seed
     frame = loaded.frame[loaded.frame["benchmark"] == bench]
     order = stats.method_order(frame, bench)
-    summary = summary[summary["benchmark"] == bench]
+    summary = board.summary[board.summary["benchmark"] == bench]
     rows, unranked, other_budgets = [], [], []
     for m in order:
         p = pairs[(bench, m)]
         s = p.summary
-        rank = int(r_idx.loc[(bench, m), "rank"]) if p.ranked else None
+        rank = int(board.ranks.loc[(bench, m), "rank"]) if p.ranked else None
         seed_text = (f"{pct(float(s['seed_mean']))} ± {pct(float(s['seed_sd']))}"
                      if math.isfinite(float(s["seed_sd"])) else pct(float(s["seed_mean"])))
         row = {
@@ -794,10 +813,10 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
 
     versions = sorted(set(int(v) for v in frame["benchmark_version"]))
     axis_part = axes_section(out, loaded, bench, summary, stem)
-    return env.get_template("benchmark.html").render(
+    return board.env.get_template("benchmark.html").render(
         axes=axis_part,
         title=f"{bench} — metabench",
-        index=index_name,
+        index=board.index_name,
         benchmark=bench,
         version=", ".join(map(str, versions)),
         rows=rows,
@@ -810,7 +829,7 @@ def _benchmark_page(env: jinja2.Environment, out: Path, loaded: Loaded, bench: s
         alpha=alpha,
         n_boot=n_boot,
         figures=figures,
-        reference=_reference_table(ref, [bench]),
+        reference=_reference_table(board.ref, [bench]),
     )
 
 
