@@ -38,7 +38,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +47,10 @@ from bench.api import Episode, MetaLearner, Tags, TaskInfo
 from bench.errors import MetabenchError
 from bench.registry import Registry
 from baselines.parallel import workers_set
+
+if TYPE_CHECKING:
+    from bench.protocols import EpisodeSet
+    from bench.sources.base import ArraySource
 
 PRESET_KEY, WAY = "omniglot-5w", 5  # the synthetic benchmark's preset key (whose method presets apply) and way
 # Check-time hyperparameters of in-tree base classes (like scikit-learn's per-estimator check
@@ -92,7 +96,7 @@ class CheckResult:
 
 # --- the method under test --------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def synthetic_source():
+def synthetic_source() -> ArraySource:
     """The synthetic source at 28 px (built once per process; in memory, no files)."""
     from bench.sources.synthetic import make_synthetic
 
@@ -100,7 +104,7 @@ def synthetic_source():
 
 
 @functools.lru_cache(maxsize=16)
-def episode_set(way: int, shot: int, query: int):
+def episode_set(way: int, shot: int, query: int) -> EpisodeSet:
     """An EpisodeSet of way/shot/query on the synthetic source (synthetic-5w1s itself for 5/1/5)."""
     from bench.benchmarks import SYNTHETIC
     from bench.protocols import EpisodeSet

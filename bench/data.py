@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from bench.errors import DataError
 from bench.paths import atomic_path, resolve_root
@@ -385,7 +385,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers: Any) -> None:
     """Register `data {download,prepare,status}` on an argparse subparsers object."""
     p = subparsers.add_parser("data", help="download, prepare and inspect datasets",
                               description=__doc__.split("\n\n")[0])

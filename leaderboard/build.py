@@ -335,7 +335,7 @@ def fmt_duration(seconds: float) -> str:
 FIGURES_DIR = "figures"
 
 
-def write_figure(fig, out: Path, stem: str, title: str, key: str) -> dict:
+def write_figure(fig: Any, out: Path, stem: str, title: str, key: str) -> dict[str, str]:
     """Write `fig` as out/figures/<stem>.svg and .png; its template entry (title, key, the SVG as a
     data URI for the page, and the two files' relative paths)."""
     png, svg = plots.save(fig, Path(out) / FIGURES_DIR / stem)

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -34,7 +35,7 @@ def shared_records() -> Path:
     return base / "meta_dataset" / "omniglot_small"
 
 
-def sampling_speed(es, seconds: float = 3.0) -> dict[str, float]:
+def sampling_speed(es: Any, seconds: float = 3.0) -> dict[str, float]:
     """Episodes per second: descriptions only, and with pixels (test split)."""
     out = {}
     for what, fn in (("describe_per_s", es.describe), ("episodes_per_s", es.episode)):

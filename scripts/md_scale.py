@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def plain_spec(name: str, n_classes: int, per_class: int) -> dict:
             "path": "generated", "file_pattern": "{}.tfrecords"}
 
 
-def write_source(folder: Path, spec: dict, make, seed: int) -> float:
+def write_source(folder: Path, spec: dict, make: Callable[[np.random.Generator], bytes], seed: int) -> float:
     """Write `spec` and its records (`make(rng)` per image); returns the seconds taken."""
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
