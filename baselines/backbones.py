@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import MetabenchError
-from baselines.core import PLAIN, Ops, Params, conv4_features, conv4_init, head_init
+from baselines.core import PLAIN, Ops, Params, conv4_features, conv4_init, head_init, max_pool2
 
 STANDARD_WIDTHS = {"resnet12": (64, 160, 320, 640), "resnet18": (64, 128, 256, 512)}
 """The published widths of each ResNet (`widths=""` selects them)."""
@@ -225,7 +225,7 @@ def resnet12_features(p: Mapping[str, torch.Tensor], x: torch.Tensor, ops: Ops =
         out = F.leaky_relu(conv_bn(p, ops, pre + "conv1", x), LEAKY_SLOPE)
         out = F.leaky_relu(conv_bn(p, ops, pre + "conv2", out), LEAKY_SLOPE)
         out = conv_bn(p, ops, pre + "conv3", out) + conv_bn(p, ops, pre + "conv_s", x)
-        x = F.leaky_relu(F.max_pool2d(out, 2), LEAKY_SLOPE)
+        x = F.leaky_relu(max_pool2(out), LEAKY_SLOPE)
         if drop is not None:
             rate, gen = drop
             x = dropout(x, rate, gen) if b < 2 else drop_block(x, rate, DROP_BLOCK_SIZE, gen)

@@ -192,3 +192,35 @@ def test_activation_and_max_pool_commute_through_the_double_backward():
             g = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)[0]
             outs.append((y, g, torch.autograd.grad(g.pow(2).sum(), x)[0]))
         assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_max_pool2_is_torchs_max_pool_bit_for_bit_at_every_order():
+    """`max_pool2` (an NCHW map pooled in channels-last) against F.max_pool2d(x, 2): values, layout, the first
+    maximum of a tied window, NaN, odd sizes, and gradients of orders 1 to 3, in float32 and float64."""
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        for shape in [(3, 5, 8, 8), (2, 4, 7, 9), (1, 2, 3, 3)]:
+            base = torch.randint(-3, 3, shape, generator=gen).to(dtype)  # many tied windows
+            base[0, 1, 0, 1] = float("nan")
+            for pool in (core.max_pool2, lambda h: F.max_pool2d(h, 2)):
+                x = base.clone().requires_grad_(True)
+                h = x * x.sum((2, 3), keepdim=True)  # smooth before the pool: its second derivatives exist
+                y = pool(h)
+                g1 = torch.autograd.grad((y.nan_to_num() ** 3).sum(), x, create_graph=True)[0]
+                g2 = torch.autograd.grad((g1.nan_to_num() ** 2).sum(), x, create_graph=True)[0]
+                g3 = torch.autograd.grad(g2.nan_to_num().sum(), x)[0]
+                if pool is core.max_pool2:
+                    mine = (y, g1, g2, g3)
+                else:
+                    theirs = (y, g1, g2, g3)
+            for a, b in zip(mine, theirs):
+                assert a.stride() == b.stride() and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+                assert torch.equal(a.isnan(), b.isnan())
+    channels_last = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert core.max_pool2(channels_last).is_contiguous(memory_format=torch.channels_last)  # torch's own kernel
+
+
+def test_max_pool2_under_vmap_is_torchs_own():
+    """Under a torch.func transform (no memory format can be queried there) `max_pool2` is F.max_pool2d."""
+    x = torch.randn(3, 2, 4, 6, 6)
+    assert torch.equal(torch.func.vmap(core.max_pool2)(x), torch.func.vmap(lambda h: F.max_pool2d(h, 2))(x))
