@@ -108,7 +108,7 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
 
     An NCHW map on the CPU (the layout of second-order passes, `higher_order`, and of
     MAML++'s unfused batch norm) is pooled by torch's channels-last kernel and copied back: ~10x faster than
-    torch's NCHW kernel with indices (75x64x28x28, one thread: 2.0 ms + 6.1 ms of copies against 22 ms). A
+    torch's NCHW kernel with indices (75x64x28x28, one thread: 2.0 ms + 7.5 ms of copies against 21-22 ms). A
     maximum is exact and both kernels scan a window in the same order, keeping the first maximum (or a NaN), so
     the values and the indices the backward routes gradients by are torch's own; the backward is torch's
     max-pool backward on the NCHW input, so its own derivatives are too (tests/test_core.py).

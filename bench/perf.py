@@ -30,7 +30,9 @@ metabench), one fresh worker process measures:
 - gflops, flop_fraction: the workload's FLOPs (convolutions and matmuls of one meta-iteration,
   counted once with torch's FlopCounterMode on a plain-autograd reference of the same math, so
   every implementation is credited the same work) per second, and that rate over the machine's
-  large-matmul rate (a 2048x2048 float32 matmul timed in the same worker).
+  large-matmul rate (a 2048x2048 float32 matmul timed in the same worker);
+- tf32: on a GPU, whether cuDNN's convolutions and the matmuls may round through TF32 (torch's default: the
+  convolutions do; `--no-tf32` turns both off); empty on the CPU.
 
 Each worker runs under the requested allocator ("glibc", or "tcmalloc" preloaded with
 LD_PRELOAD) and thread count. `--rounds R` runs the whole plan R times, a round at a time, every other
