@@ -23,7 +23,7 @@ export PYTHONPATH="$PWD${2:+:$2}" PYTHONUNBUFFERED=1
     nproc
 } 2>&1 | tee "$out/gpu.txt"
 
-perf() {  # perf NAME SECONDS ARGS...: one `metabench perf` call on the GPU into $out/perf_NAME.{csv,txt}
+perf_call() {  # perf_call NAME SECONDS ARGS...: one `metabench perf` call on the GPU into $out/perf_NAME.{csv,txt}
     local name=$1 seconds=$2
     shift 2
     timeout "$seconds" python3 -m bench.perf --device cuda --allocators glibc --csv "$out/perf_$name.csv" "$@" \
@@ -33,16 +33,16 @@ perf() {  # perf NAME SECONDS ARGS...: one `metabench perf` call on the GPU into
 }
 
 if [ "${PART:-main}" = rest ]; then
-    perf resnet12 150 --workloads miniimagenet-5w1s-resnet12 --methods maml fomaml \
+    perf_call resnet12 150 --workloads miniimagenet-5w1s-resnet12 --methods maml fomaml \
         --impls metabench metabench-batched-eager l2l --repeats 3 --warmup 1 --eval-episodes 16 --timeout 100
-    perf notf32 100 --no-tf32 --workloads omniglot-5w1s miniimagenet-5w1s --methods maml fomaml \
+    perf_call notf32 100 --no-tf32 --workloads omniglot-5w1s miniimagenet-5w1s --methods maml fomaml \
         --impls metabench l2l --repeats 5 --warmup 2 --eval-episodes 32 --timeout 60
-    perf all 230 --methods all --repeats 2 --warmup 1 --eval-episodes 8 --timeout 60
+    perf_call all 230 --methods all --repeats 2 --warmup 1 --eval-episodes 8 --timeout 60
     exit 0
 fi
 timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rfE \
     >"$out/tests.txt" 2>&1
 echo "tests exit $?"; tail -n 25 "$out/tests.txt"
-perf gpu "${PERF_TIMEOUT:-330}" --workloads ${WORKLOADS:-omniglot-5w1s omniglot-20w1s miniimagenet-5w1s} \
+perf_call gpu "${PERF_TIMEOUT:-330}" --workloads ${WORKLOADS:-omniglot-5w1s omniglot-20w1s miniimagenet-5w1s} \
     --methods maml fomaml --impls ${IMPLS:-metabench metabench-batched-eager l2l} --repeats 5 --warmup 2 \
     --eval-episodes 32 --timeout 120
